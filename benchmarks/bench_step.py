@@ -1,0 +1,533 @@
+"""Step time and peak memory of DP-SGD training on a tiny Llama: dpscale against non-private
+training and Opacus 1.6 (ghost clipping and per-sample-gradient hooks).
+
+Time: every mode's model lives in this process; paired rounds run each mode for
+``--steps-per-round`` steps (mode order rotated every round), and the report gives the median
+per-step time over rounds and the median over rounds of the per-round ratio mode / nonprivate.
+
+Memory: each mode runs in a fresh subprocess (this script with ``--child-mode MODE``), one after
+another; peak RSS (the kernel's high-water mark, VmHWM: see ``peak_rss_bytes``) minus the RSS once
+the model, optimizer, DP wrapper and first batch are built, so activations, gradients, optimizer
+state and per-example buffers count; whole-process peak RSS is reported too.
+
+    python benchmarks/bench_step.py --batch 8 --seq 128
+    python benchmarks/bench_step.py --batch 4 --seq 512 --json runs/bench_4x512.json
+
+See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("nonprivate", "dpscale", "opacus_ghost", "opacus_hooks")
+
+# The model under test: a tiny Llama, random init from this config, fp32.
+LLAMA_CONFIG = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=1024,
+)
+
+CHILD_MARKER = "BENCH_CHILD_RESULT "
+IGNORE_INDEX = -100
+
+# Opacus warns on every make_private (secure RNG off) and on every backward (the embedding's
+# input is integer ids, so its full backward hook fires on outputs only): expected, silenced.
+warnings.filterwarnings("ignore", message=r"Secure RNG turned off")
+warnings.filterwarnings("ignore", message=r"Full backward hook is firing")
+
+
+class ModeUnavailable(Exception):
+    """The mode's library or API is not there (e.g. the dpscale engine has not landed yet)."""
+
+
+@dataclass
+class Runner:
+    """One mode ready to train: ``backward(ids)`` runs forward and the mode's backward, leaving
+    the (clipped) gradients where ``optimizer`` reads them."""
+
+    backward: Callable[[torch.Tensor], None]
+    optimizer: torch.optim.Optimizer
+    notes: list[str] = field(default_factory=list)
+
+    def step(self, ids: torch.Tensor) -> None:
+        self.backward(ids)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    """Same seed, same init: every mode trains an identical copy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA_CONFIG, use_cache=False))
+    return model.float().train()
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr)
+    return torch.optim.AdamW(params, lr=args.lr)
+
+
+def shifted_logits_and_labels(logits: torch.Tensor, ids: torch.Tensor):
+    """Next-token targets: position t predicts token t + 1. Returns [B*(T-1), V], [B*(T-1)]
+    and the unflattened logits shape."""
+    logits = logits[:, :-1]
+    return logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), logits.shape
+
+
+def per_example_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B] per-example mean token loss, shifted, -100 ignored (the loss every mode trains on)."""
+    flat_logits, flat_labels, shape = shifted_logits_and_labels(logits, ids)
+    token_loss = F.cross_entropy(
+        flat_logits, flat_labels, reduction="none", ignore_index=IGNORE_INDEX
+    ).view(shape[0], shape[1])
+    counts = (ids[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts
+
+
+def make_batches(args: argparse.Namespace, count: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    vocab = LLAMA_CONFIG["vocab_size"]
+    return [torch.randint(0, vocab, (args.batch, args.seq), generator=gen) for _ in range(count)]
+
+
+# ----------------------------------------------------------------------------- the modes
+
+
+def build_nonprivate(args: argparse.Namespace) -> Runner:
+    model = build_model(args)
+
+    def backward(ids: torch.Tensor) -> None:
+        per_example_losses(model(input_ids=ids).logits, ids).mean().backward()
+
+    return Runner(backward, make_optimizer(model, args))
+
+
+def build_dpscale(args: argparse.Namespace) -> Runner:
+    try:
+        import dpscale
+        from dpscale.losses import causal_lm_losses
+
+        engine_cls, config_cls = dpscale.PrivacyEngine, dpscale.DPConfig
+    except (ImportError, AttributeError) as exc:
+        raise ModeUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    model = build_model(args)
+    optimizer = make_optimizer(model, args)
+    engine = engine_cls(
+        model,
+        config_cls(
+            max_grad_norm=args.max_grad_norm,
+            noise_multiplier=0.0,
+            clipping="flat",
+            clip_fn="abadi",
+            expected_batch_size=args.batch,
+        ),
+    )
+
+    def backward(ids: torch.Tensor) -> None:
+        engine.backward(causal_lm_losses(model(input_ids=ids).logits, ids))
+
+    return Runner(backward, optimizer)
+
+
+def build_opacus(args: argparse.Namespace, grad_sample_mode: str) -> Runner:
+    try:
+        import opacus
+    except ImportError as exc:
+        raise ModeUnavailable(f"ImportError: {exc}") from exc
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = build_model(args)
+    optimizer = make_optimizer(model, args)
+    # make_private needs a loader to derive the expected batch size (N / len(loader) = batch);
+    # batches themselves come from make_batches, the same ones every mode sees.
+    loader = DataLoader(TensorDataset(torch.zeros(args.batch, dtype=torch.long)), args.batch)
+    made = opacus.PrivacyEngine().make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        criterion=torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
+        noise_multiplier=0.0,
+        max_grad_norm=args.max_grad_norm,
+        grad_sample_mode=grad_sample_mode,
+        poisson_sampling=False,
+    )
+    gsm, dp_optimizer = made[0], made[1]
+
+    if grad_sample_mode == "ghost":
+        dp_criterion = made[2]
+
+        def backward(ids: torch.Tensor) -> None:
+            # The wrapper evaluates the criterion with reduction="none" on [B*(T-1)] tokens,
+            # averages per sequence (shape=...), and its .backward() runs Opacus' two passes.
+            flat_logits, flat_labels, shape = shifted_logits_and_labels(
+                gsm(input_ids=ids).logits, ids
+            )
+            dp_criterion(flat_logits, flat_labels, shape=shape).backward()
+
+    else:
+
+        def backward(ids: torch.Tensor) -> None:
+            per_example_losses(gsm(input_ids=ids).logits, ids).mean().backward()
+
+    return Runner(backward, dp_optimizer, opacus_layer_report(model, gsm, grad_sample_mode))
+
+
+def opacus_layer_report(model: torch.nn.Module, gsm, grad_sample_mode: str) -> list[str]:
+    """How Opacus treats each module that owns trainable parameters, following its own
+    dispatch (GradSampleHooks.add_hooks / capture_backprops_hook): ghost norm where a norm
+    sampler is registered (ghost mode), its per-sample-gradient sampler where one is
+    registered, else its torch.func per-layer fallback."""
+    norm_samplers = getattr(gsm, "NORM_SAMPLERS", {}) if grad_sample_mode == "ghost" else {}
+    paths: Counter[tuple[str, str]] = Counter()
+    for _, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        kind = type(module)
+        if kind in norm_samplers:
+            path = "ghost norm"
+        elif kind in gsm.GRAD_SAMPLERS:
+            path = "per-sample grads, registered sampler"
+        else:
+            path = "per-sample grads, torch.func fallback (no registered sampler)"
+        paths[(kind.__name__, path)] += 1
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    lines = [f"{name} x{n}: {path}" for (name, path), n in sorted(paths.items())]
+    lines.append(f"frozen parameters: {frozen}")
+    return lines
+
+
+BUILDERS: dict[str, Callable[[argparse.Namespace], Runner]] = {
+    "nonprivate": build_nonprivate,
+    "dpscale": build_dpscale,
+    "opacus_ghost": lambda args: build_opacus(args, "ghost"),
+    "opacus_hooks": lambda args: build_opacus(args, "hooks"),
+}
+
+
+# ----------------------------------------------------------------------------- time
+
+
+def prepare_modes(args, modes):
+    """Build each mode and take one untimed check step. Returns ({mode: Runner}, {mode:
+    status}) where status is {"status": "unavailable" | "error", "reason": ...} for the rest."""
+    runners, failed = {}, {}
+    check_batch = make_batches(args, 1)[0]
+    for mode in modes:
+        try:
+            runner = BUILDERS[mode](args)
+            runner.step(check_batch)
+        except ModeUnavailable as exc:
+            failed[mode] = {"status": "unavailable", "reason": str(exc)}
+            continue
+        except Exception as exc:  # reported in the table and by the exit status
+            traceback.print_exc()
+            failed[mode] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+            continue
+        runners[mode] = runner
+    return runners, failed
+
+
+def time_modes(args, runners: dict[str, Runner]) -> dict[str, dict]:
+    modes = list(runners)
+    batches = make_batches(args, args.steps_per_round)
+    per_step = {mode: [] for mode in modes}
+    for rnd in range(args.warmup + args.rounds):
+        order = modes[rnd % len(modes):] + modes[: rnd % len(modes)]
+        for mode in order:
+            runner = runners[mode]
+            start = time.perf_counter()
+            for ids in batches:
+                runner.step(ids)
+            elapsed = time.perf_counter() - start
+            if rnd >= args.warmup:
+                per_step[mode].append(elapsed / len(batches))
+    results = {}
+    for mode in modes:
+        steps = per_step[mode]
+        entry = {"step_s_rounds": steps, "median_step_s": statistics.median(steps)}
+        if "nonprivate" in per_step:
+            ratios = [t / b for t, b in zip(per_step[mode], per_step["nonprivate"])]
+            entry["time_ratio_rounds"] = ratios
+            entry["median_time_ratio"] = statistics.median(ratios)
+        results[mode] = entry
+    return results
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS: VmHWM, the high-water mark ``getrusage().ru_maxrss`` reads.
+    ru_maxrss itself also keeps the peak of the process image replaced by exec (Linux saves the
+    old mm's high-water mark in signal->maxrss), so a child started from this large parent
+    would report the parent's RSS; VmHWM belongs to the child's own address space."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def getrusage_maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def child_main(args) -> int:
+    """One mode, fresh process: peak RSS over a few steps above the RSS once all is built."""
+    mode = args.child_mode
+    try:
+        runner = BUILDERS[mode](args)
+    except ModeUnavailable as exc:
+        print(CHILD_MARKER + json.dumps({"status": "unavailable", "reason": str(exc)}), flush=True)
+        return 0
+    batches = make_batches(args, args.mem_steps)
+    gc.collect()
+    baseline = current_rss_bytes()
+    peak_at_baseline = peak_rss_bytes()
+    for ids in batches:
+        runner.step(ids)
+    peak = peak_rss_bytes()
+    result = {
+        "status": "ok",
+        "baseline_rss_bytes": baseline,
+        "peak_rss_bytes": peak,
+        "peak_above_baseline_bytes": peak - baseline,
+        "ru_maxrss_bytes": getrusage_maxrss_bytes(),
+        # If the peak never rose while training, ru_maxrss still holds a build-time peak and
+        # the number above is only an upper bound on what training needed.
+        "peak_set_before_training": peak == peak_at_baseline,
+    }
+    print(CHILD_MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+def child_argv(args, mode: str) -> list[str]:
+    return [
+        sys.executable, os.path.abspath(__file__), "--child-mode", mode,
+        "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+        "--optimizer", args.optimizer, "--lr", repr(args.lr), "--seed", str(args.seed),
+        "--max-grad-norm", repr(args.max_grad_norm), "--mem-steps", str(args.mem_steps),
+    ]  # fmt: skip
+
+
+def measure_memory(args, modes) -> dict[str, dict]:
+    """Children run one after another, never concurrently."""
+    results = {}
+    for mode in modes:
+        proc = subprocess.run(child_argv(args, mode), stdout=subprocess.PIPE, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith(CHILD_MARKER)]
+        if proc.returncode != 0 or not lines:
+            results[mode] = {"status": "error", "reason": f"child exited {proc.returncode}"}
+            continue
+        results[mode] = json.loads(lines[-1][len(CHILD_MARKER):])
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__}  # fmt: skip
+    try:
+        import opacus
+
+        versions["opacus"] = opacus.__version__
+    except ImportError:
+        versions["opacus"] = "not installed"
+    return versions
+
+
+def model_facts(args) -> dict:
+    model = build_model(args)
+    return {"n_params": sum(p.numel() for p in model.parameters()),
+            "attn_implementation": model.config._attn_implementation}  # fmt: skip
+
+
+def mib(n_bytes: float) -> float:
+    return n_bytes / 2**20
+
+
+def fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def render(args, meta, modes, status, timing, memory) -> str:
+    base_mem = memory.get("nonprivate", {}).get("peak_above_baseline_bytes")
+    rows = [
+        "| mode | median step s | time ratio | peak MiB above baseline | mem ratio | "
+        "whole-process peak MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode in modes:
+        if mode in status:
+            rows.append(f"| {mode} | {status[mode]['status']} | – | – | – | – |")
+            continue
+        t = timing.get(mode, {})
+        m = memory.get(mode, {})
+        above = m.get("peak_above_baseline_bytes")
+        mem_ratio = above / base_mem if above is not None and base_mem else None
+        flag = " (upper bound)" if m.get("peak_set_before_training") else ""
+        rows.append(
+            f"| {mode} | {fmt(t.get('median_step_s'), '.3f')} "
+            f"| {fmt(t.get('median_time_ratio'), '.2f')} "
+            f"| {fmt(None if above is None else mib(above), '.0f')}{flag} "
+            f"| {fmt(mem_ratio, '.2f')} "
+            f"| {fmt(None if 'peak_rss_bytes' not in m else mib(m['peak_rss_bytes']), '.0f')} |"
+        )
+
+    lines = [
+        f"### Tiny Llama, batch {args.batch} x seq {args.seq}, fp32, {args.threads} threads",
+        "",
+        *rows,
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}; CPU: {meta['cpu']}; threads: {meta['threads']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"- model: LlamaForCausalLM {LLAMA_CONFIG}, {meta['n_params']:,} parameters, "
+        f"attention `{meta['attn_implementation']}`; optimizer {args.optimizer} lr {args.lr}; "
+        f"DP modes: max_grad_norm {args.max_grad_norm}, noise 0, flat clipping",
+        f"- time: {args.rounds} paired rounds after {args.warmup} warmup rounds, "
+        f"{args.steps_per_round} steps per mode per round, mode order rotated each round; "
+        "time ratio = median over rounds of (mode / nonprivate in the same round)",
+        f"- memory: fresh process per mode, {args.mem_steps} steps; baseline = RSS once model, "
+        "optimizer, DP wrapper and first batch are built; peak = the child's VmHWM (its own "
+        "ru_maxrss; getrusage would also carry the parent's peak across exec)",
+    ]
+    for mode in modes:
+        t = timing.get(mode, {})
+        if "time_ratio_rounds" in t and mode != "nonprivate":
+            r = t["time_ratio_rounds"]
+            lines.append(f"- {mode}: per-round time ratio range {min(r):.2f}–{max(r):.2f}")
+        if mode in status:
+            lines.append(f"- {mode}: {status[mode]['status']}: {status[mode]['reason']}")
+        elif memory.get(mode, {}).get("status") not in (None, "ok"):
+            lines.append(f"- {mode} memory: {memory[mode]['status']}: {memory[mode]['reason']}")
+        for note in meta["notes"].get(mode, []):
+            lines.append(f"- {mode}: {note}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    p.add_argument("--steps-per-round", type=int, default=3)
+    p.add_argument("--mem-steps", type=int, default=3, help="steps per memory child")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    p.add_argument("--no-time", action="store_true", help="skip the timing rounds")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory children")
+    p.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    p.add_argument("--child-mode", choices=MODES, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(args.mode_list) - set(MODES))
+    if unknown:
+        p.error(f"unknown modes {unknown}; choose from {MODES}")
+    if args.seq < 2 or args.batch < 1 or args.rounds < 1 or args.steps_per_round < 1:
+        p.error("need --seq >= 2, --batch >= 1, --rounds >= 1, --steps-per-round >= 1")
+    if args.seq > LLAMA_CONFIG["max_position_embeddings"]:
+        p.error(f"--seq exceeds max_position_embeddings {LLAMA_CONFIG['max_position_embeddings']}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child_mode:
+        return child_main(args)
+
+    modes = args.mode_list
+    # Building every mode also tells which are unavailable before any child is started.
+    runners, status = prepare_modes(args, modes)
+    meta = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "versions": library_versions(),
+        **model_facts(args),
+        "notes": {mode: r.notes for mode, r in runners.items()},
+    }
+    timing = {} if args.no_time else time_modes(args, runners)
+    del runners
+    gc.collect()
+    memory = {} if args.no_memory else measure_memory(
+        args, [m for m in modes if m not in status]
+    )
+
+    print(render(args, meta, modes, status, timing, memory))
+    if args.json:
+        raw = {"args": {k: v for k, v in vars(args).items() if k != "child_mode"},
+               "meta": meta, "status": status, "timing": timing, "memory": memory}  # fmt: skip
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(raw, f, indent=2)
+    failed = [m for m in modes if status.get(m, {}).get("status") == "error"]
+    failed += [m for m, r in memory.items() if r.get("status") == "error"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

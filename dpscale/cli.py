@@ -1,0 +1,267 @@
+"""The `dpscale` command line: one function per subcommand, registered in COMMANDS.
+
+A subcommand is a `Command`: a name, a help line, a function that adds its arguments to its
+parser, and a function that runs it from the parsed arguments and returns the exit status.
+Adding one (say `dpscale train`) is one new `Command` in the table; `main` knows none by name.
+
+dpscale's own errors (DPScaleError) end as one line on stderr and exit status 2, the status
+argparse uses for bad arguments; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+
+from dpscale.accounting import (
+    ACCOUNTANTS,
+    DEFAULT_TOLERANCE,
+    SAMPLINGS,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+    default_delta,
+)
+from dpscale.errors import ConfigError, DPScaleError
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: `add_arguments(parser)` declares it, `run(args)` executes it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments shared by the accounting subcommands.
+
+
+def _add_run_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a run samples and how long it lasts: (q or B/N) and (steps or epochs)."""
+    rate = parser.add_mutually_exclusive_group(required=True)
+    rate.add_argument(
+        "--sample-rate", "-q", type=float, help="chance that one example joins a step's batch"
+    )
+    rate.add_argument(
+        "--batch-size",
+        type=int,
+        help="expected batch size B; the sample rate is B / --dataset-size",
+    )
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", "-T", type=int, help="number of optimizer steps")
+    length.add_argument(
+        "--epochs", type=float, help="passes over the data; steps = ceil(epochs / sample rate)"
+    )
+    parser.add_argument(
+        "--dataset-size",
+        "-N",
+        type=int,
+        help="number of examples; refuses a delta >= 1/N and sets the default delta",
+    )
+    parser.add_argument(
+        "--delta",
+        type=float,
+        help="target delta (default with --dataset-size: 1/N**1.1)",
+    )
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
+    parser.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default="poisson",
+        help="poisson (default) or shuffle: fixed-size batches without replacement (rdp only)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunShape:
+    sample_rate: float
+    steps: int
+    delta: float
+    dataset_size: int | None
+    accountant: str
+    sampling: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"q = {self.sample_rate:.6g}, {self.steps} steps, {self.accountant} accountant, "
+            f"{self.sampling} sampling"
+        )
+
+
+def _run_shape(args: argparse.Namespace) -> _RunShape:
+    if args.batch_size is not None:
+        if args.dataset_size is None:
+            raise ConfigError("--batch-size needs --dataset-size to give the sample rate B / N.")
+        if not 0 < args.batch_size <= args.dataset_size:
+            raise ConfigError(
+                f"--batch-size {args.batch_size} must lie between 1 and --dataset-size "
+                f"{args.dataset_size}."
+            )
+        sample_rate = args.batch_size / args.dataset_size
+    else:
+        sample_rate = args.sample_rate
+    if args.steps is not None:
+        steps = args.steps
+    else:
+        if not (args.epochs > 0 and math.isfinite(args.epochs)):
+            raise ConfigError(f"--epochs {args.epochs} must be a number > 0.")
+        if not 0 < sample_rate <= 1:
+            raise ConfigError(f"The sample rate {sample_rate:g} must lie in (0, 1].")
+        # Rounded first so that 3 epochs at q = 0.04 are 75 steps, not 76 from float noise.
+        steps = math.ceil(round(args.epochs / sample_rate, 9))
+    if args.delta is not None:
+        delta = args.delta
+    elif args.dataset_size is not None:
+        delta = default_delta(args.dataset_size)
+    else:
+        raise ConfigError("Give --delta, or --dataset-size to use the default delta 1/N**1.1.")
+    return _RunShape(
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=delta,
+        dataset_size=args.dataset_size,
+        accountant=args.accountant,
+        sampling=args.sampling,
+    )
+
+
+def _emit(args: argparse.Namespace, line: str, data: dict) -> None:
+    if args.json:
+        print(json.dumps(data, sort_keys=True))
+    else:
+        print(line)
+
+
+# --------------------------------------------------------------------------------------------
+# Subcommands.
+
+
+def _add_epsilon_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sigma",
+        "--noise-multiplier",
+        dest="sigma",
+        type=float,
+        required=True,
+        help="noise multiplier: noise std over the clipping norm",
+    )
+    _add_run_shape_arguments(parser)
+
+
+def _run_epsilon(args: argparse.Namespace) -> int:
+    shape = _run_shape(args)
+    epsilon = compute_epsilon(
+        args.sigma,
+        shape.sample_rate,
+        shape.steps,
+        shape.delta,
+        accountant=shape.accountant,
+        sampling=shape.sampling,
+        dataset_size=shape.dataset_size,
+    )
+    _emit(
+        args,
+        f"epsilon = {epsilon:.4f} at delta = {shape.delta:.3g} "
+        f"(sigma = {args.sigma:g}, {shape.describe()})",
+        {"epsilon": epsilon, "noise_multiplier": args.sigma, **shape.as_dict()},
+    )
+    return EXIT_OK
+
+
+def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="relative gap to the target epsilon that ends the search (default %(default)g)",
+    )
+    _add_run_shape_arguments(parser)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    shape = _run_shape(args)
+    kinds = {
+        "accountant": shape.accountant,
+        "sampling": shape.sampling,
+        "dataset_size": shape.dataset_size,
+    }
+    sigma = calibrate_noise_multiplier(
+        args.epsilon,
+        shape.delta,
+        shape.sample_rate,
+        shape.steps,
+        tolerance=args.tolerance,
+        **kinds,
+    )
+    epsilon = compute_epsilon(sigma, shape.sample_rate, shape.steps, shape.delta, **kinds)
+    _emit(
+        args,
+        f"sigma = {sigma:g} gives epsilon = {epsilon:.4f} <= {args.epsilon:g} at "
+        f"delta = {shape.delta:.3g} ({shape.describe()})",
+        {
+            "noise_multiplier": sigma,
+            "epsilon": epsilon,
+            "target_epsilon": args.epsilon,
+            **shape.as_dict(),
+        },
+    )
+    return EXIT_OK
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "epsilon",
+        "epsilon of a run with a given noise multiplier",
+        _add_epsilon_arguments,
+        _run_epsilon,
+    ),
+    Command(
+        "calibrate",
+        "smallest noise multiplier that meets a target epsilon",
+        _add_calibrate_arguments,
+        _run_calibrate,
+    ),
+)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpscale", description="Differentially private training of transformers."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in commands:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(_command=command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the console script exits with it)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args._command.run(args)
+    except DPScaleError as error:
+        print(f"dpscale {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

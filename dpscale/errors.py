@@ -1,0 +1,30 @@
+"""Every error dpscale raises on purpose derives from DPScaleError, so a user can catch ours apart
+from torch's; each message says what to change."""
+
+
+class DPScaleError(Exception):
+    """Base class of dpscale's own errors."""
+
+
+class ConfigError(DPScaleError, ValueError):
+    """A DPConfig (or a config of a training engine) would weaken or break the guarantee."""
+
+
+class UnsupportedModuleError(DPScaleError, TypeError):
+    """A trainable parameter whose per-example gradient dpscale cannot compute exactly."""
+
+
+class NoTrainableParametersError(DPScaleError, ValueError):
+    """The model has nothing to train privately."""
+
+
+class LossShapeError(DPScaleError, ValueError):
+    """engine.backward was given something other than one loss per example."""
+
+
+class TapeError(DPScaleError, RuntimeError):
+    """The forward pass and the backward call do not match (a stale or missing forward)."""
+
+
+class PrivacyBudgetError(DPScaleError, ValueError):
+    """A target epsilon or delta that cannot be reached or is not meaningful."""

@@ -1,0 +1,44 @@
+"""Per-layer rules and the registry that maps modules to them. Adding a layer family is one new
+file here and one line in ``default_registry``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dpscale.layers.convolution import CONVOLUTION, is_plain_convolution
+from dpscale.layers.embedding import EMBEDDING
+from dpscale.layers.linear import LINEAR, TRANSPOSED_LINEAR
+from dpscale.layers.normalization import BROADCAST_SCALE, LAYER_NORM, RMS_NORM, is_huggingface_rms_norm
+from dpscale.layers.registry import Rule, RuleRegistry
+
+
+def _same_forward(base: type):
+    """Matches ``base`` and subclasses that keep its forward (a subclass that overrides forward
+    computes something else and falls to the torch.func fallback)."""
+
+    def matches(module: nn.Module) -> bool:
+        return isinstance(module, base) and type(module).forward is base.forward
+
+    matches.__name__ = f"same_forward_as_{base.__name__}"
+    return matches
+
+
+def default_registry() -> RuleRegistry:
+    """A fresh registry with dpscale's rules; register more on it before building the engine."""
+    registry = RuleRegistry()
+    registry.register(_same_forward(nn.Linear), LINEAR)
+    registry.register(_same_forward(nn.Embedding), EMBEDDING)
+    registry.register(_same_forward(nn.LayerNorm), LAYER_NORM)
+    registry.register(_same_forward(nn.RMSNorm), RMS_NORM)
+    registry.register(is_plain_convolution, CONVOLUTION)
+    registry.register(is_huggingface_rms_norm, BROADCAST_SCALE)
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain torch models
+        pass
+    else:
+        registry.register(Conv1D, TRANSPOSED_LINEAR)
+    return registry
+
+
+__all__ = ["Rule", "RuleRegistry", "default_registry"]

@@ -1,0 +1,42 @@
+"""Linear maps: ``nn.Linear`` (y = x W^T + b) and GPT-2's ``Conv1D`` (y = x W + b, W stored
+transposed). Any number of leading dimensions; positions are flattened into one axis."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from dpscale.layers.registry import Rule
+from dpscale.per_example import Dense, Outer, PerExampleGrad
+
+
+def _positions(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _choose(grad: Outer) -> PerExampleGrad:
+    return grad.materialize() if grad.prefers_materialized() else grad
+
+
+def linear_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+    activations, grads = _positions(inputs[0]), _positions(output_grad)
+    out = {}
+    if "weight" in names:
+        out["weight"] = _choose(Outer(left=grads, right=activations, m=grads.shape[-1], shape=module.weight.shape))
+    if "bias" in names:
+        out["bias"] = Dense(grads.sum(1))
+    return out
+
+
+def transposed_linear_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+    """Conv1D keeps its weight as [in, out]: the per-example gradient is sum_t x_t (x) g_t."""
+    activations, grads = _positions(inputs[0]), _positions(output_grad)
+    out = {}
+    if "weight" in names:
+        out["weight"] = _choose(Outer(left=activations, right=grads, m=activations.shape[-1], shape=module.weight.shape))
+    if "bias" in names:
+        out["bias"] = Dense(grads.sum(1))
+    return out
+
+
+LINEAR = Rule("linear", linear_grads)
+TRANSPOSED_LINEAR = Rule("transposed_linear", transposed_linear_grads)

@@ -1,0 +1,93 @@
+"""Normalisation layers with an elementwise affine: per-example gradients are sums over positions
+of the output gradient times d(output)/d(parameter), which is diagonal.
+
+``nn.LayerNorm`` and ``nn.RMSNorm`` recompute the normalised input with torch's own kernels. The
+RMS norms of Hugging Face models (Llama, Mistral, Qwen, T5, Gemma...) are arbitrary Python
+(``weight * h``, ``(1 + weight) * h``, casts): for them the parameter is replaced, for one batched
+call, by a copy with a batch axis, ``[B, 1, ..., d]``, so that one vector-Jacobian product gives
+every example's gradient at once. A module that uses its weight in any other way than an
+elementwise broadcast fails that call loudly rather than giving a wrong answer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from dpscale.errors import UnsupportedModuleError
+from dpscale.layers.registry import Rule
+from dpscale.per_example import Dense, accumulation_dtype
+
+
+def layer_norm_grads(module: nn.LayerNorm, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+    x = inputs[0]
+    dtype = accumulation_dtype(x, output_grad)
+    normalized = F.layer_norm(x.detach().to(dtype), module.normalized_shape, None, None, module.eps)
+    return _reshape_to_params(module, _elementwise(normalized, output_grad, module.normalized_shape, names))
+
+
+def rms_norm_grads(module: nn.RMSNorm, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+    x = inputs[0]
+    dtype = accumulation_dtype(x, output_grad)
+    normalized = F.rms_norm(x.detach().to(dtype), module.normalized_shape, None, module.eps)
+    return _reshape_to_params(module, _elementwise(normalized, output_grad, module.normalized_shape, names))
+
+
+def _elementwise(normalized: Tensor, output_grad: Tensor, shape, names: tuple[str, ...]) -> dict:
+    """Per-example gradients of weight (and bias) over the trailing ``shape`` dimensions."""
+    dtype = normalized.dtype
+    width = 1
+    for size in shape:
+        width *= size
+    grad = output_grad.to(dtype)
+    batch = grad.shape[0]
+    out = {}
+    if "weight" in names:
+        out["weight"] = (grad * normalized).reshape(batch, -1, width).sum(1)
+    if "bias" in names:
+        out["bias"] = grad.reshape(batch, -1, width).sum(1)
+    return out
+
+
+def _reshape_to_params(module: nn.Module, grads: dict) -> dict:
+    return {name: Dense(g.reshape(g.shape[0], *getattr(module, name).shape)) for name, g in grads.items()}
+
+
+def broadcast_scale_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+    """Hugging Face RMS norms: one batched call with per-example copies of the parameters."""
+    x = inputs[0].detach()
+    dtype = accumulation_dtype(x, output_grad)
+    x = x.to(dtype)
+    batch = x.shape[0]
+    batched = {}
+    for name in names:
+        param = getattr(module, name)
+        shape = (batch,) + (1,) * (x.dim() - 1 - param.dim()) + tuple(param.shape)
+        batched[name] = param.detach().to(dtype).expand(shape).clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = functional_call(module, batched, (x,) + tuple(inputs[1:]), strict=False)
+            grads = torch.autograd.grad(out, list(batched.values()), output_grad.to(dtype))
+    except RuntimeError as error:
+        raise UnsupportedModuleError(
+            f"{type(module).__name__} does not use its parameters as an elementwise scale of its "
+            "output, so the RMS-norm rule cannot apply; register a rule for it (dpscale.Rule)."
+        ) from error
+    return {name: Dense(g.reshape(batch, *getattr(module, name).shape)) for name, g in zip(batched, grads)}
+
+
+def is_huggingface_rms_norm(module: nn.Module) -> bool:
+    """RMS norms of Hugging Face models: class name ends in RMSNorm (or T5's T5LayerNorm), and
+    their only parameter is a 1-D weight."""
+    name = type(module).__name__
+    if not (name.endswith("RMSNorm") or name == "T5LayerNorm"):
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    return set(params) == {"weight"} and params["weight"].dim() == 1
+
+
+LAYER_NORM = Rule("layer_norm", layer_norm_grads)
+RMS_NORM = Rule("rms_norm", rms_norm_grads)
+BROADCAST_SCALE = Rule("broadcast_scale_norm", broadcast_scale_grads)

@@ -1,0 +1,58 @@
+"""Which rule computes per-example gradients for which module: data owned by one engine.
+
+A rule is a pure function ``grads(module, inputs, output_grad, names) -> {name: PerExampleGrad}``
+of the module, its positional inputs and the gradient of its output, for the module's own
+trainable parameters ``names``. It knows nothing of hooks, clipping or distribution. An optional
+``validate(module)`` refuses, when the engine is built, a configuration the rule cannot make exact.
+
+The registry is built fresh for every engine (``default_registry()``), so registering a rule for a
+custom layer changes that engine only: no import-time or process-global state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from torch import Tensor, nn
+
+from dpscale.per_example import PerExampleGrad
+
+GradsFn = Callable[[nn.Module, tuple, Tensor, tuple[str, ...]], Mapping[str, PerExampleGrad]]
+ValidateFn = Callable[[nn.Module], None]
+Matcher = type | Callable[[nn.Module], bool]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    grads: GradsFn
+    validate: ValidateFn | None = None
+
+
+class RuleRegistry:
+    """An ordered list of (matcher, rule). Exact types are looked up first, then subclasses and
+    predicates in registration order; later registrations win over earlier ones."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[Matcher, Rule]] = []
+
+    def register(self, matcher: Matcher, rule: Rule) -> None:
+        self._entries.append((matcher, rule))
+
+    def rule_for(self, module: nn.Module) -> Rule | None:
+        for matcher, rule in reversed(self._entries):
+            if isinstance(matcher, type) and type(module) is matcher:
+                return rule
+        for matcher, rule in reversed(self._entries):
+            if isinstance(matcher, type):
+                if isinstance(module, matcher):
+                    return rule
+            elif matcher(module):
+                return rule
+        return None
+
+    def copy(self) -> "RuleRegistry":
+        other = RuleRegistry()
+        other._entries = list(self._entries)
+        return other

@@ -1,0 +1,427 @@
+"""Keyed cryptographic Gaussian noise: coordinate j of parameter `name` at step t is a pure
+function of (secret key, t, name, j).
+
+Why keyed and seekable
+----------------------
+DP-SGD adds one draw of N(0, std^2) per coordinate per logical step. Under data parallelism and
+ZeRO each rank owns a slice [a, b) of a flattened parameter, and the slices change with the
+topology. If the noise depended on generation order (a torch.Generator, a global seed), two
+topologies would add different noise, a resumed run would diverge, and a careless backend could
+add the same draw twice or W times. Here the value of every coordinate is fixed by the key and its
+coordinates, so any rank can produce exactly the part it owns, in any order, and the result is
+bit-for-bit the same as generating the whole parameter at once (on the same build of numpy and
+torch, see "Limits" below). The key is secret and 256 bits: unlike a Mersenne Twister seed, an
+observer of some noised values cannot reconstruct the others.
+
+Construction (scheme "dpscale.noise.gaussian.v1")
+-------------------------------------------------
+1. Subkey: HMAC-SHA256(key, "dpscale.noise.gaussian.v1" || 0x00 || step as 8 bytes little-endian
+   || len(name) as 4 bytes little-endian || name in UTF-8). Fixed widths and a length prefix make
+   the encoding unambiguous, so no two (step, name) pairs share a subkey.
+2. Keystream: ChaCha20 (RFC 8439, through `cryptography`, i.e. OpenSSL) under the subkey.
+   `cryptography`'s 16-byte nonce is the 4-byte little-endian block counter followed by the
+   12-byte RFC nonce; we use the RFC nonce as a 64-bit little-endian "range" number and 4 zero
+   bytes. Block k of the stream is block (k mod 2^32) of range (k div 2^32); a request that
+   crosses a range is split, so the 32-bit counter never wraps (`cryptography` refuses to wrap).
+   Each 64-byte block is eight little-endian 64-bit words; word j belongs to element j. One range
+   covers 2^35 elements, and parameters of up to 2^63 elements are supported.
+3. Transform (Box-Muller, in float64, branch-free): elements 2i and 2i+1 share the words w = word
+   2i and v = word 2i+1.
+   - u = ((w >> 11) + 1) * 2^-53, a 53-bit uniform in (0, 1]; r = sqrt(-2 ln u).
+   - The angle takes its octant k from the low 3 bits of v and phi = (pi/4) * (v >> 11) * 2^-53 in
+     [0, pi/4) from its top 53 bits; cos(theta) and sin(theta) are +-cos(phi) and +-sin(phi),
+     swapped as the octant requires (theta = phi, pi/2 - phi, pi/2 + phi, ...).
+   - element 2i = r cos(theta), element 2i+1 = r sin(theta); then rounded to the target dtype.
+
+Why this is exact enough
+------------------------
+- The float64 value is the exact Box-Muller image of a point of a 2^53 x 2^56 grid, up to a few
+  float64 rounding errors that are small *relative to the value itself*: u is exact, ln u is
+  evaluated on an exactly represented argument (relatively accurate even for u near 1, where r is
+  small), and the angle is reduced to [0, pi/4] before cos and sin, where both are well
+  conditioned, so even the smallest outputs (sin(phi) with phi tiny) keep full relative precision.
+  Reducing with the octant bits also makes the distribution exactly symmetric: the sign of each
+  output is a key bit independent of its magnitude, so the mean is exactly zero.
+- Rounded to float32 (24-bit significand), a value is off from the rounding of the exact grid image
+  only when it lies within a few float64 ulps of a float32 rounding boundary (probability about
+  2^-28 per element). Counting grid points in the pre-image of a float32 rounding interval, the
+  probability of each float32 value in |z| <= 7 matches the N(0, 1) mass of its rounding interval
+  to a relative error we estimate well below 1e-6 (an estimate, not a proof).
+- Tails: the largest output is sqrt(2 * 53 ln 2) = 8.57; N(0, 1) puts about 1e-17 beyond it, and the
+  grid is coarser than float32 beyond about |z| = 7 (about 3e-12 of the mass). For neighbouring
+  gradients that differ by Delta the truncation adds, per step, at most about
+  2 * phi(8.57) * sum_i |Delta_i| / std <= 1e-16 * sqrt(d) * sensitivity / std to delta.
+- Time and keystream use are independent of the values (no rejection loop), so the timing channel of
+  rejection samplers (Jin et al. 2022, "Are we there yet?") has nothing to measure here.
+
+The floating-point attacks, and what resists them
+-------------------------------------------------
+Mironov (2012, "On significance of the least significant bits for differential privacy") showed
+that a Laplace sampler in floating point releases values whose low-order bits betray the exact
+input: the set of values the sampler can output near y - x is porous, and differs between
+neighbouring inputs x and x'. Holohan and Braghin (2021, "Secure random sampling in differential
+privacy") carried this to Box-Muller and polar Gaussian samplers in float64 and proposed
+drawing each Gaussian as a normalised sum of independent ones (diffprivlib uses two). Both attacks
+need the released value to carry the sampler's full precision. We answer with the other remedy
+the literature offers, coarser granularity, which costs nothing here:
+`add_gaussian_noise_` computes `x + std * z` in float64 from the float64 sample and rounds once to the
+tensor's dtype (float32 or bfloat16). Rounding is a data-independent post-processing of
+`x + std * Z`, so up to the small deviations listed above the released value is exactly the
+rounding of a Gaussian mechanism's output; 29 (float32) or 45 (bfloat16) low-order bits of the
+sample never leave the float64 computation, and every float32 value near x is a possible output
+whatever x is. Summing k Gaussians would cost k times the keystream and transcendentals and buy no
+more once the output is rounded this way.
+
+What is not claimed
+-------------------
+- No formal (epsilon, delta) proof for the floating-point implementation, as an exact discrete
+  Gaussian sampler would give (Canonne, Kamath and Steinke 2020). The per-value errors above are
+  small but are not composed into a proven bound over millions of coordinates.
+- `gaussian()` returns the standard-normal material rounded to `dtype`; a caller that scales and
+  adds it itself in float32 loses the once-rounded property (a float32 grid times std is porous
+  again). Add noise with `add_gaussian_noise_`. In float64 tensors (meant for tests and oracles)
+  nothing is rounded away, and the argument above does not apply.
+- Noise added on one rank before a cross-rank sum is rounded before the other ranks' terms join it;
+  the once-rounded argument covers the value it was added to, not the later sums.
+- Bit-for-bit equality across topologies holds on one build of numpy, torch and OpenSSL and one CPU
+  family: transcendental functions may differ in the last float64 ulp between libm or SIMD
+  implementations, which changes a float32 result with probability about 2^-28 per element. Each
+  coordinate is still drawn once, by whoever owns it, so this affects reproducibility, not privacy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import operator
+import os
+import stat
+import tempfile
+from typing import Iterator, NoReturn
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from dpscale.errors import ConfigError
+
+__all__ = ["SCHEME", "NoiseKey", "gaussian", "add_gaussian_noise_"]
+
+logger = logging.getLogger(__name__)
+
+SCHEME = "dpscale.noise.gaussian.v1"
+"""Names the construction above; a privacy report records it with the key's fingerprint."""
+
+_KEY_BYTES = 32
+_WORDS_PER_BLOCK = 8  # 64-byte ChaCha20 block = 8 words of 64 bits; word j feeds element j
+_BLOCKS_PER_RANGE = 1 << 32  # what the 32-bit block counter of one nonce reaches
+_MAX_ELEMENTS = 1 << 63
+_MAX_STEP = 1 << 64
+# Work is done on aligned pieces: every array handed to numpy and torch then holds a multiple of
+# 16 pairs, so SIMD kernels have no scalar tails and an element's value does not depend on where
+# a request's boundaries fall. _CHUNK keeps the float64 temporaries in cache.
+_ALIGN = 32
+_CHUNK = 1 << 16
+_U53 = 2.0**-53
+_PHI_SCALE = (math.pi / 4.0) * 2.0**-53
+
+
+class NoiseKey:
+    """The 32 secret bytes all noise is derived from.
+
+    Held apart from every other object on purpose: its repr shows only a fingerprint, it refuses to
+    be pickled (so it cannot land in a checkpoint, a torch.save, or a spawned worker's arguments),
+    and it has no state_dict. Every rank loads the same key from a file with `from_file`.
+    """
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: bytes) -> None:
+        if not isinstance(secret, (bytes, bytearray)):
+            raise ConfigError(
+                f"NoiseKey needs {_KEY_BYTES} bytes, got {type(secret).__name__}; use "
+                "NoiseKey.generate() or NoiseKey.from_file(path)."
+            )
+        if len(secret) != _KEY_BYTES:
+            raise ConfigError(
+                f"NoiseKey needs exactly {_KEY_BYTES} bytes, got {len(secret)}; use "
+                "NoiseKey.generate() or NoiseKey.from_file(path)."
+            )
+        if len(set(secret)) == 1:
+            raise ConfigError(
+                "NoiseKey refuses a key whose bytes are all equal: it looks like a placeholder, "
+                "and anyone could guess it. Use NoiseKey.generate() or NoiseKey.write_new(path)."
+            )
+        object.__setattr__(self, "_secret", bytes(secret))
+
+    @classmethod
+    def generate(cls) -> "NoiseKey":
+        """A fresh key from the operating system's CSPRNG."""
+        return cls(os.urandom(_KEY_BYTES))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "NoiseKey":
+        """Load a key file holding either the 32 raw bytes or 64 hexadecimal characters."""
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(4 * _KEY_BYTES + 1)
+                mode = os.fstat(f.fileno()).st_mode
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no noise key file at {path!r}; create one once with NoiseKey.write_new(path) "
+                "and give every rank the same file."
+            ) from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            logger.warning(
+                "noise key file %s is readable by other users (mode %o); chmod 600 it: whoever "
+                "reads the key can subtract the noise.",
+                path,
+                stat.S_IMODE(mode),
+            )
+        if len(data) == _KEY_BYTES:
+            return cls(data)
+        text = data.strip()
+        if len(text) == 2 * _KEY_BYTES:
+            try:
+                return cls(bytes.fromhex(text.decode("ascii")))
+            except (UnicodeDecodeError, ValueError):
+                pass  # not hex after all: fall through to the one error below
+        raise ConfigError(
+            f"{path!r} is not a noise key: expected exactly {_KEY_BYTES} raw bytes or "
+            f"{2 * _KEY_BYTES} hexadecimal characters, found {len(data)} bytes of something else. "
+            "Create a key with NoiseKey.write_new(path)."
+        )
+
+    @classmethod
+    def write_new(cls, path: str | os.PathLike) -> "NoiseKey":
+        """Create a new key file (hex, mode 0o600) and return its key; never overwrite one.
+
+        The file appears complete or not at all: the key is written to a private temporary file
+        in the same directory and hard-linked into place, which fails if `path` exists.
+        """
+        path = os.fspath(path)
+        key = cls.generate()
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".dpscale-key-", dir=directory)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key._secret.hex().encode("ascii") + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise ConfigError(
+                    f"{path!r} already exists; NoiseKey.write_new never overwrites a key (the "
+                    "runs that used it could no longer be reproduced). Load it with "
+                    "NoiseKey.from_file, or choose a new path."
+                ) from None
+        finally:
+            os.unlink(tmp)
+        logger.info("wrote new noise key %s to %s", key.fingerprint, path)
+        return key
+
+    @property
+    def fingerprint(self) -> str:
+        """First 8 hex digits of SHA-256 of the key: tells keys apart, reveals nothing usable."""
+        return hashlib.sha256(self._secret).hexdigest()[:8]
+
+    def __repr__(self) -> str:
+        return f"NoiseKey(fingerprint={self.fingerprint})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NoiseKey):
+            return NotImplemented
+        return hmac.compare_digest(self._secret, other._secret)
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError("NoiseKey is immutable")
+
+    def __copy__(self) -> "NoiseKey":
+        return self  # immutable: sharing is copying, and copying must not go through pickle
+
+    def __deepcopy__(self, memo: dict) -> "NoiseKey":
+        return self
+
+    def _refuse_pickle(self, *args: object) -> NoReturn:
+        raise ConfigError(
+            "a NoiseKey cannot be pickled: a key must never be written into a checkpoint or sent "
+            "between processes. Keep it in its key file (NoiseKey.write_new) and load it on every "
+            "rank with NoiseKey.from_file(path); leave it out of what you save."
+        )
+
+    __reduce__ = _refuse_pickle
+    __reduce_ex__ = _refuse_pickle
+    __getstate__ = _refuse_pickle
+
+
+def _subkey(key: NoiseKey, step: int, name: str) -> bytes:
+    """The ChaCha20 key of one (step, parameter): a PRF of the secret over an unambiguous
+    encoding, so distinct pairs get independent streams."""
+    name_bytes = name.encode("utf-8")
+    message = b"".join(
+        (
+            SCHEME.encode("ascii"),
+            b"\x00",
+            step.to_bytes(8, "little"),
+            len(name_bytes).to_bytes(4, "little"),
+            name_bytes,
+        )
+    )
+    return hmac.digest(key._secret, message, "sha256")
+
+
+def _keystream_into(subkey: bytes, first_block: int, zeros: bytes, out: bytearray) -> None:
+    """Fill `out` (a whole number of blocks) with the keystream from block `first_block` on,
+    splitting where the 32-bit counter of one nonce would wrap. The keystream is the encryption of
+    `zeros` (at least as long as `out`)."""
+    source, target = memoryview(zeros), memoryview(out)
+    block, done = first_block, 0
+    while done < len(out):
+        range_index, counter = divmod(block, _BLOCKS_PER_RANGE)
+        nblocks = min((len(out) - done) // 64, _BLOCKS_PER_RANGE - counter)
+        nonce = counter.to_bytes(4, "little") + range_index.to_bytes(8, "little") + bytes(4)
+        size = 64 * nblocks
+        encryptor = Cipher(algorithms.ChaCha20(subkey, nonce), mode=None).encryptor()
+        encryptor.update_into(source[:size], target[done : done + size])
+        block += nblocks
+        done += size
+
+
+def _box_muller(words: np.ndarray) -> np.ndarray:
+    """Standard normals in float64, one per 64-bit word, by the octant-reduced Box-Muller map
+    described in the module docstring. Every step is a whole-array pass (no per-element Python)."""
+    w, v = words[0::2], words[1::2]
+    r = ((w >> np.uint64(11)) + np.uint64(1)).view(np.int64).astype(np.float64)
+    r *= _U53  # u in (0, 1], exact
+    np.log(r, out=r)
+    r *= -2.0
+    np.sqrt(r, out=r)
+    phi = (v >> np.uint64(11)).view(np.int64).astype(np.float64)
+    phi *= _PHI_SCALE  # [0, pi/4)
+    sin_phi = torch.sin(torch.from_numpy(phi)).numpy()  # torch's vectorised sin beats numpy's
+    # cos(phi) = sqrt(1 - sin^2): on [0, pi/4] sin^2 <= 1/2, so no cancellation (about 1.5 ulp).
+    cos_phi = np.multiply(sin_phi, sin_phi)
+    np.subtract(1.0, cos_phi, out=cos_phi)
+    np.sqrt(cos_phi, out=cos_phi)
+    # Octant k of theta: cos and sin swap in octants 1, 2, 5, 6 (a masked XOR of the bit
+    # patterns); cos is negative in octants 2..5 and sin in 4..7 (a flip of the sign bit).
+    octant = v & np.uint64(7)
+    swap = np.uint64(0) - (((octant + np.uint64(1)) >> np.uint64(1)) & np.uint64(1))
+    cos_bits, sin_bits = cos_phi.view(np.uint64), sin_phi.view(np.uint64)
+    swap &= cos_bits ^ sin_bits
+    cos_bits ^= swap
+    sin_bits ^= swap
+    cos_bits ^= (((octant + np.uint64(2)) >> np.uint64(2)) & np.uint64(1)) << np.uint64(63)
+    sin_bits ^= (octant >> np.uint64(2)) << np.uint64(63)
+    z = np.empty(words.shape[0], dtype=np.float64)
+    np.multiply(r, cos_phi, out=z[0::2])
+    np.multiply(r, sin_phi, out=z[1::2])
+    return z
+
+
+def _check_request(key: object, step: object, name: object, numel: object, offset: object) -> tuple[int, int, int]:
+    if not isinstance(key, NoiseKey):
+        raise ConfigError(
+            f"noise needs a NoiseKey, got {type(key).__name__}; load one with NoiseKey.from_file(path)."
+        )
+    if not isinstance(name, str) or not name:
+        raise ConfigError(
+            f"noise needs the parameter's name as a non-empty str, got {name!r}; pass the name from "
+            "model.named_parameters() so every rank derives the same stream."
+        )
+    values = []
+    for label, value, limit in (("step", step, _MAX_STEP), ("numel", numel, _MAX_ELEMENTS), ("offset", offset, _MAX_ELEMENTS)):
+        if isinstance(value, bool):
+            raise ConfigError(f"noise {label} must be an integer, got a bool ({value}).")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise ConfigError(
+                f"noise {label} must be an integer, got {type(value).__name__}."
+            ) from None
+        if not 0 <= value < limit:
+            raise ConfigError(f"noise {label} must lie in [0, {limit}), got {value}.")
+        values.append(value)
+    step, numel, offset = values
+    if offset + numel > _MAX_ELEMENTS:
+        raise ConfigError(
+            f"noise elements [offset, offset + numel) = [{offset}, {offset + numel}) run past 2^63."
+        )
+    return step, numel, offset
+
+
+def _standard_normal_pieces(key: NoiseKey, step: int, name: str, numel: int, offset: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (position in the request, float64 values) covering elements offset..offset+numel-1,
+    each piece computed from aligned, cache-sized spans of the stream."""
+    subkey = _subkey(key, step, name)
+    end = offset + numel
+    lo = offset - offset % _ALIGN
+    hi = -(-end // _ALIGN) * _ALIGN
+    buffer = bytearray(8 * min(_CHUNK, hi - lo))
+    zeros = bytes(len(buffer))
+    for start in range(lo, hi, _CHUNK):
+        stop = min(start + _CHUNK, hi)
+        chunk = buffer if 8 * (stop - start) == len(buffer) else bytearray(8 * (stop - start))
+        _keystream_into(subkey, start // _WORDS_PER_BLOCK, zeros, chunk)
+        z = _box_muller(np.frombuffer(chunk, dtype="<u8"))
+        first, last = max(start, offset), min(stop, end)
+        yield first - offset, z[first - start : last - start]
+
+
+def gaussian(key: NoiseKey, step: int, name: str, numel: int, offset: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Elements offset..offset+numel-1 of the flattened N(0, 1) noise of parameter `name` at
+    `step`, as a 1-D CPU tensor of `dtype` (computed in float64, then rounded).
+
+    Any split of a parameter into slices gives the same values as one call over the whole. To add
+    noise to a gradient, prefer `add_gaussian_noise_`, which rounds only after the addition.
+    """
+    step, numel, offset = _check_request(key, step, name, numel, offset)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"gaussian dtype must be a floating torch.dtype, got {dtype!r}.")
+    out = torch.empty(numel, dtype=dtype)
+    for position, z in _standard_normal_pieces(key, step, name, numel, offset):
+        out[position : position + z.shape[0]] = torch.from_numpy(z)
+    return out
+
+
+def add_gaussian_noise_(tensor: torch.Tensor, key: NoiseKey, step: int, name: str, std: float, offset: int = 0) -> torch.Tensor:
+    """Add std * N(0, 1) noise in place to `tensor` viewed flat (row-major), its element i taking
+    element offset + i of parameter `name`'s noise at `step`; returns `tensor`.
+
+    Each element becomes round(x + std * z), computed in float64 and rounded once to the tensor's
+    dtype, so the released bits are a post-processing of a Gaussian mechanism's output (see the
+    module docstring). `std` is the caller's (noise multiplier times clipping norm).
+    """
+    if not isinstance(tensor, torch.Tensor) or not tensor.dtype.is_floating_point:
+        raise ConfigError(
+            f"add_gaussian_noise_ needs a floating-point tensor, got "
+            f"{getattr(tensor, 'dtype', type(tensor).__name__)}."
+        )
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
+        raise ConfigError(
+            f"noise std must be a finite float >= 0, got {std!r}; compute it as noise multiplier "
+            "times clipping norm."
+        )
+    step, numel, offset = _check_request(key, step, name, tensor.numel(), offset)
+    std = float(std)
+    target = tensor.detach()  # shares storage: in-place writes reach `tensor`, autograd stays out
+    on_cpu_flat = target.device.type == "cpu" and target.is_contiguous()
+    flat = target.view(-1) if on_cpu_flat else target.reshape(-1).to("cpu", copy=True)
+    for position, z in _standard_normal_pieces(key, step, name, numel, offset):
+        piece = flat[position : position + z.shape[0]]
+        noisy = piece.to(torch.float64).numpy()
+        noisy += std * z
+        piece.copy_(torch.from_numpy(noisy))
+    if not on_cpu_flat:
+        target.copy_(flat.view(target.shape))
+    return tensor

@@ -1,0 +1,187 @@
+"""Per-example gradients of one use of one parameter, in the cheapest exact form.
+
+A layer rule never materialises [B, *param_shape] unless that is cheaper than the alternative.
+Two forms cover every rule:
+
+* ``Dense``: the per-example gradients themselves, ``grad[i]`` for example i.
+* ``Outer``: a sum of outer products over positions, ``g_i = sum_t left[i, t] (x) right[i, t]``
+  reshaped to the parameter's shape. A linear layer is ``left = G, right = A``; an embedding is
+  ``left = one-hot(ids), right = G`` with the ids kept as integers.
+
+Everything the engine needs is an inner product between two uses of the same parameter (squared
+norms are the inner product of a use with itself, cross terms of a tied parameter are the inner
+product of two different uses) and a clip-weighted sum. For ``Outer`` forms inner products are
+Gram-matrix contractions ("ghost norms"): no per-example gradient is ever formed.
+
+Norms are accumulated in float32 or better whatever the activation dtype (bf16 autocast), since a
+clip factor computed in bf16 can be off by ~1%, enough to break the sensitivity bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (never a 16-bit type)."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+@dataclass
+class Dense:
+    """Materialised per-example gradients: ``grad`` has shape [B, *param_shape]."""
+
+    grad: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.grad.shape[0]
+
+    def flat(self, dtype: torch.dtype) -> Tensor:
+        return self.grad.reshape(self.grad.shape[0], -1).to(dtype)
+
+
+@dataclass
+class Outer:
+    """``g_i = reshape(sum_t left[i, t] (x) right[i, t], shape)``.
+
+    ``left`` is [B, T, m] floating point, or [B, T] integer indices standing for one-hot rows of
+    width ``m`` (an embedding's ids: keeping them as indices saves B*T*V memory). ``right`` is
+    [B, T, n] with ``m * n == prod(shape)``.
+    """
+
+    left: Tensor
+    right: Tensor
+    m: int
+    shape: torch.Size
+
+    def __post_init__(self) -> None:
+        n = self.right.shape[-1]
+        if self.m * n != _numel(self.shape):
+            raise ValueError(f"Outer form {self.m}x{n} does not match parameter shape {tuple(self.shape)}")
+
+    @property
+    def one_hot(self) -> bool:
+        return not self.left.is_floating_point()
+
+    @property
+    def batch_size(self) -> int:
+        return self.left.shape[0]
+
+    @property
+    def positions(self) -> int:
+        return self.left.shape[1]
+
+    def left_gram_with(self, other: "Outer", dtype: torch.dtype) -> Tensor:
+        """[B, T_self, T_other] inner products of left factors."""
+        if self.one_hot and other.one_hot:
+            return (self.left[:, :, None] == other.left[:, None, :]).to(dtype)
+        if self.one_hot:
+            return other.left_gram_with(self, dtype).transpose(1, 2)
+        if other.one_hot:
+            # <left_s, e_{id_t}> = left_s[id_t]
+            ids = other.left[:, None, :].expand(-1, self.positions, -1)
+            return self.left.to(dtype).gather(2, ids)
+        return torch.bmm(self.left.to(dtype), other.left.to(dtype).transpose(1, 2))
+
+    def right_gram_with(self, other: "Outer", dtype: torch.dtype) -> Tensor:
+        return torch.bmm(self.right.to(dtype), other.right.to(dtype).transpose(1, 2))
+
+    def materialize(self) -> Dense:
+        """[B, *shape] per-example gradients."""
+        batch, positions, n = self.right.shape
+        dtype = accumulation_dtype(self.right)
+        right = self.right.to(dtype)
+        if self.one_hot:
+            out = right.new_zeros(batch, self.m, n)
+            out.scatter_add_(1, self.left[:, :, None].expand(-1, -1, n), right)
+        else:
+            out = torch.bmm(self.left.to(dtype).transpose(1, 2), right)
+        return Dense(out.reshape(batch, *self.shape))
+
+    def prefers_materialized(self) -> bool:
+        """Materialise when per-example gradients take no more memory than the factors they
+        replace (m*n <= T*(m + n)); past that point (2T^2 > mn for a square layer) they are also
+        cheaper in time than the two T x T Gram matrices, and they make the clipped sum a cheap
+        weighted reduction instead of a second weight-gradient matmul."""
+        left_width = 1 if self.one_hot else self.m
+        n = self.right.shape[-1]
+        return self.m * n <= self.positions * (left_width + n)
+
+
+PerExampleGrad = Dense | Outer
+
+
+def _numel(shape: torch.Size) -> int:
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel
+
+
+def inner(a: PerExampleGrad, b: PerExampleGrad) -> Tensor:
+    """[B] per-example inner products <a_i, b_i> of two uses of one parameter."""
+    if isinstance(a, Dense) and isinstance(b, Dense):
+        dtype = accumulation_dtype(a.grad, b.grad)
+        return (a.flat(dtype) * b.flat(dtype)).sum(1)
+    if isinstance(a, Outer) and isinstance(b, Outer):
+        dtype = accumulation_dtype(a.right, b.right, *(t for t in (a.left, b.left) if t.is_floating_point()))
+        return (a.left_gram_with(b, dtype) * a.right_gram_with(b, dtype)).sum((1, 2))
+    dense, outer = (a, b) if isinstance(a, Dense) else (b, a)
+    return _dense_outer_inner(dense, outer)
+
+
+def _dense_outer_inner(dense: Dense, outer: Outer) -> Tensor:
+    dtype = accumulation_dtype(dense.grad, outer.right)
+    batch, _, n = outer.right.shape
+    matrix = dense.grad.reshape(batch, outer.m, n).to(dtype)
+    if outer.one_hot:
+        rows = matrix.gather(1, outer.left[:, :, None].expand(-1, -1, n))  # [B, T, n]
+    else:
+        rows = torch.bmm(outer.left.to(dtype), matrix)  # sum_m left[t, m] D[m, :]
+    return (rows * outer.right.to(dtype)).sum((1, 2))
+
+
+def squared_norm(grad: PerExampleGrad) -> Tensor:
+    """[B] squared per-example norms."""
+    if isinstance(grad, Dense):
+        flat = grad.flat(accumulation_dtype(grad.grad))
+        return (flat * flat).sum(1)
+    return inner(grad, grad)
+
+
+def weighted_sum(grad: PerExampleGrad, weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """sum_i weights[i] * g_i, in the parameter's shape and ``dtype``."""
+    if isinstance(grad, Dense):
+        flat = grad.flat(weights.dtype)
+        return (weights @ flat).reshape(grad.grad.shape[1:]).to(dtype)
+    batch, positions, n = grad.right.shape
+    right = grad.right.to(weights.dtype) * weights[:, None, None]
+    if grad.one_hot:
+        out = right.new_zeros(grad.m, n)
+        out.index_add_(0, grad.left.reshape(-1), right.reshape(-1, n))
+    else:
+        left = grad.left.to(weights.dtype).reshape(batch * positions, grad.m)
+        out = left.transpose(0, 1) @ right.reshape(batch * positions, n)
+    return out.reshape(grad.shape).to(dtype)
+
+
+def total_squared_norm(uses: list[PerExampleGrad]) -> Tensor:
+    """[B] squared norm of a parameter's per-example gradient summed over all its uses,
+    cross terms included (a tied embedding and output head is one parameter)."""
+    dense = [u for u in uses if isinstance(u, Dense)]
+    merged: list[PerExampleGrad] = [u for u in uses if isinstance(u, Outer)]
+    if dense:
+        merged.insert(0, Dense(torch.stack([d.grad for d in dense]).sum(0)) if len(dense) > 1 else dense[0])
+    total = squared_norm(merged[0])
+    for i, a in enumerate(merged):
+        if i:
+            total = total + squared_norm(a)
+        for b in merged[i + 1 :]:
+            total = total + 2 * inner(a, b)
+    return total

@@ -1,0 +1,293 @@
+"""The tape: forward hooks that record, for every call of a module owning trainable parameters,
+what its per-example gradient needs (the input activation and a handle on the output's gradient).
+
+It keeps references, never copies: the activations are the ones autograd saves anyway. The output
+is recorded as a gradient edge (``torch.autograd.graph.get_gradient_edge``), so the engine's one
+backward pass can ask autograd for the gradient of exactly that value, even if the model later
+modifies the output in place, without holding the output tensor alive.
+
+Batch semantics are settled here, where the shapes are seen:
+
+* the batch size B is read from the model's own inputs when its forward starts;
+* a call whose input has leading size 1 while B > 1 (GPT-2's ``position_ids`` of shape [1, T]) is
+  broadcast over the batch: its input and output are expanded to B (a view, no copy) so the output
+  gradient arrives per example;
+* a call whose input has no batch dimension at all (T5's relative-position bias looks up a [T, T]
+  bucket table) cannot yield per-example gradients by itself: its parameters are delegated to the
+  nearest enclosing module whose inputs do carry the batch, where the torch.func fallback
+  recomputes that module per example.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from dpscale.errors import UnsupportedModuleError
+from dpscale.layers.registry import Rule
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A module that owns trainable parameters directly, and how they are differentiated."""
+
+    module: nn.Module
+    qualname: str
+    rule: Rule | None  # None: the torch.func fallback at this module
+    local_names: tuple[str, ...]
+    global_names: tuple[str, ...]
+
+
+@dataclass
+class RuleCall:
+    owner: Owner
+    inputs: tuple
+    edge: GradientEdge
+    seq: int
+
+    @property
+    def global_names(self) -> tuple[str, ...]:
+        return self.owner.global_names
+
+
+@dataclass
+class FunctionalCall:
+    """A call whose per-example gradients are recomputed with torch.func. ``names`` maps each
+    parameter's name relative to ``module`` to its global name."""
+
+    module: nn.Module
+    qualname: str
+    args: tuple
+    kwargs: dict
+    names: dict[str, str]
+    leaf_indices: tuple[int, ...]
+    edges: tuple[GradientEdge, ...]
+    leaf_shapes: tuple[tuple[torch.Size, torch.dtype], ...]
+    seq: int
+
+    @property
+    def global_names(self) -> tuple[str, ...]:
+        return tuple(self.names.values())
+
+
+Call = RuleCall | FunctionalCall
+
+
+@dataclass
+class _Frame:
+    module: nn.Module
+    qualname: str
+    args: tuple
+    kwargs: dict
+    seq: int
+    delegated: dict[str, str] = field(default_factory=dict)  # relative name -> global name
+
+
+def leading_sizes(tree: Any) -> list[int]:
+    leaves, _ = tree_flatten(tree)
+    return [leaf.shape[0] for leaf in leaves if isinstance(leaf, Tensor) and leaf.dim() > 0]
+
+
+def infer_batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The model's batch size: the largest leading size among its multi-dimensional tensor inputs
+    (input_ids, attention_mask, pixel_values); 1-D inputs (labels) only if there is nothing else.
+    A broadcast input such as position_ids [1, T] never wins over a real batch."""
+    leaves, _ = tree_flatten((args, kwargs))
+    tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor) and leaf.dim() > 0]
+    matrices = [t.shape[0] for t in tensors if t.dim() > 1]
+    sizes = matrices or [t.shape[0] for t in tensors]
+    return max(sizes) if sizes else None
+
+
+class Tape:
+    """Owned by one engine; ``detach()`` removes every hook it installed."""
+
+    def __init__(self, model: nn.Module, owners: list[Owner]) -> None:
+        self._model = model
+        self._owners = {id(owner.module): owner for owner in owners}
+        self._qualnames = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+        self.batch_size: int | None = None
+        self.calls: list[Call] = []
+        self._stack: list[_Frame] = []
+        self._seq = 0
+        self._paused = False
+        self._takes_use_cache = "use_cache" in inspect.signature(model.forward).parameters
+        self._handles = []
+        watched = _modules_above(model, [owner.module for owner in owners])
+        for module in watched:
+            self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.calls = []
+        self._stack.clear()
+
+    @contextmanager
+    def paused(self):
+        """The engine's own recomputations (the torch.func fallback, the RMS-norm rule) run the
+        model's modules again; they must not be recorded."""
+        previous, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = previous
+
+    def take(self) -> list[Call]:
+        calls, self.calls = self.calls, []
+        return calls
+
+    # hooks -------------------------------------------------------------------------------------
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self._paused:
+            return
+        changed = None
+        if module is self._model:
+            self._stack.clear()
+            self.calls = []
+            self.batch_size = infer_batch_size(args, kwargs) if torch.is_grad_enabled() else None
+            if self.batch_size is not None and self._takes_use_cache and kwargs.get("use_cache") is not False:
+                # A KV cache means nothing in a training step, and recomputing a module per example
+                # (torch.func fallback) would write into it: training forwards run without one.
+                kwargs = {**kwargs, "use_cache": False}
+                changed = (args, kwargs)
+        if not torch.is_grad_enabled() or self.batch_size is None:
+            return changed
+        self._seq += 1
+        self._stack.append(_Frame(module, self._qualnames.get(id(module), ""), args, kwargs, self._seq))
+        return changed
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._paused or not self._stack or self._stack[-1].module is not module:
+            return None
+        frame = self._stack.pop()
+        new_output = None
+        owner = self._owners.get(id(module))
+        if owner is not None:
+            new_output = self._record_owner(owner, frame, args, output)
+        if frame.delegated:
+            new_output = self._record_functional(frame, output if new_output is None else new_output)
+        return new_output
+
+    # recording ----------------------------------------------------------------------------------
+
+    def _record_owner(self, owner: Owner, frame: _Frame, args: tuple, output: Any) -> Any:
+        batch = self.batch_size
+        if owner.rule is None:
+            if self._carries_batch(frame):
+                frame.delegated.update(zip(owner.local_names, owner.global_names))
+            else:
+                self._delegate(owner, self._stack)
+            return None
+        if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+            # Called in a way the rule does not read: differentiate the call itself.
+            frame.delegated.update(zip(owner.local_names, owner.global_names))
+            return None
+        if not output.requires_grad:
+            return None
+        x = args[0]
+        lead = x.shape[0] if x.dim() else None
+        if lead == batch and output.dim() and output.shape[0] == batch:
+            self.calls.append(RuleCall(owner, args, get_gradient_edge(output), frame.seq))
+            return None
+        if lead == 1 and batch > 1 and output.dim() and output.shape[0] == 1:
+            output = output.expand(batch, *output.shape[1:])
+            inputs = (x.expand(batch, *x.shape[1:]),) + tuple(args[1:])
+            self.calls.append(RuleCall(owner, inputs, get_gradient_edge(output), frame.seq))
+            return output
+        self._delegate(owner, self._stack)
+        return None
+
+    def _carries_batch(self, frame: _Frame) -> bool:
+        return self.batch_size in leading_sizes((frame.args, frame.kwargs))
+
+    def _delegate(self, owner: Owner, frames: list[_Frame]) -> None:
+        """Hand the owner's parameters to the nearest enclosing call that carries the batch."""
+        for frame in reversed(frames):
+            if frame.module is self._model and not self._carries_batch(frame):
+                break
+            if self._carries_batch(frame):
+                prefix = frame.qualname + "." if frame.qualname else ""
+                if not owner.qualname.startswith(prefix):
+                    break
+                relative = owner.qualname[len(prefix) :]
+                for local, global_name in zip(owner.local_names, owner.global_names):
+                    frame.delegated[f"{relative}.{local}" if relative else local] = global_name
+                return
+        raise UnsupportedModuleError(
+            f"Module '{owner.qualname}' ({type(owner.module).__name__}) was called with inputs that carry no "
+            f"batch dimension (batch size {self.batch_size}) and no enclosing module's inputs do either, so "
+            "per-example gradients of its parameters are undefined here. Freeze its parameters "
+            "(requires_grad=False) or register a rule for the enclosing module."
+        )
+
+    def _record_functional(self, frame: _Frame, output: Any) -> Any:
+        batch = self.batch_size
+        leaves, spec = tree_flatten(output)
+        indices, edges, shapes = [], [], []
+        changed = False
+        for i, leaf in enumerate(leaves):
+            if not (isinstance(leaf, Tensor) and leaf.requires_grad and leaf.is_floating_point()):
+                continue
+            if leaf.dim() and leaf.shape[0] == 1 and batch > 1:
+                leaf = leaves[i] = leaf.expand(batch, *leaf.shape[1:])
+                changed = True
+            if not leaf.dim() or leaf.shape[0] != batch:
+                raise UnsupportedModuleError(
+                    f"Module '{frame.qualname}' ({type(frame.module).__name__}) returns an output of shape "
+                    f"{tuple(leaf.shape)} with no batch dimension (batch size {batch}); its per-example "
+                    "gradients cannot be separated. Freeze the parameters it owns or register a rule for it."
+                )
+            indices.append(i)
+            edges.append(get_gradient_edge(leaf))
+            shapes.append((leaf.shape, leaf.dtype))
+        delegated = set(frame.delegated.values())
+        kept = []
+        for call in self.calls:
+            overlap = delegated.intersection(call.global_names)
+            if call.seq > frame.seq and overlap:
+                if overlap != set(call.global_names):
+                    raise UnsupportedModuleError(
+                        f"Parameters {sorted(overlap)} are shared between a call inside '{frame.qualname}' "
+                        "and other parameters; dpscale cannot split this call. Register a rule for "
+                        f"{type(frame.module).__name__}."
+                    )
+                continue
+            kept.append(call)
+        self.calls = kept
+        self.calls.append(
+            FunctionalCall(
+                frame.module, frame.qualname, frame.args, frame.kwargs, dict(frame.delegated),
+                tuple(indices), tuple(edges), tuple(shapes), frame.seq,
+            )
+        )
+        return tree_unflatten(leaves, spec) if changed else None
+
+
+def _modules_above(model: nn.Module, owners: list[nn.Module]) -> list[nn.Module]:
+    """The model's modules that contain an owner (owners included), each once, and the root."""
+    owner_ids = {id(m) for m in owners}
+    watched, seen = [], set()
+
+    def visit(module: nn.Module) -> bool:
+        contains = id(module) in owner_ids
+        for child in module.children():
+            contains = visit(child) or contains
+        if (contains or module is model) and id(module) not in seen:
+            seen.add(id(module))
+            watched.append(module)
+        return contains
+
+    visit(model)
+    return watched
+
