@@ -14,8 +14,9 @@ from dpscale.per_example import Dense, Outer
 def _as_2d(module: nn.Module, x: Tensor, output_grad: Tensor):
     """View a Conv1d as a Conv2d over (length, 1)."""
     if isinstance(module, nn.Conv1d):
-        pair = lambda value: (value[0], 1)  # noqa: E731
-        return x[..., None], output_grad[..., None], pair(module.kernel_size), pair(module.dilation), pair(module.stride), module.padding if isinstance(module.padding, str) else pair(module.padding)
+        padding = module.padding if isinstance(module.padding, str) else (module.padding[0], 0)
+        kernel, dilation, stride = ((value[0], 1) for value in (module.kernel_size, module.dilation, module.stride))
+        return x[..., None], output_grad[..., None], kernel, dilation, stride, padding
     return x, output_grad, module.kernel_size, module.dilation, module.stride, module.padding
 
 

@@ -82,7 +82,7 @@ def is_huggingface_rms_norm(module: nn.Module) -> bool:
     """RMS norms of Hugging Face models: class name ends in RMSNorm (or T5's T5LayerNorm), and
     their only parameter is a 1-D weight."""
     name = type(module).__name__
-    if not (name.endswith("RMSNorm") or name == "T5LayerNorm"):
+    if isinstance(module, (nn.RMSNorm, nn.LayerNorm)) or not (name.endswith("RMSNorm") or name == "T5LayerNorm"):
         return False
     params = dict(module.named_parameters(recurse=False))
     return set(params) == {"weight"} and params["weight"].dim() == 1

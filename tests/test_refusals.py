@@ -1,0 +1,198 @@
+"""Privacy failures are loud: bad configs, unsupported layers, wrong losses and silent parameter
+drops raise our own errors before a step is taken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import dpscale
+from dpscale import (
+    ConfigError,
+    DPConfig,
+    LossShapeError,
+    NoTrainableParametersError,
+    PrivacyEngine,
+    TapeError,
+    UnsupportedModuleError,
+)
+
+CONFIG = DPConfig(max_grad_norm=1.0, expected_batch_size=4)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_grad_norm": 0.0, "expected_batch_size": 4},
+        {"max_grad_norm": float("inf"), "expected_batch_size": 4},
+        {"max_grad_norm": 1.0, "expected_batch_size": 0},
+        {"max_grad_norm": 1.0, "expected_batch_size": 4, "noise_multiplier": -1.0},
+        {"max_grad_norm": 1.0, "expected_batch_size": 4, "clip_fn": "tanh"},
+        {"max_grad_norm": 1.0, "expected_batch_size": 4, "clip_fn": "automatic", "automatic_gamma": 0.0},
+        {"max_grad_norm": 1.0, "expected_batch_size": 4, "clipping": "per_token"},
+        {"max_grad_norm": 1.0, "expected_batch_size": 4, "clipping": [[]]},
+        {"max_grad_norm": 1.0, "expected_batch_size": 4, "clipping": [["a"], ["b"]], "group_max_grad_norms": [1.0, 1.0]},
+    ],
+)
+def test_invalid_configs_are_refused(kwargs):
+    with pytest.raises(ConfigError):
+        DPConfig(**kwargs)
+
+
+def test_groups_must_cover_every_trainable_parameter_once():
+    with pytest.raises(ConfigError, match="not covered"):
+        PrivacyEngine(mlp(), DPConfig(max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*"]]))
+    with pytest.raises(ConfigError, match="more than one"):
+        PrivacyEngine(mlp(), DPConfig(max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*", "2.*"], ["2.bias"]]))
+    with pytest.raises(ConfigError, match="matches no"):
+        PrivacyEngine(mlp(), DPConfig(max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*", "2.*"], ["nope"]]))
+
+
+def test_group_thresholds_split_the_sensitivity():
+    engine = PrivacyEngine(mlp(), DPConfig(max_grad_norm=2.0, expected_batch_size=4, clipping="per_layer"))
+    assert len(engine.clipping.groups) == 4
+    assert engine.clipping.sensitivity == pytest.approx(2.0)
+
+
+def test_losses_must_be_one_per_example():
+    model = mlp()
+    engine = PrivacyEngine(model, CONFIG)
+    x = torch.randn(4, 4)
+    with pytest.raises(LossShapeError, match="one loss per example"):
+        engine.backward(model(x).sum())
+    with pytest.raises(LossShapeError, match="3 losses"):
+        engine.backward(model(x).sum(1)[:3])
+    with pytest.raises(LossShapeError):
+        engine.backward([1.0, 2.0])
+    with torch.no_grad():
+        detached = model(x).sum(1)
+    with pytest.raises((LossShapeError, TapeError)):
+        engine.backward(detached)
+
+
+def test_backward_without_forward_is_refused():
+    engine = PrivacyEngine(mlp(), CONFIG)
+    with pytest.raises(TapeError):
+        engine.backward(torch.zeros(4, requires_grad=True))
+
+
+def test_no_trainable_parameter_is_refused():
+    model = mlp().requires_grad_(False)
+    with pytest.raises(NoTrainableParametersError):
+        PrivacyEngine(model, CONFIG)
+
+
+def test_batch_norm_in_training_mode_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(UnsupportedModuleError, match="BatchNorm"):
+        PrivacyEngine(model, CONFIG)
+    model.eval()
+    engine = PrivacyEngine(model, CONFIG)
+    model.train()
+    with pytest.raises(UnsupportedModuleError, match="training mode"):
+        model(torch.randn(4, 4))
+    engine.detach()
+
+
+@pytest.mark.parametrize("kwargs", [{"scale_grad_by_freq": True}, {"max_norm": 1.0}, {"sparse": True}])
+def test_embedding_options_that_break_per_example_gradients(kwargs):
+    with pytest.raises(UnsupportedModuleError):
+        PrivacyEngine(nn.Embedding(10, 4, **kwargs), CONFIG)
+
+
+def test_parameter_used_outside_its_module_is_refused():
+    class HiddenUse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(x @ self.proj.weight.T)  # proj's forward is never called
+
+    model = HiddenUse()
+    engine = PrivacyEngine(model, CONFIG)
+    with pytest.raises(UnsupportedModuleError, match="outside the forward"):
+        engine.backward(model(torch.randn(4, 4)).sum(1))
+
+
+def test_random_ops_in_a_fallback_module_are_refused():
+    class NoisyScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return torch.nn.functional.dropout(x * self.scale, p=0.5, training=True)
+
+    model = NoisyScale()
+    engine = PrivacyEngine(model, CONFIG)
+    with pytest.raises(UnsupportedModuleError, match="random"):
+        engine.backward(model(torch.randn(4, 4)).sum(1))
+
+
+def test_gradient_checkpointing_is_refused():
+    cfg = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(UnsupportedModuleError, match="checkpointing"):
+        PrivacyEngine(model, CONFIG)
+
+
+def test_frozen_parameters_cost_nothing():
+    """No hooks on fully frozen modules, no recorded activations, no gradient."""
+    model = mlp()
+    model[0].requires_grad_(False)
+    engine = PrivacyEngine(model, CONFIG)
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+    out = model(torch.randn(4, 4))
+    assert [call.owner.qualname for call in engine._tape.calls] == ["2"]
+    engine.backward(out.sum(1))
+    assert model[0].weight.grad is None and model[2].weight.grad is not None
+
+
+def test_detach_leaves_the_model_as_found():
+    model = mlp()
+    before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    engine = PrivacyEngine(model, CONFIG)
+    engine.detach()
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == before
+
+
+def test_two_engines_coexist_on_two_models():
+    a, b = mlp(), mlp()
+    ea, eb = PrivacyEngine(a, CONFIG), PrivacyEngine(b, DPConfig(max_grad_norm=0.01, expected_batch_size=4))
+    x = torch.randn(4, 4)
+    ea.backward(a(x).sum(1))
+    eb.backward(b(x).sum(1))
+    assert torch.allclose(ea.last_norms, eb.last_norms)
+    assert a[0].weight.grad.norm() > b[0].weight.grad.norm()
+
+
+def test_unused_trainable_parameters_get_zero_gradients():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(3, 2)
+            self.unused = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = TwoHeads()
+    engine = PrivacyEngine(model, CONFIG)
+    engine.backward(model(torch.randn(4, 3)).sum(1))
+    assert torch.equal(model.unused.weight.grad, torch.zeros(2, 3))
+    assert model.used.weight.grad.abs().sum() > 0
+
+
+def test_public_api():
+    for name in dpscale.__all__:
+        assert hasattr(dpscale, name)
