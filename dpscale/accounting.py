@@ -33,7 +33,7 @@ import decimal
 import logging
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import dp_accounting
 from dp_accounting import dp_event
@@ -45,15 +45,18 @@ logger = logging.getLogger(__name__)
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLINGS = ("poisson", "shuffle")
 
-# PLD discretization. At 1e-3 a 15000-step run costs about 0.1 s and overstates an epsilon near 8
-# by about 4e-4 relative (measured against 1e-5). Smaller epsilons need a finer grid for the same
-# relative accuracy (at 1e-3, an epsilon of 0.43 reads 0.46), and their loss distributions are
-# narrow, so a finer grid is cheap there: the interval is refined towards epsilon / 8000 when
-# that is markedly finer (epsilon below about 6), which keeps the error near 3e-4 relative.
+# PLD discretization. Every PLD here is pessimistic, so any interval gives an upper bound; the
+# interval only sets how far above the true epsilon it lands and what it costs (about linear in
+# 1 / interval). At 1e-3 a 15000-step run costs about 0.1 s and overstates an epsilon near 8 by
+# about 4e-4 relative, but the rounding error grows with the number of steps and about as the
+# square of the interval, and weighs more on small epsilons (15000 steps at q = 0.01, sigma = 10
+# read 0.464 for 0.427). So each epsilon is also computed at twice the interval, the error of the
+# first pass estimated from the two (quadratic in the interval), and a finer pass run only where
+# that error exceeds PLD_RELATIVE_ACCURACY; its interval never goes below 1/20 of the base, which
+# bounds its cost to 20 base passes.
 PLD_VALUE_DISCRETIZATION = 1e-3
-PLD_REFINE_EPSILONS_PER_INTERVAL = 8000.0
-PLD_MAX_REFINEMENTS = 2
-PLD_FINEST_DISCRETIZATION = 1e-6
+PLD_RELATIVE_ACCURACY = 5e-4
+PLD_FINEST_DISCRETIZATION = PLD_VALUE_DISCRETIZATION / 20
 
 # The noise multipliers calibration searches. Above 1e4 the noise drowns any gradient; below 0.1
 # epsilon is in the thousands for any realistic run, and a PLD there is slow to build.
@@ -62,6 +65,11 @@ MIN_NOISE_MULTIPLIER = 0.1
 DEFAULT_TOLERANCE = 1e-3
 # Calibrated noise multipliers are rounded up to this many significant digits.
 NOISE_MULTIPLIER_DIGITS = 5
+# PLD calibration starts from the RDP answer (cheap at any sigma, and within about 10% of the
+# PLD one), searched to this loose tolerance, and widens the bracket from there by 10%: PLDs
+# of a sigma far below the answer (epsilon in the hundreds) are slow to build.
+_GUIDE_TOLERANCE = 5e-2
+_PLD_BRACKET_FACTOR = 1.1
 
 STATE_VERSION = 1
 
@@ -206,27 +214,26 @@ def _composed_accountant(
 def _pld_epsilon(
     segments: Sequence[Segment], delta: float, sampling: str, dataset_size: int | None
 ) -> float:
-    """PLD epsilon on a grid fine enough for its size (see PLD_VALUE_DISCRETIZATION).
+    """PLD epsilon, refined where the base grid is too coarse (see PLD_VALUE_DISCRETIZATION).
 
-    Starts at PLD_VALUE_DISCRETIZATION and refines to epsilon / PLD_REFINE_EPSILONS_PER_INTERVAL
-    while that is markedly finer (a coarse pass overstates small epsilons, so a second
-    refinement may follow the first). Every pass is a pessimistic upper bound, so the smallest
-    is one too.
+    Every pass is a pessimistic upper bound, so the smallest is one too.
     """
 
     def at(interval: float) -> float:
         acc = _composed_accountant(segments, "pld", sampling, dataset_size, interval)
         return float(acc.get_epsilon(delta))
 
-    interval = PLD_VALUE_DISCRETIZATION
-    epsilon = at(interval)
-    for _ in range(PLD_MAX_REFINEMENTS):
-        wanted = max(epsilon / PLD_REFINE_EPSILONS_PER_INTERVAL, PLD_FINEST_DISCRETIZATION)
-        if not math.isfinite(epsilon) or wanted > 0.75 * interval:
-            break
-        interval = wanted
-        epsilon = min(epsilon, at(interval))
-    return epsilon
+    base = PLD_VALUE_DISCRETIZATION
+    epsilon = at(base)
+    if not math.isfinite(epsilon) or epsilon == 0.0:
+        return epsilon
+    # Rounding error ~ C * interval**2, so at(2 * base) - at(base) ~ 3 * error(base).
+    error = abs(at(2.0 * base) - epsilon) / 3.0
+    if error <= PLD_RELATIVE_ACCURACY * epsilon:
+        return epsilon
+    interval = max(base * math.sqrt(PLD_RELATIVE_ACCURACY * epsilon / error),
+                   PLD_FINEST_DISCRETIZATION)
+    return min(epsilon, at(interval))
 
 
 def _epsilon(
@@ -308,6 +315,80 @@ def _round_up(value: float, digits: int) -> float:
     return float(rounded)
 
 
+def _split(lo: float, eps_lo: float, hi: float, eps_hi: float, aim: float) -> float:
+    """Where log(epsilon), linear in log(sigma) between the bracket's ends, meets `aim`; kept
+    inside the middle 80% of the bracket."""
+    if lo <= 0.0 or not math.isfinite(eps_lo) or eps_hi <= 0.0:
+        return 0.5 * (lo + hi)
+    fraction = (math.log(eps_lo) - math.log(aim)) / (math.log(eps_lo) - math.log(eps_hi))
+    fraction = min(max(fraction, 0.1), 0.9)
+    return math.exp(math.log(lo) + fraction * (math.log(hi) - math.log(lo)))
+
+
+def _search(
+    eps_at: Callable[[float], float],
+    target: float,
+    start: float,
+    factor: float,
+    tolerance: float,
+    describe: str,
+) -> float:
+    """Smallest sigma with eps_at(sigma) <= target, to `tolerance` relative on epsilon.
+
+    The bracket [lo, hi], eps_at(lo) > target >= eps_at(hi), grows from `start` by `factor`
+    (up to MAX_NOISE_MULTIPLIER, down to MIN_NOISE_MULTIPLIER), then shrinks by bisection until
+    eps_at(hi) is within `tolerance` below the target. The split point is interpolated (log
+    epsilon is nearly linear in log sigma, so it often lands in the window at once) and every
+    split that misses the window is followed by a plain midpoint, so the bracket at least halves
+    every two evaluations whatever the curve. Returns `hi`.
+    """
+    lo, eps_lo, hi = 0.0, math.inf, start
+    eps_hi = eps_at(hi)
+    if eps_hi > target:
+        while eps_hi > target:
+            if hi >= MAX_NOISE_MULTIPLIER:
+                raise PrivacyBudgetError(
+                    f"No noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches {describe} (at "
+                    f"sigma={MAX_NOISE_MULTIPLIER:g} epsilon is still {eps_hi:.4g}). Allow a "
+                    "larger epsilon, train fewer steps, use a smaller sample rate (smaller "
+                    "batches), or use more data."
+                )
+            lo, eps_lo = hi, eps_hi
+            hi = min(factor * hi, MAX_NOISE_MULTIPLIER)
+            eps_hi = eps_at(hi)
+    else:
+        while True:
+            candidate = hi / factor
+            if candidate < MIN_NOISE_MULTIPLIER:
+                logger.info(
+                    "%s is met already at sigma=%g, the smallest calibrated; smaller noise may "
+                    "also meet it.",
+                    describe,
+                    hi,
+                )
+                return hi
+            eps_candidate = eps_at(candidate)
+            if eps_candidate > target:
+                lo, eps_lo = candidate, eps_candidate
+                break
+            hi, eps_hi = candidate, eps_candidate
+    floor = target * (1.0 - tolerance)
+    resolution = 10.0 ** -(NOISE_MULTIPLIER_DIGITS + 1)
+    interpolate = True
+    while eps_hi < floor and hi - lo > hi * resolution:
+        if interpolate:
+            mid = _split(lo, eps_lo, hi, eps_hi, target * (1.0 - 0.5 * tolerance))
+        else:
+            mid = 0.5 * (lo + hi)
+        eps_mid = eps_at(mid)
+        if eps_mid <= target:
+            hi, eps_hi = mid, eps_mid
+        else:
+            lo, eps_lo = mid, eps_mid
+        interpolate = not interpolate or floor <= eps_mid <= target
+    return hi
+
+
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,
@@ -320,10 +401,12 @@ def calibrate_noise_multiplier(
 ) -> float:
     """The smallest noise multiplier whose epsilon at `delta` is at most `target_epsilon`.
 
-    Bisection on sigma (epsilon falls as sigma grows) inside a bracket that doubles from 1 until
-    it holds the answer. It stops once the epsilon of the upper end is within `tolerance`
-    (relative) below the target, and returns that end rounded up to NOISE_MULTIPLIER_DIGITS
-    significant digits: `compute_epsilon` at the result never exceeds the target.
+    Bisection on sigma (epsilon falls as sigma grows; split points interpolated, see `_search`)
+    inside a bracket that grows until it holds the answer: from 1 by doubling under RDP; under PLD from the RDP answer by steps of 10%, so
+    that no slow PLD is built far from the answer. The search stops once the epsilon of the
+    bracket's upper end is within `tolerance` (relative) below the target, and returns that end
+    rounded up to NOISE_MULTIPLIER_DIGITS significant digits: `compute_epsilon` at the result
+    never exceeds the target.
 
     Raises PrivacyBudgetError when no sigma up to MAX_NOISE_MULTIPLIER reaches the target.
     """
@@ -342,54 +425,29 @@ def calibrate_noise_multiplier(
         raise PrivacyBudgetError(
             f"tolerance={tolerance!r} must lie in (0, 1); it is relative to the target epsilon."
         )
-    q, delta, target = float(sample_rate), float(delta), float(target_epsilon)
+    q, delta, target, steps = float(sample_rate), float(delta), float(target_epsilon), int(steps)
+    describe = f"epsilon={target:g} at delta={delta:g} with sample_rate={q:g} over {steps} steps"
 
-    def eps_at(sigma: float) -> float:
-        value = _epsilon([(sigma, q, int(steps))], delta, accountant, sampling, dataset_size)
-        logger.debug("calibration: sigma=%.6g -> epsilon=%.6g", sigma, value)
-        return value
+    def eps_with(kind: str) -> Callable[[float], float]:
+        def eps_at(sigma: float) -> float:
+            value = _epsilon([(sigma, q, steps)], delta, kind, sampling, dataset_size)
+            logger.debug("calibration (%s): sigma=%.6g -> epsilon=%.6g", kind, sigma, value)
+            return value
 
-    # Bracket: eps(lo) > target >= eps(hi).
-    lo, hi = 0.0, 1.0
-    eps_hi = eps_at(hi)
-    if eps_hi > target:
-        while eps_hi > target:
-            if hi >= MAX_NOISE_MULTIPLIER:
-                raise PrivacyBudgetError(
-                    f"No noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches "
-                    f"epsilon={target:g} at delta={delta:g} with sample_rate={q:g} over "
-                    f"{steps} steps (at sigma={MAX_NOISE_MULTIPLIER:g} epsilon is still "
-                    f"{eps_hi:.4g}). Allow a larger epsilon, train fewer steps, use a "
-                    "smaller sample rate (smaller batches), or use more data."
-                )
-            lo, hi = hi, min(2.0 * hi, MAX_NOISE_MULTIPLIER)
-            eps_hi = eps_at(hi)
+        return eps_at
+
+    guide_tolerance = max(tolerance, _GUIDE_TOLERANCE) if accountant == "pld" else tolerance
+    try:
+        guess = _search(eps_with("rdp"), target, 1.0, 2.0, guide_tolerance, describe)
+    except PrivacyBudgetError:
+        if accountant == "rdp":
+            raise
+        guess = MAX_NOISE_MULTIPLIER  # PLD is tighter: it may still reach what RDP cannot.
+    eps_at = eps_with(accountant)
+    if accountant == "rdp":
+        hi = guess
     else:
-        while True:
-            candidate = hi / 2.0
-            if candidate < MIN_NOISE_MULTIPLIER:
-                logger.info(
-                    "epsilon=%g is met already at sigma=%g, the smallest calibrated; smaller "
-                    "noise may also meet it.",
-                    target,
-                    hi,
-                )
-                return _round_up(hi, NOISE_MULTIPLIER_DIGITS)
-            eps_candidate = eps_at(candidate)
-            if eps_candidate > target:
-                lo = candidate
-                break
-            hi, eps_hi = candidate, eps_candidate
-
-    while eps_hi < target * (1.0 - tolerance) and hi - lo > hi * 10.0 ** -(
-        NOISE_MULTIPLIER_DIGITS + 1
-    ):
-        mid = 0.5 * (lo + hi)
-        eps_mid = eps_at(mid)
-        if eps_mid <= target:
-            hi, eps_hi = mid, eps_mid
-        else:
-            lo = mid
+        hi = _search(eps_at, target, guess, _PLD_BRACKET_FACTOR, tolerance, describe)
 
     rounded = _round_up(hi, NOISE_MULTIPLIER_DIGITS)
     # Epsilon falls with sigma, but a discretized PLD may wobble by a grid step; `hi` itself was
@@ -475,7 +533,8 @@ class PrivacyAccountant:
         total = self.steps
         if total == 0:
             return []
-        marks = sorted({math.ceil(total * (i + 1) / points) for i in range(min(points, total))})
+        count = min(points, total)
+        marks = sorted({math.ceil(total * (i + 1) / count) for i in range(count)})
         return [(mark, self._epsilon_after(mark, float(delta))) for mark in marks]
 
     def _epsilon_after(self, steps: int, delta: float) -> float:

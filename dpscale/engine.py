@@ -21,7 +21,7 @@ from dpscale.config import DPConfig
 from dpscale.errors import LossShapeError, NoTrainableParametersError, TapeError, UnsupportedModuleError
 from dpscale.layers import RuleRegistry, default_registry
 from dpscale.layers.functional import functional_grads
-from dpscale.per_example import PerExampleGrad, total_squared_norm, weighted_sum
+from dpscale.per_example import GramCache, PerExampleGrad, total_squared_norm, weighted_sum
 from dpscale.tape import FunctionalCall, Owner, RuleCall, Tape
 
 logger = logging.getLogger(__name__)
@@ -147,8 +147,10 @@ class PrivacyEngine:
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.parameters.values()) else torch.float32
         device = next(iter(self.parameters.values())).device
         norms2 = torch.zeros(len(self.clipping.groups), batch, dtype=dtype, device=device)
+        grams = GramCache()
         for name, grad_uses in uses.items():
-            norms2[self._group_of[name]] += total_squared_norm(grad_uses).to(dtype)
+            norms2[self._group_of[name]] += total_squared_norm(grad_uses, grams).to(dtype)
+        del grams
         norms = norms2.sqrt()
         factors = self.clipping.factors(norms)
         weights = factors / self.config.expected_batch_size

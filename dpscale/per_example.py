@@ -77,8 +77,10 @@ class Outer:
     def positions(self) -> int:
         return self.left.shape[1]
 
-    def left_gram_with(self, other: "Outer", dtype: torch.dtype) -> Tensor:
+    def left_gram_with(self, other: "Outer", dtype: torch.dtype, cache: "GramCache | None" = None) -> Tensor:
         """[B, T_self, T_other] inner products of left factors."""
+        if other is self and not self.one_hot and cache is not None:
+            return cache.gram(self.left, dtype)
         if self.one_hot and other.one_hot:
             return (self.left[:, :, None] == other.left[:, None, :]).to(dtype)
         if self.one_hot:
@@ -89,7 +91,9 @@ class Outer:
             return self.left.to(dtype).gather(2, ids)
         return torch.bmm(self.left.to(dtype), other.left.to(dtype).transpose(1, 2))
 
-    def right_gram_with(self, other: "Outer", dtype: torch.dtype) -> Tensor:
+    def right_gram_with(self, other: "Outer", dtype: torch.dtype, cache: "GramCache | None" = None) -> Tensor:
+        if other is self and cache is not None:
+            return cache.gram(self.right, dtype)
         return torch.bmm(self.right.to(dtype), other.right.to(dtype).transpose(1, 2))
 
     def materialize(self) -> Dense:
@@ -117,6 +121,23 @@ class Outer:
 PerExampleGrad = Dense | Outer
 
 
+class GramCache:
+    """Self-Gram matrices X X^T [B, T, T] of factors, shared within one backward pass: the
+    query, key and value projections read the same activation, as do an MLP's gate and up
+    projections, so their activation Gram matrix is computed once."""
+
+    def __init__(self) -> None:
+        self._grams: dict[tuple, Tensor] = {}
+
+    def gram(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, dtype)
+        gram = self._grams.get(key)
+        if gram is None:
+            y = x.to(dtype)
+            gram = self._grams[key] = torch.bmm(y, y.transpose(1, 2))
+        return gram
+
+
 def _numel(shape: torch.Size) -> int:
     numel = 1
     for size in shape:
@@ -124,14 +145,14 @@ def _numel(shape: torch.Size) -> int:
     return numel
 
 
-def inner(a: PerExampleGrad, b: PerExampleGrad) -> Tensor:
+def inner(a: PerExampleGrad, b: PerExampleGrad, cache: GramCache | None = None) -> Tensor:
     """[B] per-example inner products <a_i, b_i> of two uses of one parameter."""
     if isinstance(a, Dense) and isinstance(b, Dense):
         dtype = accumulation_dtype(a.grad, b.grad)
         return (a.flat(dtype) * b.flat(dtype)).sum(1)
     if isinstance(a, Outer) and isinstance(b, Outer):
         dtype = accumulation_dtype(a.right, b.right, *(t for t in (a.left, b.left) if t.is_floating_point()))
-        return (a.left_gram_with(b, dtype) * a.right_gram_with(b, dtype)).sum((1, 2))
+        return (a.left_gram_with(b, dtype, cache) * a.right_gram_with(b, dtype, cache)).sum((1, 2))
     dense, outer = (a, b) if isinstance(a, Dense) else (b, a)
     return _dense_outer_inner(dense, outer)
 
@@ -147,12 +168,12 @@ def _dense_outer_inner(dense: Dense, outer: Outer) -> Tensor:
     return (rows * outer.right.to(dtype)).sum((1, 2))
 
 
-def squared_norm(grad: PerExampleGrad) -> Tensor:
+def squared_norm(grad: PerExampleGrad, cache: GramCache | None = None) -> Tensor:
     """[B] squared per-example norms."""
     if isinstance(grad, Dense):
         flat = grad.flat(accumulation_dtype(grad.grad))
         return (flat * flat).sum(1)
-    return inner(grad, grad)
+    return inner(grad, grad, cache)
 
 
 def weighted_sum(grad: PerExampleGrad, weights: Tensor, dtype: torch.dtype) -> Tensor:
@@ -171,17 +192,17 @@ def weighted_sum(grad: PerExampleGrad, weights: Tensor, dtype: torch.dtype) -> T
     return out.reshape(grad.shape).to(dtype)
 
 
-def total_squared_norm(uses: list[PerExampleGrad]) -> Tensor:
+def total_squared_norm(uses: list[PerExampleGrad], cache: GramCache | None = None) -> Tensor:
     """[B] squared norm of a parameter's per-example gradient summed over all its uses,
     cross terms included (a tied embedding and output head is one parameter)."""
     dense = [u for u in uses if isinstance(u, Dense)]
     merged: list[PerExampleGrad] = [u for u in uses if isinstance(u, Outer)]
     if dense:
         merged.insert(0, Dense(torch.stack([d.grad for d in dense]).sum(0)) if len(dense) > 1 else dense[0])
-    total = squared_norm(merged[0])
+    total = squared_norm(merged[0], cache)
     for i, a in enumerate(merged):
         if i:
-            total = total + squared_norm(a)
+            total = total + squared_norm(a, cache)
         for b in merged[i + 1 :]:
             total = total + 2 * inner(a, b)
     return total
