@@ -231,8 +231,9 @@ def _pld_epsilon(
     error = abs(at(2.0 * base) - epsilon) / 3.0
     if error <= PLD_RELATIVE_ACCURACY * epsilon:
         return epsilon
-    interval = max(base * math.sqrt(PLD_RELATIVE_ACCURACY * epsilon / error),
-                   PLD_FINEST_DISCRETIZATION)
+    interval = max(
+        base * math.sqrt(PLD_RELATIVE_ACCURACY * epsilon / error), PLD_FINEST_DISCRETIZATION
+    )
     return min(epsilon, at(interval))
 
 
@@ -402,11 +403,11 @@ def calibrate_noise_multiplier(
     """The smallest noise multiplier whose epsilon at `delta` is at most `target_epsilon`.
 
     Bisection on sigma (epsilon falls as sigma grows; split points interpolated, see `_search`)
-    inside a bracket that grows until it holds the answer: from 1 by doubling under RDP; under PLD from the RDP answer by steps of 10%, so
-    that no slow PLD is built far from the answer. The search stops once the epsilon of the
-    bracket's upper end is within `tolerance` (relative) below the target, and returns that end
-    rounded up to NOISE_MULTIPLIER_DIGITS significant digits: `compute_epsilon` at the result
-    never exceeds the target.
+    inside a bracket that grows until it holds the answer: from 1 by doubling under RDP; under
+    PLD from the RDP answer by steps of 10%, so that no slow PLD is built far from the answer.
+    The search stops once the epsilon of the bracket's upper end is within `tolerance`
+    (relative) below the target, and returns that end rounded up to NOISE_MULTIPLIER_DIGITS
+    significant digits: `compute_epsilon` at the result never exceeds the target.
 
     Raises PrivacyBudgetError when no sigma up to MAX_NOISE_MULTIPLIER reaches the target.
     """

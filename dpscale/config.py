@@ -21,9 +21,17 @@ class DPConfig:
     """The DP-SGD step: g = (sum_i clip(g_i) + N(0, sigma^2 R^2 I)) / B.
 
     max_grad_norm: R, the bound on each example's clipped gradient (its sensitivity).
-    noise_multiplier: sigma; the noise std is sigma * R / expected_batch_size.
     expected_batch_size: B = q * N, the expected logical batch size; the clipped sum is divided
         by B (never by the realised Poisson batch size, which would leak it).
+    noise_multiplier: sigma; the noise std is sigma * R / expected_batch_size. Exactly one of
+        noise_multiplier and target_epsilon.
+    target_epsilon, target_delta: sigma is calibrated so that the planned run (steps, or epochs
+        of dataset_size examples at rate q = B / N) spends at most this epsilon at this delta
+        (default delta N^-1.1, always below 1/N).
+    dataset_size: N; needed for accounting (q = B / N).
+    accountant: "pld" (privacy loss distributions, tight) or "rdp" (Renyi DP, looser, faster).
+    sampling: "poisson" (what DP-SGD's analysis assumes; use dpscale's data loader) or
+        "shuffle" (fixed-size batches without replacement, accounted as such with RDP).
     clipping: "flat" (one norm over all trainable parameters), "per_layer" (one group per
         parameter tensor), or a list of groups, each a list of parameter names or fnmatch
         patterns; every trainable parameter must fall in exactly one group.
@@ -35,20 +43,77 @@ class DPConfig:
 
     max_grad_norm: float
     expected_batch_size: float
-    noise_multiplier: float = 0.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    target_delta: float | None = None
+    dataset_size: int | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    accountant: str = "pld"
+    sampling: str = "poisson"
     clipping: str | Sequence[Sequence[str]] = "flat"
     group_max_grad_norms: Sequence[float] | None = None
     clip_fn: str = "abadi"
     automatic_gamma: float = 0.01
 
+    @property
+    def sample_rate(self) -> float | None:
+        """q = B / N, when the dataset size is known."""
+        if self.dataset_size is None:
+            return None
+        return self.expected_batch_size / self.dataset_size
+
     def __post_init__(self) -> None:
+        self._check_privacy_knobs()
+        self._check_clipping_knobs()
+
+    def _check_privacy_knobs(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ConfigError(
+                "Give exactly one of noise_multiplier (the epsilon it costs is reported) or "
+                "target_epsilon (sigma is calibrated to reach it)."
+            )
+        if self.dataset_size is not None:
+            if isinstance(self.dataset_size, bool) or not isinstance(self.dataset_size, int) or self.dataset_size < 1:
+                raise ConfigError(f"dataset_size must be a positive integer, got {self.dataset_size!r}.")
+            if self.expected_batch_size > self.dataset_size:
+                raise ConfigError(
+                    f"expected_batch_size {self.expected_batch_size} exceeds dataset_size {self.dataset_size}: "
+                    "the sampling rate q = B / N must be at most 1."
+                )
+        if self.target_epsilon is not None:
+            if not _positive(self.target_epsilon):
+                raise ConfigError(f"target_epsilon must be a positive finite number, got {self.target_epsilon!r}.")
+            if self.dataset_size is None:
+                raise ConfigError("target_epsilon needs dataset_size, to know the sampling rate q = expected_batch_size / dataset_size.")
+            if (self.steps is None) == (self.epochs is None):
+                raise ConfigError("target_epsilon needs exactly one of steps or epochs, the length of the run to calibrate for.")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}.")
+        if self.epochs is not None and not _positive(self.epochs):
+            raise ConfigError(f"epochs must be positive, got {self.epochs!r}.")
+        if self.target_delta is not None and not (0 < self.target_delta < 1):
+            raise ConfigError(f"target_delta must lie in (0, 1), got {self.target_delta!r}.")
+        if self.target_delta is not None and self.dataset_size is not None and self.target_delta >= 1 / self.dataset_size:
+            raise ConfigError(
+                f"target_delta {self.target_delta:g} is not below 1/N = {1 / self.dataset_size:g}: such a delta "
+                "allows publishing an example outright. Use a smaller delta (default: N^-1.1)."
+            )
+        if self.accountant not in ("pld", "rdp"):
+            raise ConfigError(f"accountant must be 'pld' or 'rdp', got {self.accountant!r}.")
+        if self.sampling not in ("poisson", "shuffle"):
+            raise ConfigError(f"sampling must be 'poisson' or 'shuffle', got {self.sampling!r}.")
+
+    def _check_clipping_knobs(self) -> None:
         if not _positive(self.max_grad_norm):
             raise ConfigError(f"max_grad_norm must be a positive finite number, got {self.max_grad_norm!r}.")
         if not _positive(self.expected_batch_size):
             raise ConfigError(
                 f"expected_batch_size must be positive (sample_rate * dataset_size), got {self.expected_batch_size!r}."
             )
-        if self.noise_multiplier is None or not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+        if self.noise_multiplier is not None and not (
+            isinstance(self.noise_multiplier, (int, float)) and math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
+        ):
             raise ConfigError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}.")
         if self.clip_fn not in CLIP_FUNCTIONS:
             raise ConfigError(f"clip_fn must be one of {CLIP_FUNCTIONS}, got {self.clip_fn!r}.")

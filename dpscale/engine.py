@@ -11,30 +11,52 @@ the clipped sums. The engine knows no training engine: backends decide where the
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
 
+from dpscale.accounting import PrivacyAccountant
+from dpscale.checkpoint import load_state, save_atomic
 from dpscale.clipping import ClippingPlan, build_plan
 from dpscale.config import DPConfig
-from dpscale.errors import LossShapeError, NoTrainableParametersError, TapeError, UnsupportedModuleError
+from dpscale.errors import ConfigError, LossShapeError, NoTrainableParametersError, TapeError, UnsupportedModuleError
 from dpscale.layers import RuleRegistry, default_registry
 from dpscale.layers.functional import functional_grads
+from dpscale.noise import SCHEME as NOISE_SCHEME
+from dpscale.noise import NoiseKey, add_gaussian_noise_
 from dpscale.per_example import GramCache, PerExampleGrad, total_squared_norm, weighted_sum
+from dpscale.privacy import PrivacyPlan, resolve_plan
+from dpscale.report import write_report
+from dpscale.sampling import DPDataLoader
 from dpscale.tape import FunctionalCall, Owner, RuleCall, Tape
 
 logger = logging.getLogger(__name__)
 
 
 class PrivacyEngine:
-    """Exact per-example clipping for ``model``'s trainable parameters.
+    """DP-SGD for ``model``'s trainable parameters: exact per-example clipping in ``backward``,
+    keyed Gaussian noise once per optimizer step, and the accountant's record of the steps.
 
-    ``rules``: a registry from ``dpscale.default_registry()`` with rules for custom layers
-    registered on it; the engine keeps its own copy.
+    optimizer: attached now, or later with ``attach_optimizer``; noise is added in its step
+        pre-hook, once per ``optimizer.step()`` whatever the number of ``backward`` calls.
+    noise_key: a ``NoiseKey`` or the path of a key file (reproducible runs); default a fresh key
+        from os.urandom. The key is never logged nor saved in a checkpoint.
+    rules: a registry from ``dpscale.default_registry()`` with rules for custom layers
+        registered on it; the engine keeps its own copy.
     """
 
-    def __init__(self, model: nn.Module, config: DPConfig, *, rules: RuleRegistry | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: DPConfig,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        noise_key: NoiseKey | str | os.PathLike | None = None,
+        rules: RuleRegistry | None = None,
+    ) -> None:
         if not isinstance(config, DPConfig):
             raise TypeError("config must be a dpscale.DPConfig")
         self.model = model
@@ -60,6 +82,14 @@ class PrivacyEngine:
         self.last_norms: Tensor | None = None
         self.last_group_norms: Tensor | None = None
         self.last_clip_factors: Tensor | None = None
+        self.plan: PrivacyPlan = resolve_plan(config, self.clipping)
+        self.noise_key = _as_key(noise_key)
+        self.accountant = PrivacyAccountant(self.plan.accountant, self.plan.sampling, self.plan.dataset_size)
+        self.steps_taken = 0
+        self.data_loader: DPDataLoader | None = None
+        self._optimizer_handles: list = []
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
 
     # the one seam -----------------------------------------------------------------------------
 
@@ -78,11 +108,143 @@ class PrivacyEngine:
             self._accumulate_clipped(uses, batch)
 
     def detach(self) -> None:
-        """Remove every hook: the model is left as it was found."""
+        """Remove every hook: the model and optimizer are left as they were found."""
         self._tape.detach()
-        for handle in self._handles:
+        for handle in self._handles + self._optimizer_handles:
             handle.remove()
         self._handles.clear()
+        self._optimizer_handles.clear()
+
+    # the step boundary ------------------------------------------------------------------------
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Noise enters at ``optimizer.step()`` through a removable step pre-hook (the optimizer
+        itself is not modified). Every parameter it updates must be one this engine clips."""
+        ours = {id(p) for p in self.parameters.values()}
+        foreign = [i for group in optimizer.param_groups for i, p in enumerate(group["params"]) if id(p) not in ours]
+        if foreign:
+            raise ConfigError(
+                f"The optimizer updates {len(foreign)} parameter(s) that this engine does not clip (frozen or "
+                "not part of the model); their gradients would not be private. Build the optimizer over "
+                "engine.parameters.values()."
+            )
+        self._optimizer_handles.append(optimizer.register_step_pre_hook(lambda *_: self.finish_step()))
+        return optimizer
+
+    def finish_step(self) -> None:
+        """Close one logical step: add noise to every trainable gradient exactly once and record
+        the step with the accountant. Called by the attached optimizer's step pre-hook; call it
+        yourself only when no optimizer is attached."""
+        std = self.plan.noise_std
+        for name, p in self.parameters.items():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)  # an empty Poisson batch still gets its noise
+            if std > 0:
+                add_gaussian_noise_(p.grad, self.noise_key, self.steps_taken, name, std)
+        if self.plan.sample_rate is not None:
+            self.accountant.step(self.plan.noise_multiplier, self.plan.sample_rate)
+        self.steps_taken += 1
+
+    # accounting -------------------------------------------------------------------------------
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """Epsilon spent over the steps taken so far (empty batches included)."""
+        delta = self.plan.delta if delta is None else delta
+        if self.plan.sample_rate is None or delta is None:
+            raise ConfigError("Epsilon needs the dataset size: give DPConfig(dataset_size=N).")
+        if self.plan.noise_multiplier == 0 and self.steps_taken:
+            return math.inf
+        return self.accountant.epsilon(delta)
+
+    def privacy_report(self, directory: str | os.PathLike | None = None, points: int = 50) -> dict:
+        """What was spent and how, as a dict; with ``directory``, also privacy_report.json and
+        epsilon.png (epsilon against steps) written there."""
+        curve = []
+        if self.plan.sample_rate is not None and self.plan.delta is not None and self.plan.noise_multiplier > 0:
+            curve = [(int(t), float(e)) for t, e in self.accountant.epsilon_curve(self.plan.delta, points)]
+        report = {
+            "epsilon": self.epsilon() if self.plan.sample_rate is not None else None,
+            "delta": self.plan.delta,
+            "noise_multiplier": self.plan.noise_multiplier,
+            "sample_rate": self.plan.sample_rate,
+            "steps": self.steps_taken,
+            "planned_steps": self.plan.planned_steps,
+            "target_epsilon": self.plan.target_epsilon,
+            "accountant": self.plan.accountant,
+            "sampling": self.plan.sampling,
+            "clipping": self.config.clipping if isinstance(self.config.clipping, str) else "groups",
+            "clip_fn": self.config.clip_fn,
+            "max_grad_norm": self.config.max_grad_norm,
+            "group_max_grad_norms": list(self.clipping.thresholds),
+            "expected_batch_size": self.plan.expected_batch_size,
+            "dataset_size": self.plan.dataset_size,
+            "noise": {"scheme": NOISE_SCHEME, "key_fingerprint": self.noise_key.fingerprint},
+            "trainable_parameters": int(sum(p.numel() for p in self.parameters.values())),
+        }
+        if directory is not None:
+            write_report(report, curve, directory)
+        return report
+
+    # data -------------------------------------------------------------------------------------
+
+    def make_data_loader(self, dataset, *, max_physical_batch_size: int, collate_fn=None, rank: int = 0,
+                         world_size: int = 1) -> DPDataLoader:
+        """The loader whose sampling the accountant assumes: Poisson at q = B / N (or shuffled
+        fixed-size batches when DPConfig says sampling="shuffle"), split into micro-batches of at
+        most ``max_physical_batch_size``. Its randomness is derived from the secret noise key."""
+        if self.plan.sample_rate is None:
+            raise ConfigError("make_data_loader needs DPConfig(dataset_size=N).")
+        if len(dataset) != self.plan.dataset_size:
+            raise ConfigError(f"The dataset has {len(dataset)} examples but DPConfig(dataset_size={self.plan.dataset_size}).")
+        loader = DPDataLoader(
+            dataset, sample_rate=self.plan.sample_rate, max_physical_batch_size=max_physical_batch_size,
+            collate_fn=collate_fn, steps=self.plan.planned_steps, seed=self.noise_key.derive_seed("sampling"),
+            rank=rank, world_size=world_size, sampling=self.plan.sampling,
+        )
+        self.data_loader = loader
+        return loader
+
+    # state ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Step counter, accountant history, the data loader's position and the plan; never the
+        key, nor the sampling seed derived from it."""
+        state = {
+            "format": 1,
+            "steps_taken": self.steps_taken,
+            "accountant": self.accountant.state_dict(),
+            "plan": self.plan.as_dict(),
+        }
+        if self.data_loader is not None:
+            loader_state = dict(self.data_loader.state_dict())
+            loader_state.pop("seed", None)
+            state["data_loader"] = loader_state
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the step counter continues, so no (key, step) pair is ever used twice; with
+        another key (none given on resume) the noise and the batches are fresh draws."""
+        if state.get("format") != 1:
+            raise ConfigError("Not a dpscale privacy state (format 1).")
+        saved = state["plan"]
+        for field in ("noise_multiplier", "sample_rate", "sensitivity", "expected_batch_size", "accountant", "sampling"):
+            if saved.get(field) != getattr(self.plan, field):
+                raise ConfigError(
+                    f"The checkpoint was written with {field}={saved.get(field)!r} but this engine has "
+                    f"{getattr(self.plan, field)!r}; resuming would change the mechanism the accountant composed."
+                )
+        self.accountant.load_state_dict(state["accountant"])
+        self.steps_taken = int(state["steps_taken"])
+        if "data_loader" in state:
+            if self.data_loader is None:
+                raise ConfigError("The checkpoint has a data loader position: build it with engine.make_data_loader first.")
+            self.data_loader.load_state_dict({**state["data_loader"], "seed": list(self.noise_key.derive_seed("sampling"))})
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        save_atomic(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        self.load_state_dict(load_state(path))
 
     # steps of backward --------------------------------------------------------------------------
 
@@ -169,6 +331,14 @@ class PrivacyEngine:
         self.last_group_norms = norms
         self.last_norms = norms2.sum(0).sqrt()
         self.last_clip_factors = factors
+
+
+def _as_key(key) -> NoiseKey:
+    if key is None:
+        return NoiseKey.generate()
+    if isinstance(key, NoiseKey):
+        return key
+    return NoiseKey.from_file(key)
 
 
 def _edges(call) -> tuple:

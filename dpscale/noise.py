@@ -230,6 +230,12 @@ class NoiseKey:
         """First 8 hex digits of SHA-256 of the key: tells keys apart, reveals nothing usable."""
         return hashlib.sha256(self._secret).hexdigest()[:8]
 
+    def derive_seed(self, purpose: str) -> bytes:
+        """32 secret bytes for another random process of the run (Poisson sampling), keyed by
+        this key: the batches are as unpredictable as the noise, and resuming with the same key
+        file draws the same batches, without the seed ever being stored."""
+        return hmac.new(self._secret, b"dpscale.derive.v1\x00" + purpose.encode(), hashlib.sha256).digest()
+
     def __repr__(self) -> str:
         return f"NoiseKey(fingerprint={self.fingerprint})"
 
@@ -281,16 +287,16 @@ def _subkey(key: NoiseKey, step: int, name: str) -> bytes:
 
 
 def _keystream_into(subkey: bytes, first_block: int, zeros: bytes, out: bytearray) -> None:
-    """Fill `out` (a whole number of blocks) with the keystream from block `first_block` on,
-    splitting where the 32-bit counter of one nonce would wrap. The keystream is the encryption of
-    `zeros` (at least as long as `out`)."""
+    """Fill `out` with the keystream from the start of block `first_block` on, splitting where
+    the 32-bit counter of one nonce would wrap. The keystream is the encryption of `zeros` (at
+    least as long as `out`)."""
     source, target = memoryview(zeros), memoryview(out)
     block, done = first_block, 0
     while done < len(out):
         range_index, counter = divmod(block, _BLOCKS_PER_RANGE)
-        nblocks = min((len(out) - done) // 64, _BLOCKS_PER_RANGE - counter)
+        nblocks = min(-(-(len(out) - done) // 64), _BLOCKS_PER_RANGE - counter)
         nonce = counter.to_bytes(4, "little") + range_index.to_bytes(8, "little") + bytes(4)
-        size = 64 * nblocks
+        size = min(64 * nblocks, len(out) - done)
         encryptor = Cipher(algorithms.ChaCha20(subkey, nonce), mode=None).encryptor()
         encryptor.update_into(source[:size], target[done : done + size])
         block += nblocks

@@ -49,9 +49,10 @@ def test_calibrated_sigma_is_rounded_up_to_five_digits():
 
 @pytest.mark.parametrize("accountant", ["pld", "rdp"])
 def test_epsilon_grows_with_steps_and_falls_with_sigma(accountant):
-    by_steps = [compute_epsilon(1.0, 0.01, t, DELTA, accountant=accountant) for t in (10, 100, 1000)]
+    kind = {"accountant": accountant}
+    by_steps = [compute_epsilon(1.0, 0.01, t, DELTA, **kind) for t in (10, 100, 1000)]
     assert by_steps == sorted(by_steps) and len(set(by_steps)) == 3
-    by_sigma = [compute_epsilon(s, 0.01, 500, DELTA, accountant=accountant) for s in (0.7, 1.0, 2.0)]
+    by_sigma = [compute_epsilon(s, 0.01, 500, DELTA, **kind) for s in (0.7, 1.0, 2.0)]
     assert by_sigma == sorted(by_sigma, reverse=True) and len(set(by_sigma)) == 3
 
 
@@ -91,6 +92,8 @@ def test_shuffle_needs_rdp_and_dataset_size():
         compute_epsilon(1.0, 0.01, 100, DELTA, sampling="shuffle", dataset_size=10000)
     with pytest.raises(ConfigError, match="dataset_size"):
         compute_epsilon(1.0, 0.01, 100, DELTA, accountant="rdp", sampling="shuffle")
+    with pytest.raises(ConfigError, match='accountant="rdp"'):
+        PrivacyAccountant(sampling="shuffle", dataset_size=10000)
 
 
 def test_shuffle_under_rdp_is_accounted():
@@ -231,7 +234,8 @@ def test_state_dict_round_trips_through_torch_weights_only(tmp_path):
     state = torch.load(path, weights_only=True)
     assert state == accountant.state_dict()
     restored = PrivacyAccountant.from_state_dict(state)
-    assert (restored.accountant, restored.sampling, restored.dataset_size) == ("rdp", "poisson", 5000)
+    kinds = (restored.accountant, restored.sampling, restored.dataset_size)
+    assert kinds == ("rdp", "poisson", 5000)
     assert restored.epsilon(DELTA) == accountant.epsilon(DELTA)
 
 

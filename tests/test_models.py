@@ -133,7 +133,7 @@ MODELS = {
 def test_flat_clipping_matches_single_example_loop(name, clip_fn):
     model, loss_fn, batch = MODELS[name]()
     # A threshold between the smallest and largest norm, so that some examples are clipped and some not.
-    config = DPConfig(max_grad_norm=1.0, expected_batch_size=4.0, clip_fn=clip_fn, automatic_gamma=0.01)
+    config = DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4.0, clip_fn=clip_fn, automatic_gamma=0.01)
     engine = check_engine(model, [batch(0)], loss_fn, config)
     assert engine.last_norms.shape == (B,)
 
@@ -141,20 +141,20 @@ def test_flat_clipping_matches_single_example_loop(name, clip_fn):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_per_layer_clipping_and_two_accumulated_backwards(name):
     model, loss_fn, batch = MODELS[name]()
-    config = DPConfig(max_grad_norm=0.5, expected_batch_size=5.0, clipping="per_layer")
+    config = DPConfig(noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=5.0, clipping="per_layer")
     check_engine(model, [batch(1), batch(2)], loss_fn, config)
 
 
 def test_grouped_clipping_on_gpt2():
     model, loss_fn, batch = gpt2(True)
     groups = [["transformer.wte.weight", "transformer.wpe.weight"], ["transformer.h.0.*"], ["transformer.h.1.*", "transformer.ln_f.*"]]
-    config = DPConfig(max_grad_norm=1.0, expected_batch_size=3.0, clipping=groups, group_max_grad_norms=[0.6, 0.6, 0.52915026])
+    config = DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=3.0, clipping=groups, group_max_grad_norms=[0.6, 0.6, 0.52915026])
     check_engine(model, [batch(3)], loss_fn, config)
 
 
 def test_norms_are_clipped_somewhere_and_not_everywhere():
     """Guards the tests above against a vacuous threshold."""
     model, loss_fn, batch = gpt2(True)
-    config = DPConfig(max_grad_norm=1.0, expected_batch_size=4.0)
+    config = DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4.0)
     engine = check_engine(model, [batch(0)], loss_fn, config)
     assert (engine.last_norms > 1.0).any()

@@ -19,7 +19,7 @@ from dpscale import (
     UnsupportedModuleError,
 )
 
-CONFIG = DPConfig(max_grad_norm=1.0, expected_batch_size=4)
+CONFIG = DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4)
 
 
 def mlp():
@@ -27,36 +27,49 @@ def mlp():
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
 
 
+BASE = {"max_grad_norm": 1.0, "expected_batch_size": 4, "noise_multiplier": 0.0}
+
+
 @pytest.mark.parametrize(
-    "kwargs",
+    "changes,match",
     [
-        {"max_grad_norm": 0.0, "expected_batch_size": 4},
-        {"max_grad_norm": float("inf"), "expected_batch_size": 4},
-        {"max_grad_norm": 1.0, "expected_batch_size": 0},
-        {"max_grad_norm": 1.0, "expected_batch_size": 4, "noise_multiplier": -1.0},
-        {"max_grad_norm": 1.0, "expected_batch_size": 4, "clip_fn": "tanh"},
-        {"max_grad_norm": 1.0, "expected_batch_size": 4, "clip_fn": "automatic", "automatic_gamma": 0.0},
-        {"max_grad_norm": 1.0, "expected_batch_size": 4, "clipping": "per_token"},
-        {"max_grad_norm": 1.0, "expected_batch_size": 4, "clipping": [[]]},
-        {"max_grad_norm": 1.0, "expected_batch_size": 4, "clipping": [["a"], ["b"]], "group_max_grad_norms": [1.0, 1.0]},
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
+        ({"max_grad_norm": float("inf")}, "max_grad_norm"),
+        ({"expected_batch_size": 0}, "expected_batch_size"),
+        ({"noise_multiplier": -1.0}, "noise_multiplier"),
+        ({"noise_multiplier": None}, "exactly one"),
+        ({"target_epsilon": 3.0}, "exactly one"),
+        ({"noise_multiplier": None, "target_epsilon": 3.0, "steps": 10}, "dataset_size"),
+        ({"noise_multiplier": None, "target_epsilon": 3.0, "dataset_size": 100}, "steps or epochs"),
+        ({"noise_multiplier": None, "target_epsilon": 3.0, "dataset_size": 100, "steps": 5, "epochs": 1.0}, "steps or epochs"),
+        ({"noise_multiplier": None, "target_epsilon": -3.0, "dataset_size": 100, "steps": 5}, "target_epsilon"),
+        ({"dataset_size": 100, "target_delta": 0.01}, "1/N"),
+        ({"dataset_size": 2}, "at most 1"),
+        ({"accountant": "moments"}, "accountant"),
+        ({"sampling": "fixed"}, "sampling"),
+        ({"clip_fn": "tanh"}, "clip_fn"),
+        ({"clip_fn": "automatic", "automatic_gamma": 0.0}, "gamma"),
+        ({"clipping": "per_token"}, "clipping"),
+        ({"clipping": [[]]}, "groups"),
+        ({"clipping": [["a"], ["b"]], "group_max_grad_norms": [1.0, 1.0]}, "add up"),
     ],
 )
-def test_invalid_configs_are_refused(kwargs):
-    with pytest.raises(ConfigError):
-        DPConfig(**kwargs)
+def test_invalid_configs_are_refused(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        DPConfig(**{**BASE, **changes})
 
 
 def test_groups_must_cover_every_trainable_parameter_once():
     with pytest.raises(ConfigError, match="not covered"):
-        PrivacyEngine(mlp(), DPConfig(max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*"]]))
+        PrivacyEngine(mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*"]]))
     with pytest.raises(ConfigError, match="more than one"):
-        PrivacyEngine(mlp(), DPConfig(max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*", "2.*"], ["2.bias"]]))
+        PrivacyEngine(mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*", "2.*"], ["2.bias"]]))
     with pytest.raises(ConfigError, match="matches no"):
-        PrivacyEngine(mlp(), DPConfig(max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*", "2.*"], ["nope"]]))
+        PrivacyEngine(mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*", "2.*"], ["nope"]]))
 
 
 def test_group_thresholds_split_the_sensitivity():
-    engine = PrivacyEngine(mlp(), DPConfig(max_grad_norm=2.0, expected_batch_size=4, clipping="per_layer"))
+    engine = PrivacyEngine(mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=2.0, expected_batch_size=4, clipping="per_layer"))
     assert len(engine.clipping.groups) == 4
     assert engine.clipping.sensitivity == pytest.approx(2.0)
 
@@ -168,7 +181,7 @@ def test_detach_leaves_the_model_as_found():
 
 def test_two_engines_coexist_on_two_models():
     a, b = mlp(), mlp()
-    ea, eb = PrivacyEngine(a, CONFIG), PrivacyEngine(b, DPConfig(max_grad_norm=0.01, expected_batch_size=4))
+    ea, eb = PrivacyEngine(a, CONFIG), PrivacyEngine(b, DPConfig(noise_multiplier=0.0, max_grad_norm=0.01, expected_batch_size=4))
     x = torch.randn(4, 4)
     ea.backward(a(x).sum(1))
     eb.backward(b(x).sum(1))

@@ -36,7 +36,7 @@ def run(layer: nn.Module, x: torch.Tensor, clip: float = 0.5, clipping="flat"):
     with torch.no_grad():
         out_shape = layer(x[:1]).shape[1:]
     model = Probe(layer, tuple(out_shape), seed=x.shape[0])
-    config = DPConfig(max_grad_norm=clip, expected_batch_size=x.shape[0] + 1, clipping=clipping)
+    config = DPConfig(noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=x.shape[0] + 1, clipping=clipping)
     return check_engine(model, [{"x": x}], lambda m, inputs: m(inputs["x"]), config)
 
 
@@ -178,7 +178,7 @@ def test_tied_embedding_and_head_cross_terms(vocab, dim, length):
     torch.manual_seed(vocab)
     model = TiedLM().double()
     ids = torch.randint(0, vocab, (3, length))
-    config = DPConfig(max_grad_norm=0.3, expected_batch_size=3)
+    config = DPConfig(noise_multiplier=0.0, max_grad_norm=0.3, expected_batch_size=3)
     engine = check_engine(model, [{"ids": ids}], lambda m, inputs: m(inputs["ids"]), config)
     assert list(engine.parameters) == ["embed.weight", "mix.weight", "mix.bias"]
 
