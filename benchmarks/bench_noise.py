@@ -52,7 +52,9 @@ def measure(fn: Callable[[], object], reps: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--numel", type=int, default=4_000_000, help="elements per throughput run")
     parser.add_argument("--reps", type=int, default=7, help="repetitions; medians are reported")
     parser.add_argument("--layers", type=int, default=4)
@@ -67,14 +69,17 @@ def main() -> None:
     zeros = bytes(8 * n)  # our generator consumes 8 keystream bytes per Gaussian
 
     def keystream() -> bytes:
-        return Cipher(algorithms.ChaCha20(bytes(range(32)), bytes(16)), mode=None).encryptor().update(zeros)
+        cipher = Cipher(algorithms.ChaCha20(bytes(range(32)), bytes(16)), mode=None)
+        return cipher.encryptor().update(zeros)
 
-    rows = []  # (label, work units, unit, wall, cpu)
-    rows.append(("dpscale gaussian float32", n, "Gaussians", *measure(lambda: gaussian(key, 1, "w", n), args.reps)))
-    rows.append(("dpscale gaussian float64", n, "Gaussians", *measure(lambda: gaussian(key, 1, "w", n, dtype=torch.float64), args.reps)))
-    rows.append(("torch.randn float32", n, "Gaussians", *measure(lambda: torch.randn(n), args.reps)))
-    rows.append(("torch.randn float64", n, "Gaussians", *measure(lambda: torch.randn(n, dtype=torch.float64), args.reps)))
-    rows.append(("ChaCha20 keystream (OpenSSL)", 8 * n, "bytes", *measure(keystream, args.reps)))
+    cases = [  # (label, work units, unit, function)
+        ("dpscale gaussian float32", n, "Gaussians", lambda: gaussian(key, 1, "w", n)),
+        ("dpscale gaussian float64", n, "Gaussians", lambda: gaussian(key, 1, "w", n, dtype=torch.float64)),
+        ("torch.randn float32", n, "Gaussians", lambda: torch.randn(n)),
+        ("torch.randn float64", n, "Gaussians", lambda: torch.randn(n, dtype=torch.float64)),
+        ("ChaCha20 keystream (OpenSSL)", 8 * n, "bytes", keystream),
+    ]
+    rows = [(label, units, unit, *measure(fn, args.reps)) for label, units, unit, fn in cases]
 
     shapes = llama_shapes(args.layers, args.hidden, args.intermediate, args.vocab)
     grads = {name: torch.zeros(shape) for name, shape in shapes.items()}
@@ -95,7 +100,8 @@ def main() -> None:
     print(f"{'what':32s} {'rate (wall)':>18s} {'rate (CPU)':>18s}")
     for label, units, unit, wall, cpu in rows:
         scale, suffix = (1e9, "GB/s") if unit == "bytes" else (1e6, "M/s")
-        print(f"{label:32s} {units / wall / scale:13.1f} {suffix:4s} {units / cpu / scale:13.1f} {suffix:4s}")
+        wall_rate, cpu_rate = units / wall / scale, units / cpu / scale
+        print(f"{label:32s} {wall_rate:13.1f} {suffix:4s} {cpu_rate:13.1f} {suffix:4s}")
     print()
     print(f"one step of noise for a Llama of {total:,} parameters ({len(shapes)} tensors):")
     print(f"{'what':32s} {'wall s':>10s} {'CPU s':>10s}")

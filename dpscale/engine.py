@@ -371,12 +371,13 @@ def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: Ru
             entry[2].append((local, canonical[pid]))
     owners = []
     for module, qualname, names in by_module.values():
-        rule = rules.rule_for(module)
+        through_parent = rules.through_parent(qualname)
+        rule = None if through_parent else rules.rule_for(module)
         if rule is not None and rule.validate is not None:
             rule.validate(module)
         if rule is None:
             logger.info("No rule for %s ('%s'): its parameters use the torch.func fallback.", type(module).__name__, qualname)
-        owners.append(Owner(module, qualname, rule, tuple(n for n, _ in names), tuple(g for _, g in names)))
+        owners.append(Owner(module, qualname, rule, tuple(n for n, _ in names), tuple(g for _, g in names), through_parent))
     return owners
 
 

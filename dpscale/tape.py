@@ -43,6 +43,7 @@ class Owner:
     rule: Rule | None  # None: the torch.func fallback at this module
     local_names: tuple[str, ...]
     global_names: tuple[str, ...]
+    through_parent: bool = False  # always differentiated through an enclosing module
 
 
 @dataclass
@@ -183,6 +184,9 @@ class Tape:
 
     def _record_owner(self, owner: Owner, frame: _Frame, args: tuple, output: Any) -> Any:
         batch = self.batch_size
+        if owner.through_parent:
+            self._delegate(owner, self._stack)
+            return None
         if owner.rule is None:
             if self._carries_batch(frame):
                 frame.delegated.update(zip(owner.local_names, owner.global_names))

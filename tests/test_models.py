@@ -79,7 +79,7 @@ def bert():
     return model, loss_fn, batch
 
 
-def t5():
+def t5(length=6):
     cfg = transformers.T5Config(vocab_size=71, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=2,
                                 num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
                                 dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
@@ -90,10 +90,10 @@ def t5():
         return token_mean_losses(out.logits, inputs["labels"])
 
     def batch(seed):
-        ids = _ids(71, B, 6, seed)
+        ids = _ids(71, B, length, seed)
         mask = torch.ones_like(ids)
         mask[2, -2:] = 0
-        labels = _ids(71, B, 5, seed + 7)
+        labels = _ids(71, B, length - 1, seed + 7)
         labels[0, -1] = -100
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -158,3 +158,13 @@ def test_norms_are_clipped_somewhere_and_not_everywhere():
     config = DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4.0)
     engine = check_engine(model, [batch(0)], loss_fn, config)
     assert (engine.last_norms > 1.0).any()
+
+
+def test_t5_relative_bias_when_sequence_length_equals_batch_size():
+    """The bias table is [T, T]: with T == B its shape looks batched; the registry sends it
+    through the enclosing attention module all the same."""
+    model, loss_fn, batch = t5(length=B)
+    batch_inputs = batch(4)
+    batch_inputs["labels"] = batch_inputs["labels"][:, :2]
+    config = DPConfig(noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=3.0)
+    check_engine(model, [batch_inputs], loss_fn, config)

@@ -29,8 +29,12 @@ OTHER_KEY = NoiseKey(bytes(range(1, 33)))
 RANGE_ELEMENTS = 8 << 32  # elements covered by one ChaCha20 nonce (2^32 blocks of 8 words)
 
 
-def draws(n: int, key: NoiseKey = KEY, step: int = 0, name: str = "layer.weight", offset: int = 0) -> np.ndarray:
-    return gaussian(key, step, name, n, offset=offset, dtype=torch.float64).numpy()
+def draws(n: int, key: NoiseKey = KEY, step: int = 0, name: str = "layer.weight") -> np.ndarray:
+    return gaussian(key, step, name, n, dtype=torch.float64).numpy()
+
+
+def f64(step: int, name: str, numel: int, offset: int = 0) -> torch.Tensor:
+    return gaussian(KEY, step, name, numel, offset=offset, dtype=torch.float64)
 
 
 def assert_uncorrelated(a: np.ndarray, b: np.ndarray) -> None:
@@ -98,7 +102,8 @@ def test_steps_names_and_keys_are_uncorrelated():
 
 def test_same_inputs_give_same_values():
     assert np.array_equal(draws(5000, step=3, name="x"), draws(5000, step=3, name="x"))
-    assert np.array_equal(draws(64, step=3, name="x"), draws(64, key=NoiseKey(bytes(range(32))), step=3, name="x"))
+    same_key = NoiseKey(bytes(range(32)))
+    assert np.array_equal(draws(64, step=3, name="x"), draws(64, key=same_key, step=3, name="x"))
 
 
 @pytest.mark.parametrize(
@@ -175,34 +180,41 @@ def whole() -> torch.Tensor:
     return gaussian(KEY, 2, "p", N_PARTITION, dtype=torch.float64)
 
 
+def three_way(a: int, b: int) -> torch.Tensor:
+    """[0, a), [a, b), [b, N) generated separately, last piece first, then joined."""
+    pieces = [(b, N_PARTITION), (a, b), (0, a)]
+    parts = [f64(2, "p", stop - start, offset=start) for start, stop in pieces]
+    return torch.cat(parts[::-1])
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_any_three_way_partition_gives_the_same_values(whole, data):
     a = data.draw(st.integers(0, N_PARTITION))
     b = data.draw(st.integers(a, N_PARTITION))
-    parts = [gaussian(KEY, 2, "p", stop - start, offset=start, dtype=torch.float64) for start, stop in ((0, a), (a, b), (b, N_PARTITION))]
-    assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(three_way(a, b), whole)
 
 
-@pytest.mark.parametrize("a,b", [(1, 2), (3, 8), (7, 9), (31, 33), (63, 65), (65535, 65537), (65536, 131072), (12345, 131073)])
+AWKWARD = [(1, 2), (3, 8), (7, 9), (31, 33), (63, 65), (65535, 65537), (65536, 131072), (12345, 131073)]
+
+
+@pytest.mark.parametrize("a,b", AWKWARD)
 def test_awkward_boundaries(whole, a, b):
-    parts = [gaussian(KEY, 2, "p", stop - start, offset=start, dtype=torch.float64) for start, stop in ((0, a), (a, b), (b, N_PARTITION))]
-    assert torch.equal(torch.cat(parts), whole)
-    # Reverse order of generation changes nothing either.
-    assert torch.equal(gaussian(KEY, 2, "p", 2, offset=b - 1, dtype=torch.float64), whole[b - 1 : b + 1])
+    assert torch.equal(three_way(a, b), whole)
+    assert torch.equal(f64(2, "p", 2, offset=b - 1), whole[b - 1 : b + 1])
 
 
 def test_values_do_not_depend_on_the_work_chunk(whole, monkeypatch):
     monkeypatch.setattr(noise, "_CHUNK", 96)
-    assert torch.equal(gaussian(KEY, 2, "p", 5000, offset=77, dtype=torch.float64), whole[77:5077])
+    assert torch.equal(f64(2, "p", 5000, offset=77), whole[77:5077])
 
 
 def test_nonce_range_boundary():
     """Past 2^35 elements the stream moves to the next 12-byte nonce; requests that straddle it
     are split, and the next range is a fresh stream (not range 0 again)."""
     start = RANGE_ELEMENTS - 45
-    across = gaussian(KEY, 0, "huge", 90, offset=start, dtype=torch.float64)
-    split = torch.cat([gaussian(KEY, 0, "huge", 45, offset=start, dtype=torch.float64), gaussian(KEY, 0, "huge", 45, offset=RANGE_ELEMENTS, dtype=torch.float64)])
+    across = f64(0, "huge", 90, offset=start)
+    split = torch.cat([f64(0, "huge", 45, offset=start), f64(0, "huge", 45, offset=RANGE_ELEMENTS)])
     assert torch.equal(across, split)
     # Element 2^35 comes from block 0 of nonce (range 1): check against cryptography directly.
     subkey = noise._subkey(KEY, 0, "huge")
@@ -210,7 +222,7 @@ def test_nonce_range_boundary():
     block = Cipher(algorithms.ChaCha20(subkey, nonce), mode=None).encryptor().update(bytes(64))
     expected = noise._box_muller(np.frombuffer(block, dtype="<u8"))
     assert np.array_equal(across[45:53].numpy(), expected)
-    assert not torch.equal(across[45:53], gaussian(KEY, 0, "huge", 8, dtype=torch.float64))
+    assert not torch.equal(across[45:53], f64(0, "huge", 8))
 
 
 # --- add_gaussian_noise_ ------------------------------------------------------------------------
@@ -239,8 +251,9 @@ def test_add_noise_to_views_leaves_and_other_dtypes():
     add_gaussian_noise_(leaf, KEY, 1, "w", std=2.0)
     assert torch.equal(leaf.detach(), (base.reshape(-1) + 2.0 * z).view(20, 30))
     half = base.to(torch.bfloat16)
+    expected = (half.double().reshape(-1) + 2.0 * z).to(torch.bfloat16).view(20, 30)
     add_gaussian_noise_(half, KEY, 1, "w", std=2.0)
-    assert torch.equal(half, (base.to(torch.bfloat16).double().reshape(-1) + 2.0 * z).to(torch.bfloat16).view(20, 30))
+    assert torch.equal(half, expected)
     empty = torch.empty(0)
     assert add_gaussian_noise_(empty, KEY, 1, "w", std=1.0).numel() == 0
 
@@ -271,12 +284,19 @@ def test_key_refuses_pickling_and_saving():
     assert copy.deepcopy(key) is key and copy.copy(key) is key
 
 
+def test_derived_seeds_are_keyed_and_separate_from_the_noise():
+    seed = KEY.derive_seed("sampling")
+    assert len(seed) == 32 and seed == NoiseKey(bytes(range(32))).derive_seed("sampling")
+    assert seed != KEY.derive_seed("sampling2") and seed != OTHER_KEY.derive_seed("sampling")
+    assert seed != bytes(range(32)) and seed not in {noise._subkey(KEY, t, "sampling") for t in range(4)}
+
+
 def test_generate_gives_distinct_keys():
     assert NoiseKey.generate() != NoiseKey.generate()
     assert NoiseKey(bytes(range(32))) == KEY
 
 
-@pytest.mark.parametrize("secret", [b"", bytes(31), bytes(33), bytes(32), b"\x07" * 32, "00" * 32])
+@pytest.mark.parametrize("secret", [b"", bytes(31), bytes(33), "00" * 32, None])
 def test_key_constructor_rejects_bad_secrets(secret):
     with pytest.raises(ConfigError):
         NoiseKey(secret)
@@ -294,7 +314,17 @@ def test_from_file_reads_raw_and_hex(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"\n", bytes(16), os.urandom(33), os.urandom(64), b"zz" * 32, b"ab" * 31, b"ab" * 33, ("ab" * 32).encode() + b" junk"],
+    [
+        b"",
+        b"\n",
+        bytes(16),
+        os.urandom(33),
+        os.urandom(64),
+        b"zz" * 32,
+        b"ab" * 31,
+        b"ab" * 33,
+        b"ab" * 32 + b" junk",
+    ],
 )
 def test_from_file_rejects_junk(tmp_path, content):
     path = tmp_path / "junk.key"

@@ -32,6 +32,7 @@ def default_registry() -> RuleRegistry:
     registry.register(_same_forward(nn.RMSNorm), RMS_NORM)
     registry.register(is_plain_convolution, CONVOLUTION)
     registry.register(is_huggingface_rms_norm, BROADCAST_SCALE)
+    registry.differentiate_through_parent("relative_attention_bias")  # T5, mT5, LongT5, UMT5, Switch
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # transformers is optional for plain torch models

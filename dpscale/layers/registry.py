@@ -36,6 +36,17 @@ class RuleRegistry:
 
     def __init__(self) -> None:
         self._entries: list[tuple[Matcher, Rule]] = []
+        self._through_parent: set[str] = set()
+
+    def differentiate_through_parent(self, attribute: str) -> None:
+        """Modules stored under this attribute name are always differentiated per example through
+        their parent module (torch.func fallback there). For layers whose input has no batch
+        dimension but whose leading size may equal the batch size, so that shapes alone cannot
+        tell: T5's ``relative_attention_bias`` looks up a [T, T] table, and T may equal B."""
+        self._through_parent.add(attribute)
+
+    def through_parent(self, qualname: str) -> bool:
+        return qualname.rsplit(".", 1)[-1] in self._through_parent
 
     def register(self, matcher: Matcher, rule: Rule) -> None:
         self._entries.append((matcher, rule))
@@ -55,4 +66,5 @@ class RuleRegistry:
     def copy(self) -> "RuleRegistry":
         other = RuleRegistry()
         other._entries = list(self._entries)
+        other._through_parent = set(self._through_parent)
         return other
