@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dpscale.accounting import PrivacyAccountant
+from dpscale.backends import GradientBackend, LocalBackend
 from dpscale.checkpoint import load_state, save_atomic
 from dpscale.clipping import ClippingPlan, build_plan
 from dpscale.config import DPConfig
@@ -46,6 +47,11 @@ class PrivacyEngine:
         from os.urandom. The key is never logged nor saved in a checkpoint.
     rules: a registry from ``dpscale.default_registry()`` with rules for custom layers
         registered on it; the engine keeps its own copy.
+    backend: where clipped sums go and which noise coordinates this process adds (default: one
+        process, ``LocalBackend``).
+    model_parallel_group: a torch.distributed group whose ranks hold disjoint slices of each
+        example's gradient (tensor-parallel shards); per-example squared norms are summed over
+        it before clipping. Data-parallel ranks never belong in it.
     """
 
     def __init__(
@@ -56,12 +62,16 @@ class PrivacyEngine:
         optimizer: torch.optim.Optimizer | None = None,
         noise_key: NoiseKey | str | os.PathLike | None = None,
         rules: RuleRegistry | None = None,
+        backend: GradientBackend | None = None,
+        model_parallel_group=None,
     ) -> None:
         if not isinstance(config, DPConfig):
             raise TypeError("config must be a dpscale.DPConfig")
         self.model = model
         self.config = config
         self.rules = (rules or default_registry()).copy()
+        self.backend: GradientBackend = backend if backend is not None else LocalBackend()
+        self.model_parallel_group = model_parallel_group
         self.parameters: dict[str, nn.Parameter] = {
             name: p for name, p in model.named_parameters() if p.requires_grad
         }
@@ -135,12 +145,13 @@ class PrivacyEngine:
         """Close one logical step: add noise to every trainable gradient exactly once and record
         the step with the accountant. Called by the attached optimizer's step pre-hook; call it
         yourself only when no optimizer is attached."""
-        std = self.plan.noise_std
-        for name, p in self.parameters.items():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)  # an empty Poisson batch still gets its noise
-            if std > 0:
-                add_gaussian_noise_(p.grad, self.noise_key, self.steps_taken, name, std)
+        std, step, key = self.plan.noise_std, self.steps_taken, self.noise_key
+
+        def add_noise(name: str, flat: Tensor, offset: int) -> None:
+            if std > 0 and flat.numel():
+                add_gaussian_noise_(flat, key, step, name, std, offset=offset)
+
+        self.backend.finish_step(self.parameters, add_noise)
         if self.plan.sample_rate is not None:
             self.accountant.step(self.plan.noise_multiplier, self.plan.sample_rate)
         self.steps_taken += 1
@@ -313,6 +324,10 @@ class PrivacyEngine:
         for name, grad_uses in uses.items():
             norms2[self._group_of[name]] += total_squared_norm(grad_uses, grams).to(dtype)
         del grams
+        if self.model_parallel_group is not None:
+            # One example's gradient is split over these ranks (tensor-parallel shards): its
+            # squared norm is the sum of the shards'. Never over data-parallel ranks.
+            torch.distributed.all_reduce(norms2, group=self.model_parallel_group)
         norms = norms2.sqrt()
         factors = self.clipping.factors(norms)
         weights = factors / self.config.expected_batch_size
@@ -324,10 +339,7 @@ class PrivacyEngine:
                 clipped = term if clipped is None else clipped + term
             if clipped is None:
                 clipped = torch.zeros_like(p)
-            if p.grad is None:
-                p.grad = clipped.reshape(p.shape)
-            else:
-                p.grad.add_(clipped.reshape(p.shape))
+            self.backend.accumulate(name, p, clipped)
         self.last_group_norms = norms
         self.last_norms = norms2.sum(0).sqrt()
         self.last_clip_factors = factors
