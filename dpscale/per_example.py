@@ -108,6 +108,10 @@ class Outer:
             out = torch.bmm(self.left.to(dtype).transpose(1, 2), right)
         return Dense(out.reshape(batch, *self.shape))
 
+    def cheapest(self) -> "Dense | Outer":
+        """This use in the cheaper exact form for its shapes (see ``prefers_materialized``)."""
+        return self.materialize() if self.prefers_materialized() else self
+
     def prefers_materialized(self) -> bool:
         """Materialise when per-example gradients take no more memory than the factors they
         replace (m*n <= T*(m + n)); past that point (2T^2 > mn for a square layer) they are also

@@ -37,8 +37,7 @@ def convolution_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, nam
     grads = grad.reshape(batch, grad.shape[1], -1).transpose(1, 2)  # [B, L, out]
     out = {}
     if "weight" in names:
-        per_example = Outer(left=grads, right=patches.transpose(1, 2), m=grads.shape[-1], shape=module.weight.shape)
-        out["weight"] = per_example.materialize() if per_example.prefers_materialized() else per_example
+        out["weight"] = Outer(left=grads, right=patches.transpose(1, 2), m=grads.shape[-1], shape=module.weight.shape).cheapest()
     if "bias" in names:
         out["bias"] = Dense(grads.sum(1))
     return out

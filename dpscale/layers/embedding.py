@@ -19,8 +19,7 @@ def embedding_grads(module: nn.Embedding, inputs: tuple, output_grad: Tensor, na
     if module.padding_idx is not None:
         # torch gives the padding row no gradient; neither do we.
         grads = grads.masked_fill((ids == module.padding_idx)[:, :, None], 0)
-    grad = Outer(left=ids, right=grads, m=module.num_embeddings, shape=module.weight.shape)
-    return {"weight": grad.materialize() if grad.prefers_materialized() else grad}
+    return {"weight": Outer(left=ids, right=grads, m=module.num_embeddings, shape=module.weight.shape).cheapest()}
 
 
 def validate_embedding(module: nn.Embedding) -> None:

@@ -6,36 +6,32 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from dpscale.layers.registry import Rule
-from dpscale.per_example import Dense, Outer, PerExampleGrad
+from dpscale.per_example import Dense, Outer
 
 
 def _positions(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def _choose(grad: Outer) -> PerExampleGrad:
-    return grad.materialize() if grad.prefers_materialized() else grad
-
-
-def linear_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+def _grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[str, ...], transposed: bool):
     activations, grads = _positions(inputs[0]), _positions(output_grad)
+    left, right = (activations, grads) if transposed else (grads, activations)
     out = {}
     if "weight" in names:
-        out["weight"] = _choose(Outer(left=grads, right=activations, m=grads.shape[-1], shape=module.weight.shape))
+        out["weight"] = Outer(left=left, right=right, m=left.shape[-1], shape=module.weight.shape).cheapest()
     if "bias" in names:
         out["bias"] = Dense(grads.sum(1))
     return out
+
+
+def linear_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+    """nn.Linear's weight is [out, in]: the per-example gradient is sum_t g_t (x) x_t."""
+    return _grads(module, inputs, output_grad, names, transposed=False)
 
 
 def transposed_linear_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
     """Conv1D keeps its weight as [in, out]: the per-example gradient is sum_t x_t (x) g_t."""
-    activations, grads = _positions(inputs[0]), _positions(output_grad)
-    out = {}
-    if "weight" in names:
-        out["weight"] = _choose(Outer(left=activations, right=grads, m=activations.shape[-1], shape=module.weight.shape))
-    if "bias" in names:
-        out["bias"] = Dense(grads.sum(1))
-    return out
+    return _grads(module, inputs, output_grad, names, transposed=True)
 
 
 LINEAR = Rule("linear", linear_grads)
