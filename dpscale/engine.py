@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from dpscale.accounting import PrivacyAccountant
 from dpscale.backends import GradientBackend, LocalBackend
+from dpscale.backends.data_parallel import DataParallelBackend, attach_ddp
 from dpscale.checkpoint import load_state, save_atomic
 from dpscale.clipping import ClippingPlan, build_plan
 from dpscale.config import DPConfig
@@ -67,6 +68,15 @@ class PrivacyEngine:
     ) -> None:
         if not isinstance(config, DPConfig):
             raise TypeError("config must be a dpscale.DPConfig")
+        # DistributedDataParallel: hooks and names on the inner module (the names key the noise),
+        # DDP's own reducer kept idle while attached, data-parallel backend by default.
+        self._ddp = attach_ddp(model)
+        if self._ddp is not None:
+            model = self._ddp.module
+            if backend is None:
+                backend = DataParallelBackend(self._ddp.process_group)
+            elif isinstance(backend, LocalBackend):
+                raise ConfigError("A DDP-wrapped model needs a backend that reduces across ranks (DataParallelBackend), not LocalBackend.")
         self.model = model
         self.config = config
         self.rules = (rules or default_registry()).copy()
@@ -84,6 +94,8 @@ class PrivacyEngine:
         self.clipping: ClippingPlan = build_plan(config, list(self.parameters))
         self._group_of = self.clipping.group_of()
         self._tape = Tape(model, owners)
+        if self._ddp is not None:
+            self._ddp.silence()
         self._handles = [
             module.register_forward_pre_hook(_refuse_training_batch_norm)
             for module in model.modules()
@@ -112,6 +124,11 @@ class PrivacyEngine:
         self._check_all_uses_recorded(losses, calls)
         edges = [edge for call in calls for edge in _edges(call)]
         grads = list(torch.autograd.grad(losses.sum(), edges, allow_unused=True)) if edges else []
+        if grads and all(g is None for g in grads):
+            raise TapeError(
+                "The losses do not depend on any module call of the last forward pass: compute them "
+                "from the most recent forward, and call engine.backward before the next one."
+            )
         with torch.no_grad(), self._tape.paused():
             uses = self._per_example_grads(calls, grads, batch)
             del calls, grads
@@ -120,6 +137,8 @@ class PrivacyEngine:
     def detach(self) -> None:
         """Remove every hook: the model and optimizer are left as they were found."""
         self._tape.detach()
+        if self._ddp is not None:
+            self._ddp.restore()
         for handle in self._handles + self._optimizer_handles:
             handle.remove()
         self._handles.clear()

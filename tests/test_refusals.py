@@ -90,6 +90,15 @@ def test_losses_must_be_one_per_example():
         engine.backward(detached)
 
 
+def test_losses_of_an_earlier_forward_are_refused():
+    model = mlp()
+    engine = PrivacyEngine(model, CONFIG)
+    stale = model(torch.randn(4, 4)).sum(1)
+    model(torch.randn(4, 4))  # a second forward replaces the tape
+    with pytest.raises(TapeError, match="last forward"):
+        engine.backward(stale)
+
+
 def test_backward_without_forward_is_refused():
     engine = PrivacyEngine(mlp(), CONFIG)
     with pytest.raises(TapeError):
