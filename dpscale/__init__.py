@@ -1,10 +1,13 @@
 """dpscale: differentially private training of transformers, exact per-example clipping in one
-backward pass."""
+backward pass, keyed cryptographic noise, Poisson sampling and a real accountant.
 
-from dpscale.clipping import ClippingPlan
-from dpscale.config import DPConfig
-from dpscale.engine import PrivacyEngine
-from dpscale.layers import Rule, RuleRegistry, default_registry
+Names are imported on first use, so that ``dpscale epsilon`` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
 from dpscale.errors import (
     ConfigError,
     DPScaleError,
@@ -15,13 +18,25 @@ from dpscale.errors import (
     UnsupportedModuleError,
 )
 
+_LAZY = {
+    "PrivacyEngine": "dpscale.engine",
+    "DPConfig": "dpscale.config",
+    "ClippingPlan": "dpscale.clipping",
+    "PrivacyPlan": "dpscale.privacy",
+    "Rule": "dpscale.layers",
+    "RuleRegistry": "dpscale.layers",
+    "default_registry": "dpscale.layers",
+    "NoiseKey": "dpscale.noise",
+    "PrivacyAccountant": "dpscale.accounting",
+    "compute_epsilon": "dpscale.accounting",
+    "calibrate_noise_multiplier": "dpscale.accounting",
+    "DPDataLoader": "dpscale.sampling",
+    "PoissonBatchSampler": "dpscale.sampling",
+    "LocalBackend": "dpscale.backends",
+}
+
 __all__ = [
-    "ClippingPlan",
-    "DPConfig",
-    "PrivacyEngine",
-    "Rule",
-    "RuleRegistry",
-    "default_registry",
+    *_LAZY,
     "ConfigError",
     "DPScaleError",
     "LossShapeError",
@@ -30,3 +45,16 @@ __all__ = [
     "TapeError",
     "UnsupportedModuleError",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dpscale' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -110,6 +110,9 @@ class PrivacyEngine:
         self.steps_taken = 0
         self.data_loader: DPDataLoader | None = None
         self._optimizer_handles: list = []
+        bind = getattr(self.backend, "bind", None)  # a backend that hooks its engine's own step
+        if bind is not None:
+            self._optimizer_handles.extend(bind(self))
         if optimizer is not None:
             self.attach_optimizer(optimizer)
 

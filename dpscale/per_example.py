@@ -142,6 +142,12 @@ class GramCache:
         return gram
 
 
+def param_shape(param: Tensor) -> torch.Size:
+    """A parameter's logical shape. A training engine may partition its storage: under DeepSpeed
+    ZeRO-3 ``p.data`` is an empty placeholder and the full shape is ``p.ds_shape``."""
+    return getattr(param, "ds_shape", None) or param.shape
+
+
 def _numel(shape: torch.Size) -> int:
     numel = 1
     for size in shape:

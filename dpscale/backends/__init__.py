@@ -8,6 +8,7 @@ coordinate carries exactly one draw.
 """
 
 from dpscale.backends.base import GradientBackend, NoiseFn
+from dpscale.backends.data_parallel import DataParallelBackend
 from dpscale.backends.local import LocalBackend
 
-__all__ = ["GradientBackend", "LocalBackend", "NoiseFn"]
+__all__ = ["DataParallelBackend", "GradientBackend", "LocalBackend", "NoiseFn"]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpscale.layers.registry import Rule
-from dpscale.per_example import Dense, Outer
+from dpscale.per_example import Dense, Outer, param_shape
 
 
 def _as_2d(module: nn.Module, x: Tensor, output_grad: Tensor):
@@ -37,7 +37,7 @@ def convolution_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, nam
     grads = grad.reshape(batch, grad.shape[1], -1).transpose(1, 2)  # [B, L, out]
     out = {}
     if "weight" in names:
-        out["weight"] = Outer(left=grads, right=patches.transpose(1, 2), m=grads.shape[-1], shape=module.weight.shape).cheapest()
+        out["weight"] = Outer(left=grads, right=patches.transpose(1, 2), m=grads.shape[-1], shape=param_shape(module.weight)).cheapest()
     if "bias" in names:
         out["bias"] = Dense(grads.sum(1))
     return out

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from dpscale.errors import UnsupportedModuleError
 from dpscale.layers.registry import Rule
-from dpscale.per_example import Outer
+from dpscale.per_example import Outer, param_shape
 
 
 def embedding_grads(module: nn.Embedding, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
@@ -19,7 +19,7 @@ def embedding_grads(module: nn.Embedding, inputs: tuple, output_grad: Tensor, na
     if module.padding_idx is not None:
         # torch gives the padding row no gradient; neither do we.
         grads = grads.masked_fill((ids == module.padding_idx)[:, :, None], 0)
-    return {"weight": Outer(left=ids, right=grads, m=module.num_embeddings, shape=module.weight.shape).cheapest()}
+    return {"weight": Outer(left=ids, right=grads, m=module.num_embeddings, shape=param_shape(module.weight)).cheapest()}
 
 
 def validate_embedding(module: nn.Embedding) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from dpscale.layers.registry import Rule
-from dpscale.per_example import Dense, Outer
+from dpscale.per_example import Dense, Outer, param_shape
 
 
 def _positions(x: Tensor) -> Tensor:
@@ -18,7 +18,7 @@ def _grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[s
     left, right = (activations, grads) if transposed else (grads, activations)
     out = {}
     if "weight" in names:
-        out["weight"] = Outer(left=left, right=right, m=left.shape[-1], shape=module.weight.shape).cheapest()
+        out["weight"] = Outer(left=left, right=right, m=left.shape[-1], shape=param_shape(module.weight)).cheapest()
     if "bias" in names:
         out["bias"] = Dense(grads.sum(1))
     return out

@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from dpscale.errors import UnsupportedModuleError
 from dpscale.layers.registry import Rule
-from dpscale.per_example import Dense, accumulation_dtype
+from dpscale.per_example import Dense, accumulation_dtype, param_shape
 
 
 def layer_norm_grads(module: nn.LayerNorm, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
@@ -52,7 +52,7 @@ def _elementwise(normalized: Tensor, output_grad: Tensor, shape, names: tuple[st
 
 
 def _reshape_to_params(module: nn.Module, grads: dict) -> dict:
-    return {name: Dense(g.reshape(g.shape[0], *getattr(module, name).shape)) for name, g in grads.items()}
+    return {name: Dense(g.reshape(g.shape[0], *param_shape(getattr(module, name)))) for name, g in grads.items()}
 
 
 def broadcast_scale_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):

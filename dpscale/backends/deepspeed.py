@@ -1,0 +1,406 @@
+"""DeepSpeed ZeRO stages 0 to 3: the clipped sums go where DeepSpeed reduces gradients, the noise
+where its base optimizer sees its own fp32 partition.
+
+The user keeps DeepSpeed's engine and loop; dpscale replaces ``ds_engine.backward(loss)``::
+
+    ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config="ds_configs/zero2.json")
+    backend = DeepSpeedBackend(ds_engine)
+    dp = PrivacyEngine(ds_engine.module, config, backend=backend)   # names key the noise
+    for logical_batch in loader:                                    # Poisson: sizes vary
+        with backend.accumulation():                                # one DeepSpeed reduction
+            for micro in logical_batch.micro_batches:
+                dp.backward(per_example_losses(ds_engine.module, micro))
+        ds_engine.step()                                            # noise, accounting, update
+
+How it maps onto DeepSpeed 0.19 (checked at construction; other versions are refused):
+
+* Forward and the engine's backward run on ``ds_engine.module``, never on the output of
+  ``ds_engine(...)`` (whose backward scales by the accumulation steps and runs the reduction
+  epilogue early). ZeRO-3's parameter fetch hooks live on the submodules, so they still fire.
+* ``accumulation()`` wraps ``ds_engine.coalesce_grad_reduction()`` (stages 1-3): the clipped sums
+  are written into ``p.grad`` (full shape ``ds_shape`` under ZeRO-3, where ``p.data`` is empty);
+  on exit every parameter has a gradient on every rank (zeros for an empty local draw, so the
+  collectives match) and DeepSpeed's flush reduces them once. Stage 0 has no ZeRO optimizer: the
+  backend all-reduces (SUM) in the step pre-hook instead.
+* DeepSpeed *averages* over the data-parallel group (stage 1/2 ``average_tensor`` /
+  ``gradient_reduction_w_predivide``, stage 3 ``__avg_scatter_grads``): the local sums are
+  multiplied by the group size before the flush. The first step checks the result against an
+  explicit SUM all-reduce of the local sums and raises if DeepSpeed did anything else.
+* Noise: a step pre-hook on the base optimizer (``ds_engine.optimizer.optimizer`` under ZeRO)
+  sees this rank's fp32 partitions with their reduced gradients, after DeepSpeed's unscale and
+  (refused) clipping. Each partition is a concatenation of slices of flattened parameters; the
+  backend adds the keyed noise of exactly those elements (offset = the slice's start in the
+  parameter), so every coordinate gets one draw whatever the number of ranks or the stage.
+  ZeRO-3 calls the base optimizer once per sub-group: the privacy step is counted once per
+  ``ds_engine.global_steps``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dpscale.backends.base import NoiseFn
+from dpscale.errors import ConfigError
+
+__all__ = ["DeepSpeedBackend", "TESTED_DEEPSPEED", "check_deepspeed_config"]
+
+TESTED_DEEPSPEED = ((0, 19), (0, 20))  # [low, high): internals below are those of 0.19.x
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """Elements [start, start + numel) of parameter ``name`` sit at [position, position + numel)
+    of one fp32 partition this rank updates."""
+
+    name: str
+    start: int
+    position: int
+    numel: int
+
+
+def _check_version() -> str:
+    import deepspeed
+
+    version = deepspeed.__version__
+    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    low, high = TESTED_DEEPSPEED
+    if not (low <= parts < high):
+        raise ConfigError(
+            f"dpscale's DeepSpeed backend relies on DeepSpeed internals as of 0.19.x (coalesce_grad_reduction, "
+            f"the ZeRO partition layout, the base optimizer's param groups) and found deepspeed {version}. "
+            'Install "deepspeed>=0.19,<0.20".'
+        )
+    return version
+
+
+def check_deepspeed_config(ds_engine) -> None:
+    """Refuse DeepSpeed settings that would change the DP step, naming the config key."""
+    if ds_engine.gradient_clipping() != 0.0:
+        raise ConfigError(
+            f'DeepSpeed clips the reduced gradient at "gradient_clipping": {ds_engine.gradient_clipping()} '
+            "(DeepSpeed 0.19 defaults to 1.0). That is not per-example clipping: it rescales the noised "
+            'DP gradient. Set "gradient_clipping": 0.0 in the DeepSpeed config file itself (Accelerate drops '
+            "a plugin value of 0.0)."
+        )
+    if ds_engine.fp16_enabled():
+        raise ConfigError(
+            'DeepSpeed "fp16": {"enabled": true} uses dynamic loss scaling and skips steps on overflow, '
+            "which changes the DP step and the step count the accountant composes. Use fp32 or "
+            '"bf16": {"enabled": true}.'
+        )
+    if ds_engine.gradient_accumulation_steps() != 1:
+        raise ConfigError(
+            f'DeepSpeed "gradient_accumulation_steps": {ds_engine.gradient_accumulation_steps()}: dpscale '
+            "accumulates the micro-batches of a Poisson batch itself (their number varies). Set "
+            '"gradient_accumulation_steps": 1 and call ds_engine.step() once per logical batch.'
+        )
+    if not ds_engine.managed_gradient_accumulation():
+        raise ConfigError('Set "managed_gradient_accumulation": true (the default); dpscale owns the boundary.')
+    if getattr(ds_engine, "pipeline_parallelism", False):
+        raise ConfigError("DeepSpeed pipeline parallelism is not supported by dpscale's DeepSpeed backend.")
+    if getattr(ds_engine, "seq_parallel_group", None) is not None and ds_engine.sequence_parallel_size > 1:
+        raise ConfigError(
+            '"sequence_parallel_size" > 1 splits one example over ranks; dpscale needs whole examples per rank.'
+        )
+    if ds_engine.zero_optimization_stage() not in (0, 1, 2, 3):
+        raise ConfigError(f'"zero_optimization.stage" {ds_engine.zero_optimization_stage()} is not one of 0-3.')
+    if ds_engine.zero_cpu_offload() or _offload_param(ds_engine):
+        raise ConfigError(
+            '"zero_optimization.offload_optimizer" / "offload_param" are not yet tested with dpscale; '
+            "remove them (ZeRO-3 with offload is planned)."
+        )
+    if ds_engine.bfloat16_enabled() and ds_engine.zero_optimization_stage() in (0, 1):
+        raise ConfigError(
+            '"bf16" with "zero_optimization.stage" 0 or 1 goes through DeepSpeed\'s BF16_Optimizer, which '
+            "dpscale does not support yet: use stage 2 or 3 for bf16, or fp32."
+        )
+
+
+def _offload_param(ds_engine) -> bool:
+    try:
+        return bool(ds_engine.zero_offload_param())
+    except AttributeError:
+        return False
+
+
+class DeepSpeedBackend:
+    """Backend for a ``deepspeed.initialize`` engine (ZeRO stage 0-3, fp32; bf16 on stages 2-3).
+
+    verify_steps: for how many of the first steps the reduced gradient is checked against an
+        explicit SUM all-reduce of the local clipped sums (costs one extra all-reduce each).
+    """
+
+    def __init__(self, ds_engine, *, verify_steps: int = 1) -> None:
+        self.deepspeed_version = _check_version()
+        check_deepspeed_config(ds_engine)
+        self.ds_engine = ds_engine
+        self.stage = int(ds_engine.zero_optimization_stage())
+        self.group = ds_engine.seq_data_parallel_group if self.stage else getattr(ds_engine, "data_parallel_group", None)
+        self.world_size = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
+        self.verify_steps = verify_steps
+        self._engine = None
+        self._parameters: dict[str, nn.Parameter] = {}
+        self._slices: dict[int, list[_Slice]] = {}
+        self._inside = False
+        self._reduced = False
+        self._noise_step: int | None = None
+        self._add_noise: NoiseFn | None = None
+        self._expected: dict[str, Tensor] | None = None
+        self._steps_seen = 0
+
+    # the engine's side ----------------------------------------------------------------------
+
+    def bind(self, engine) -> list:
+        """Called by PrivacyEngine once built: map partitions to parameter slices and hook the
+        base optimizer. Returns removable handles (engine.detach() removes them)."""
+        self._engine = engine
+        self._parameters = dict(engine.parameters)
+        names = {id(p): n for n, p in self._parameters.items()}
+        if engine.model is not self.ds_engine.module:
+            raise ConfigError("Build the PrivacyEngine on ds_engine.module (its parameter names key the noise).")
+        base = self._base_optimizer()
+        self._slices = self._partition_slices(names)
+        self._check_every_element_owned_once()
+        return [base.register_step_pre_hook(self._pre_step)]
+
+    def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
+        if not self._inside:
+            raise ConfigError(
+                "Under DeepSpeed, call engine.backward inside `with backend.accumulation():` (one block per "
+                "logical batch, then ds_engine.step()), so that DeepSpeed reduces the clipped sums once."
+            )
+        shape = _full_shape(param)
+        clipped = clipped.reshape(shape) if clipped.numel() else torch.zeros(shape, dtype=param.dtype, device=clipped.device)
+        grad = param.grad
+        if grad is None:
+            _set_grad(param, clipped.to(param.dtype).contiguous())
+        else:
+            grad.add_(clipped.to(grad.dtype))
+
+    def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
+        """Called by the engine once per logical step (from the first base-optimizer call of a
+        DeepSpeed step): keep the step's noise function for the partitions stepped next."""
+        self._add_noise = add_noise
+
+    # the user's side --------------------------------------------------------------------------
+
+    @contextmanager
+    def accumulation(self):
+        """One block per logical batch: every engine.backward inside adds to the local gradients;
+        on exit DeepSpeed reduces them once. Call ds_engine.step() after the block."""
+        if self._inside:
+            raise ConfigError("backend.accumulation() blocks do not nest.")
+        verify = self.stage > 0 and self._steps_seen < self.verify_steps
+        coalesce = self.ds_engine.coalesce_grad_reduction() if self.stage else _null()
+        with coalesce:
+            self._inside = True
+            try:
+                yield
+            finally:
+                self._inside = False
+            for name, p in self._parameters.items():
+                if p.grad is None:  # an empty local draw: zeros, still reduced (collectives match)
+                    _set_grad(p, torch.zeros(_full_shape(p), dtype=p.dtype, device=p.device))
+            if verify:
+                self._expected = self._sum_over_ranks()
+            if self.stage:
+                # DeepSpeed averages over the data-parallel group: pre-multiply so it delivers the sum.
+                for p in self._parameters.values():
+                    p.grad.mul_(self.world_size)
+        self._reduced = True
+
+    def micro_batch_count(self, local: int) -> int:
+        """How many micro-batches this rank must run in the current logical step. Under ZeRO-3 every
+        forward and backward all-gathers parameters, so all ranks must run the same number: the
+        largest local count. Run the extra ones (and a whole step whose local draw is empty) on any
+        input with the per-example losses multiplied by 0: their clipped contribution is exactly 0.
+        Other stages need no padding: the local count is returned."""
+        if self.stage != 3 or self.world_size == 1:
+            return local
+        count = torch.tensor([local], dtype=torch.int64)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.group)
+        return int(count)
+
+    # internals --------------------------------------------------------------------------------
+
+    def _base_optimizer(self):
+        optimizer = self.ds_engine.optimizer
+        if self.stage:
+            optimizer = getattr(optimizer, "optimizer", None)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"dpscale expected a torch optimizer under DeepSpeed's {type(self.ds_engine.optimizer).__name__}, "
+                f"found {type(optimizer).__name__}; pass a client optimizer or an \"optimizer\" section DeepSpeed "
+                "builds from torch."
+            )
+        return optimizer
+
+    def _partition_slices(self, names: dict[int, str]) -> dict[int, list[_Slice]]:
+        """{id(fp32 tensor the base optimizer steps): slices of parameters this rank updates}."""
+        zero = self.ds_engine.optimizer
+        slices: dict[int, list[_Slice]] = {}
+        if self.stage == 0:
+            stepped = {id(p) for group in self._base_optimizer().param_groups for p in group["params"]}
+            if stepped != set(names):
+                raise ConfigError("DeepSpeed's optimizer must update exactly the parameters the privacy engine clips.")
+            for name, p in self._parameters.items():
+                a, b = _owned_range(p.numel(), self.rank, self.world_size)
+                slices.setdefault(id(p), []).append(_Slice(name, a, a, b - a))
+        elif self.stage in (1, 2):
+            for i, group in enumerate(zero.round_robin_bit16_groups):
+                flat16 = zero.bit16_groups_flat[i]
+                fp32 = zero.single_partition_of_fp32_groups[i]
+                size = zero.partition_size[i]
+                rank = dist.get_rank(group=zero.real_dp_process_group[i])
+                lo, hi = rank * size, (rank + 1) * size
+                if fp32.numel() != size:
+                    raise ConfigError(f"Unexpected ZeRO-{self.stage} partition layout ({fp32.numel()} != {size}).")
+                for p in group:
+                    if id(p) not in names:
+                        raise ConfigError("DeepSpeed's optimizer updates a parameter the privacy engine does not clip.")
+                    offset = (p.data_ptr() - flat16.data_ptr()) // p.element_size()
+                    start, stop = max(lo, offset), min(hi, offset + p.numel())
+                    if start < stop:
+                        slices.setdefault(id(fp32), []).append(_Slice(names[id(p)], start - offset, start - lo, stop - start))
+        else:
+            for i, group in enumerate(zero.fp16_groups):
+                fp32 = zero.fp32_partitioned_groups_flat[i]
+                position = 0
+                for p in group:
+                    if id(p) not in names:
+                        raise ConfigError("DeepSpeed's optimizer updates a parameter the privacy engine does not clip.")
+                    width = p.partition_numel()
+                    rank = dist.get_rank(group=p.ds_process_group)
+                    start = rank * width
+                    owned = max(0, min(width, p.ds_numel - start))
+                    if owned:
+                        slices.setdefault(id(fp32), []).append(_Slice(names[id(p)], start, position, owned))
+                    position += width
+                if position != fp32.numel():
+                    raise ConfigError(f"Unexpected ZeRO-3 partition layout ({position} != {fp32.numel()}).")
+        return slices
+
+    def _check_every_element_owned_once(self) -> None:
+        owned = torch.zeros(len(self._parameters), dtype=torch.float64)
+        index = {name: i for i, name in enumerate(self._parameters)}
+        for group in self._slices.values():
+            for s in group:
+                owned[index[s.name]] += s.numel
+        if self.world_size > 1:
+            dist.all_reduce(owned, group=self.group)
+        for name, p in self._parameters.items():
+            if int(owned[index[name]]) != _full_numel(p):
+                raise ConfigError(
+                    f"DeepSpeed's partitions cover {int(owned[index[name]])} of the {_full_numel(p)} elements of "
+                    f"'{name}' across ranks; the noise would not be drawn exactly once per coordinate."
+                )
+
+    def _sum_over_ranks(self) -> dict[str, Tensor]:
+        flat = torch.cat([p.grad.detach().reshape(-1).to(torch.float64) for p in self._parameters.values()])
+        if self.world_size > 1:
+            dist.all_reduce(flat, group=self.group)
+        out, position = {}, 0
+        for name, p in self._parameters.items():
+            n = _full_numel(p)
+            out[name] = flat[position : position + n]
+            position += n
+        return out
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        step = int(self.ds_engine.global_steps)
+        if self._noise_step != step:  # first base-optimizer call of this DeepSpeed step
+            if not self._reduced:
+                raise ConfigError(
+                    "ds_engine.step() ran without a `with backend.accumulation():` block since the last step: "
+                    "no clipped gradient was reduced."
+                )
+            self._reduced = False
+            self._noise_step = step
+            if self.stage == 0:
+                self._engine.finish_step()
+                self._steps_seen += 1
+                self._reduce_stage0()
+                return
+            self._engine.finish_step()
+            self._steps_seen += 1
+        if self.stage == 0:
+            return
+        verify = self._expected
+        for group in optimizer.param_groups:
+            for flat in group["params"]:
+                if flat.grad is None:
+                    raise ConfigError("DeepSpeed stepped a partition without a gradient.")
+                grad = flat.grad.view(-1)
+                for s in self._slices.get(id(flat), []):
+                    view = grad[s.position : s.position + s.numel]
+                    if verify is not None:
+                        _verify(view, verify[s.name][s.start : s.start + s.numel], s.name, self.ds_engine)
+                    self._add_noise(s.name, view, s.start)
+        self._expected = None
+
+    def _reduce_stage0(self) -> None:
+        self._expected = None  # stage 0: the backend reduces itself, nothing of DeepSpeed's to verify
+        grads = []
+        for name, p in self._parameters.items():
+            flat = p.grad.view(-1)
+            for s in self._slices[id(p)]:
+                self._add_noise(name, flat[s.position : s.position + s.numel], s.start)
+            grads.append(p.grad)
+        if self.world_size > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.group)
+            position = 0
+            for g in grads:
+                g.view(-1).copy_(flat[position : position + g.numel()])
+                position += g.numel()
+
+
+def _verify(actual: Tensor, expected: Tensor, name: str, ds_engine) -> None:
+    expected = expected.to(actual.dtype)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    tol = (1e-2 if actual.dtype == torch.bfloat16 else 1e-4) * max(scale, 1e-12)
+    err = float((actual - expected).abs().max()) if expected.numel() else 0.0
+    if err > tol:
+        ratio = float(actual.abs().sum() / expected.abs().sum().clamp(min=1e-30))
+        raise ConfigError(
+            f"DeepSpeed delivered a reduced gradient for '{name}' that is {ratio:.4g} times the sum of the ranks' "
+            "clipped sums (expected 1 after dpscale's compensation for averaging). Something in the DeepSpeed "
+            'config scales gradients: check "gradient_predivide_factor", "prescale_gradients", '
+            '"communication_data_type", "gradient_clipping" and loss scaling.'
+        )
+
+
+def _owned_range(numel: int, rank: int, world: int) -> tuple[int, int]:
+    return numel * rank // world, numel * (rank + 1) // world
+
+
+def _full_shape(p: nn.Parameter) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)
+
+
+def _full_numel(p: nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def _set_grad(p: nn.Parameter, grad: Tensor) -> None:
+    """Give ``p`` its first gradient of the step. Under ZeRO-3 ``p.data`` is an empty placeholder
+    while the gradient has the full ``ds_shape`` (as DeepSpeed's own hooks leave it): the grad
+    attribute is set to an empty tensor of ``p``'s shape and its storage swapped in place."""
+    if grad.shape == p.shape:
+        p.grad = grad
+    else:
+        p.grad = torch.empty_like(p)
+        p.grad.data = grad
+
+
+@contextmanager
+def _null():
+    yield
+

@@ -1,0 +1,3 @@
+"""Integrations with training engines and libraries. Each is imported on its own
+(``from dpscale.integrations.accelerate import make_private``) so dpscale never imports a
+library the user does not use."""

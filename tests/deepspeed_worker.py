@@ -1,0 +1,160 @@
+"""One rank of a DeepSpeed test, started by tests/test_deepspeed.py through torchrun:
+
+    torchrun --nproc_per_node 2 tests/deepspeed_worker.py SPEC.json
+
+SPEC keys: stage (0-3), clippings (list of "flat" / "per_layer"), out (directory), bf16 (bool),
+ds_overrides (dict merged into the DeepSpeed config), expect_error (substring: the run must raise
+a dpscale ConfigError containing it before training).
+
+``reference(clipping)`` is the single-process LocalBackend run on the same global batches, the
+same key and the same optimizer; the test calls it in its own process. Rank 0 writes
+``{out}/{clipping}.pt``: the full parameters after the steps, and the engine's step count.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dpscale import ConfigError, DPConfig, PrivacyEngine  # noqa: E402
+from dpscale.noise import NoiseKey  # noqa: E402
+
+KEY = NoiseKey(bytes(range(32)))
+B, N = 8, 100
+LR, MOMENTUM = 0.5, 0.9
+
+# Global batches: per step, per rank, the micro-batches (example indices). Rank 1's draw in the
+# second step is empty: it must still take part in the reduction and the step.
+STEPS = [
+    {0: [[0, 1, 2], [3, 4]], 1: [[5, 6, 7]]},
+    {0: [[8, 9, 10, 11], [12, 13]], 1: []},
+]
+
+
+def config(clipping: str) -> DPConfig:
+    return DPConfig(max_grad_norm=0.3, expected_batch_size=B, noise_multiplier=0.8, dataset_size=N, clipping=clipping)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    # 56 + 16 + 27 = 99 elements: ZeRO partitions of 2 ranks cut through parameters.
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(14, 6, generator=g), torch.randn(14, 3, generator=g)
+
+
+def losses(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (module(x) - y).pow(2).sum(1)
+
+
+def reference(clipping: str) -> dict[str, torch.Tensor]:
+    model = make_model()
+    engine = PrivacyEngine(model, config(clipping), noise_key=KEY)
+    optimizer = engine.attach_optimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    x, y = data()
+    for step in STEPS:
+        for rank in sorted(step):
+            for micro in step[rank]:
+                engine.backward(losses(model, x[micro], y[micro]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def ds_config(stage: int, bf16: bool, overrides: dict) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "zero_optimization": {
+            "stage": stage,
+            "reduce_bucket_size": 40,  # several buckets for 99 elements
+            "allgather_bucket_size": 40,
+            "stage3_param_persistence_threshold": 0,  # partition even tiny parameters
+            "sub_group_size": 40,  # several ZeRO-3 sub-groups: several base optimizer calls per step
+        },
+    }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    for key, value in overrides.items():
+        if value is None:
+            cfg.pop(key, None)
+        elif isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def run(spec: dict) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from dpscale.backends.deepspeed import DeepSpeedBackend
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2, f"expected 2 processes, got {world}"
+    x, y = data()
+    for clipping in spec["clippings"]:
+        model = make_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        ds_engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config(spec["stage"], spec.get("bf16", False), spec.get("ds_overrides", {}))
+        )
+        try:
+            backend = DeepSpeedBackend(ds_engine)
+            engine = PrivacyEngine(ds_engine.module, config(clipping), backend=backend, noise_key=KEY)
+        except ConfigError as error:
+            if spec.get("expect_error") and spec["expect_error"] in str(error):
+                if rank == 0:
+                    with open(os.path.join(spec["out"], "refused.txt"), "w") as f:
+                        f.write(str(error))
+                return
+            raise
+        assert not spec.get("expect_error"), "the DeepSpeed config was not refused"
+        dtype = torch.bfloat16 if spec.get("bf16") else torch.float32
+        for step in STEPS:
+            with backend.accumulation():
+                micros = step[rank]
+                for j in range(backend.micro_batch_count(len(micros))):
+                    # ZeRO-3: every rank runs as many forwards as the busiest; padding weighs 0.
+                    micro, weight = (micros[j], 1.0) if j < len(micros) else ([0], 0.0)
+                    engine.backward(weight * losses(ds_engine.module, x[micro].to(dtype), y[micro].to(dtype)))
+            ds_engine.step()
+        assert ds_engine.global_steps == len(STEPS), ds_engine.global_steps
+        assert engine.steps_taken == len(STEPS), engine.steps_taken
+        params = dict(ds_engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values())) if spec["stage"] == 3 else _null():
+            full = {n: p.detach().float().clone() for n, p in params.items()}
+        if rank == 0:
+            torch.save({"params": full, "steps_taken": engine.steps_taken}, os.path.join(spec["out"], f"{clipping}.pt"))
+        engine.detach()
+        ds_engine.destroy()
+    dist.barrier()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        run(json.load(f))

@@ -1,0 +1,139 @@
+"""Data parallel (plain DDP and Accelerate) and a model-parallel split, run for real: 2 processes
+over gloo on CPU, each started with the environment a launcher sets. After 2 optimizer steps with
+sigma > 0 and a fixed key, the parameters equal the single-process run on the same global batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpscale.backends.data_parallel import owned_range
+from tests import distributed_worker as worker
+from tests.oracle import check_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: dict, tmp_path: Path, world_size: int = 2, timeout: float = 90.0) -> list[tuple[int, str]]:
+    """Start world_size ranks of the worker; (returncode, stderr) per rank. A rank still running at
+    the deadline is killed and the test fails: a hang must never pass."""
+    spec = {**spec, "out": str(tmp_path)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    port = _free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "spec.json")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((proc.returncode, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank was still running after {timeout} s: a hang")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def assert_same_as_reference(spec: dict, tmp_path: Path, reference_spec: dict | None = None) -> None:
+    batches = worker.global_batches(spec)
+    assert any(batches), "the draw is empty; pick another dataset size"
+    results = launch({**spec, "batches": spec.get("batches")}, tmp_path)
+    for rank, (code, err) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{err[-3000:]}"
+    expected = worker.run({**(reference_spec or spec), "batches": batches}, 0, 1)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    if spec.get("case") == "model_parallel":
+        got = {n: torch.cat([ranks[0][n], ranks[1][n]]) for n in ranks[0]}
+    else:
+        for name in ranks[0]:
+            assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
+        got = ranks[0]
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, rtol=1e-5, atol=1e-5), (
+            f"{name}: max difference {float((got[name] - value).abs().max()):.3g}")
+
+
+def test_owned_ranges_cover_each_element_once():
+    for numel in (0, 1, 5, 16):
+        for world in (1, 2, 3, 7):
+            ranges = [owned_range(numel, r, world) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == numel
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_lora_layers_are_exact_on_one_process():
+    model = worker.gpt2("lora").double()
+    ids = torch.randint(0, worker.VOCAB, (4, worker.T), generator=torch.Generator().manual_seed(3))
+
+    def loss_fn(m, inputs):
+        return worker.causal_lm_losses(m(input_ids=inputs["input_ids"]).logits, inputs["input_ids"])
+
+    engine = check_engine(model, [{"input_ids": ids}], loss_fn, worker.config({"clipping": "flat"}))
+    assert engine.parameters and all("lora_" in name for name in engine.parameters)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_ddp_matches_one_process(tmp_path, clipping):
+    assert_same_as_reference({"case": "ddp", "clipping": clipping, "batches": None}, tmp_path)
+
+
+@pytest.mark.slow
+def test_accelerate_matches_one_process(tmp_path):
+    assert_same_as_reference({"case": "accelerate", "clipping": "flat", "batches": None}, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_model_parallel_split_matches_unsharded(tmp_path, clipping):
+    spec = {"case": "model_parallel", "model": "mlp", "clipping": clipping, "batches": None}
+    assert_same_as_reference(spec, tmp_path, reference_spec={**spec, "case": "ddp"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("subset", ["bias", "lora"])
+def test_trainable_subsets_match_one_process(tmp_path, subset):
+    assert_same_as_reference({"case": "ddp", "subset": subset, "clipping": "flat", "batches": None}, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_rank_with_an_empty_draw_still_steps(tmp_path):
+    # Step 0 draws one example: rank 1's part is empty, it runs no forward and still steps.
+    spec = {"case": "ddp", "clipping": "flat", "batches": [[5], [1, 2, 3, 8, 13]]}
+    assert_same_as_reference(spec, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_dying_rank_ends_the_run_with_an_error(tmp_path):
+    spec = {"case": "ddp", "clipping": "flat", "batches": [[1, 2, 3, 4]], "die_at_step": 0, "timeout_s": 10}
+    start = time.monotonic()
+    results = launch(spec, tmp_path, timeout=60)
+    assert results[1][0] == 3
+    assert results[0][0] != 0, "the surviving rank finished as if nothing happened"
+    assert time.monotonic() - start < 60
