@@ -224,6 +224,8 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tenso
         optimizer.zero_grad(set_to_none=True)
     params = {n: p.detach().clone() for n, p in engine.parameters.items()}
     engine.detach()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        assert model.require_backward_grad_sync, "detach() must give DDP its gradient sync back"
     return params
 
 

@@ -137,3 +137,44 @@ def test_a_dying_rank_ends_the_run_with_an_error(tmp_path):
     assert results[1][0] == 3
     assert results[0][0] != 0, "the surviving rank finished as if nothing happened"
     assert time.monotonic() - start < 60
+
+
+class _Stub:
+    """The attributes of an Accelerator that check_accelerator reads (Accelerate's state is a
+    process-wide singleton, so real Accelerators with other settings cannot share this process)."""
+
+    def __init__(self, **changes):
+        from types import SimpleNamespace
+
+        self.distributed_type, self.mixed_precision, self.scaler = "MULTI_CPU", "no", None
+        self.gradient_accumulation_steps = 1
+        self.state = SimpleNamespace(dynamo_plugin=SimpleNamespace(backend="NO"))
+        self.__dict__.update(changes)
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"mixed_precision": "fp16"}, "fp16"),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
+    ({"distributed_type": "DEEPSPEED"}, "DEEPSPEED"),
+    ({"distributed_type": "FSDP"}, "FSDP"),
+])
+def test_accelerate_settings_that_change_the_step_are_refused(changes, named):
+    from dpscale import ConfigError
+    from dpscale.integrations.accelerate import check_accelerator
+
+    check_accelerator(_Stub())
+    check_accelerator(_Stub(mixed_precision="bf16"))
+    with pytest.raises(ConfigError, match=named):
+        check_accelerator(_Stub(**changes))
+
+
+@pytest.mark.slow
+def test_launch_script_under_accelerate_launch_runs_two_processes(tmp_path):
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(ROOT / "launch" / "accelerate_cpu_2proc.yaml"), str(ROOT / "launch" / "train.py"), "--cpu",
+               "--layers", "1", "--hidden", "16", "--heads", "2", "--seq-len", "16", "--synthetic-size", "64",
+               "--batch-size", "8", "--max-steps", "2", "--output-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) on cpu" in done.stdout and "epsilon" in done.stdout, done.stdout
