@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from collections import defaultdict
+from typing import Collection
 
 import torch
 from torch import Tensor, nn
@@ -51,8 +52,10 @@ class PrivacyEngine:
     backend: where clipped sums go and which noise coordinates this process adds (default: one
         process, ``LocalBackend``).
     model_parallel_group: a torch.distributed group whose ranks hold disjoint slices of each
-        example's gradient (tensor-parallel shards); per-example squared norms are summed over
-        it before clipping. Data-parallel ranks never belong in it.
+        example's gradient (tensor-parallel shards); per-example squared norms of the sharded
+        parameters are summed over it before clipping. Data-parallel ranks never belong in it.
+    sharded_parameters: with ``model_parallel_group``, the names of the parameters split across
+        it; every other trainable parameter is replicated there and counted once.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class PrivacyEngine:
         rules: RuleRegistry | None = None,
         backend: GradientBackend | None = None,
         model_parallel_group=None,
+        sharded_parameters: Collection[str] | None = None,
     ) -> None:
         if not isinstance(config, DPConfig):
             raise TypeError("config must be a dpscale.DPConfig")
@@ -82,6 +86,12 @@ class PrivacyEngine:
         self.rules = (rules or default_registry()).copy()
         self.backend: GradientBackend = backend if backend is not None else LocalBackend()
         self.model_parallel_group = model_parallel_group
+        self._sharded = frozenset(sharded_parameters or ())
+        if (model_parallel_group is None) != (sharded_parameters is None):
+            raise ConfigError(
+                "model_parallel_group and sharded_parameters go together: name the parameters split across "
+                "the group, so that replicated ones are not counted once per rank."
+            )
         self.parameters: dict[str, nn.Parameter] = {
             name: p for name, p in model.named_parameters() if p.requires_grad
         }
@@ -89,6 +99,9 @@ class PrivacyEngine:
             raise NoTrainableParametersError(
                 "The model has no parameter with requires_grad=True: nothing to train privately."
             )
+        unknown = sorted(self._sharded - set(self.parameters))
+        if unknown:
+            raise ConfigError(f"sharded_parameters names parameters that are not trainable here: {unknown[:5]}.")
         _refuse_example_mixing(model)
         owners = find_owners(model, self.parameters, self.rules)
         self.clipping: ClippingPlan = build_plan(config, list(self.parameters))
@@ -342,14 +355,18 @@ class PrivacyEngine:
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.parameters.values()) else torch.float32
         device = next(iter(self.parameters.values())).device
         norms2 = torch.zeros(len(self.clipping.groups), batch, dtype=dtype, device=device)
+        sharded2 = torch.zeros_like(norms2) if self.model_parallel_group is not None else norms2
         grams = GramCache()
         for name, grad_uses in uses.items():
-            norms2[self._group_of[name]] += total_squared_norm(grad_uses, grams).to(dtype)
+            target = sharded2 if name in self._sharded else norms2
+            target[self._group_of[name]] += total_squared_norm(grad_uses, grams).to(dtype)
         del grams
         if self.model_parallel_group is not None:
-            # One example's gradient is split over these ranks (tensor-parallel shards): its
-            # squared norm is the sum of the shards'. Never over data-parallel ranks.
-            torch.distributed.all_reduce(norms2, group=self.model_parallel_group)
+            # A sharded parameter's per-example gradient is split over these ranks: its squared
+            # norm is the sum of the shards'. Replicated parameters count once. Never summed over
+            # data-parallel ranks (they hold other examples).
+            torch.distributed.all_reduce(sharded2, group=self.model_parallel_group)
+            norms2 = norms2 + sharded2
         norms = norms2.sqrt()
         factors = self.clipping.factors(norms)
         weights = factors / self.config.expected_batch_size

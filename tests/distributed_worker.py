@@ -114,25 +114,29 @@ class Gather(nn.Module):
 
 
 def mlp(group=None) -> tuple[nn.Module, dict[str, int]]:
-    """Linear(6, 8) -> Tanh -> Linear(8, 4), each Linear split by output rows over ``group`` (its
-    weight's columns in the y = x A convention) when given, Megatron's column-parallel layer: the
-    input gradient is summed over the group, the outputs all-gathered. The names match the
-    unsharded model's, so the keyed noise does too."""
+    """LayerNorm(6) -> Linear(6, 8) -> Tanh -> Linear(8, 4). With ``group``, each Linear is split
+    by output rows over it (Megatron's column-parallel layer: the input gradient is summed over the
+    group, the outputs all-gathered) while the LayerNorm stays replicated on every rank, so the
+    engine must add its squared norms once, not once per rank. The names match the unsharded
+    model's, so the keyed noise does too."""
     torch.manual_seed(0)
-    full = nn.Sequential(nn.Linear(6, HIDDEN), nn.Identity(), nn.Tanh(), nn.Identity(), nn.Linear(HIDDEN, OUT),
-                         nn.Identity())
+    full = nn.Sequential(nn.LayerNorm(6), nn.Identity(), nn.Linear(6, HIDDEN), nn.Identity(), nn.Tanh(),
+                         nn.Identity(), nn.Linear(HIDDEN, OUT), nn.Identity())
+    with torch.no_grad():
+        full[0].weight.uniform_(0.5, 1.5)
+        full[0].bias.uniform_(-0.5, 0.5)
     if group is None:
         return full, {}
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    full[3] = CopyToShards(group)
     offsets = {}
-    for index in (0, 4):
+    for index in (2, 6):
         layer = full[index]
         rows = layer.out_features // world
         shard = nn.Linear(layer.in_features, rows)
         with torch.no_grad():
             shard.weight.copy_(layer.weight[rank * rows : (rank + 1) * rows])
             shard.bias.copy_(layer.bias[rank * rows : (rank + 1) * rows])
+        full[index - 1] = CopyToShards(group)
         full[index] = shard
         full[index + 1] = Gather(group)
         offsets[f"{index}.weight"] = rank * rows * layer.in_features
@@ -183,7 +187,7 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tenso
         model, offsets = mlp(dist.group.WORLD)
         backend = DataParallelBackend(singles[rank], shard_offsets=offsets)
         engine = PrivacyEngine(model, config(spec), noise_key=KEY, backend=backend,
-                               model_parallel_group=dist.group.WORLD)
+                               model_parallel_group=dist.group.WORLD, sharded_parameters=offsets)
         optimizer = engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=0.5))
         share = (0, 1)  # (this rank's position, ranks sharing the batch): all examples
     else:
