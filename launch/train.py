@@ -4,6 +4,14 @@
     accelerate launch --config_file launch/accelerate_cpu_2proc.yaml launch/train.py --cpu
     accelerate launch --config_file launch/accelerate_gpu.yaml launch/train.py
     torchrun --nproc_per_node 2 launch/train.py --cpu                         # gloo on CPU
+    deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json  # DeepSpeed ZeRO-3
+    torchrun --nproc_per_node 2 launch/train.py --deepspeed ds_configs/zero2.json --cpu
+    accelerate launch --config_file launch/accelerate_deepspeed.yaml launch/train.py --cpu   # ds_configs/zero3.json
+
+With DeepSpeed (--deepspeed, or an Accelerate DeepSpeed config) the loop is the same: Accelerate
+prepares a DeepSpeedEngine, dpscale's loader calls its step after each logical batch, and
+optimizer.step() / zero_grad() are Accelerate's no-ops. On CPU (--cpu, or no CUDA) the process group
+is gloo. The DeepSpeed config file must say "gradient_clipping": 0.0 (refused otherwise).
 
 The model is built from a config (tiny GPT-2 or Llama, random init); the data is synthetic, or the
 E2E CSV given by --data (e.g. ../shared/data/e2e/devset.csv), tokenised by bytes so no tokenizer
@@ -54,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="runs/launch")
     p.add_argument("--cpu", action="store_true", help="Accelerator(cpu=True): gloo, even where GPUs exist")
     p.add_argument("--seed", type=int, default=0, help="model initialisation only")
+    p.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed config file (ds_configs/zero*.json)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("--dropout", type=float, default=0.1, help="GPT-2 dropout probabilities")
+    p.add_argument("--save-params", metavar="PATH", help="write the trained parameters (full, fp32) here")
     return p.parse_args(argv)
 
 
@@ -63,7 +75,8 @@ def build_model(args) -> torch.nn.Module:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         config = GPT2Config(vocab_size=VOCAB, n_positions=args.seq_len, n_embd=args.hidden, n_layer=args.layers,
-                            n_head=args.heads, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+                            n_head=args.heads, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+                            resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout)
         return GPT2LMHeadModel(config)
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -105,11 +118,40 @@ def shared_key(args, accelerator) -> str:
     return path
 
 
-def main(argv=None) -> float:
-    args = parse_args(argv)
+def uses_deepspeed(args) -> bool:
+    return bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(args):
+    """Accelerator(cpu=...) for data parallel; with DeepSpeed, the plugin from --deepspeed (or from
+    `accelerate launch --use_deepspeed`) and, on CPU, a gloo process group."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=args.cpu)
+    if not uses_deepspeed(args):
+        return Accelerator(cpu=args.cpu)
+    from accelerate import DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if args.cpu or not torch.cuda.is_available() else []
+    plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed) if args.deepspeed else None
+    return Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers)
+
+
+def full_parameters(engine) -> dict[str, torch.Tensor]:
+    """Every trainable parameter of the module, whole (gathered from ZeRO-3 partitions), widened to
+    fp32 (under DeepSpeed bf16 these are the bf16 copies of its fp32 master weights)."""
+    params = dict(engine.model.named_parameters())
+    if getattr(engine.backend, "stage", None) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {n: p.detach().float().clone() for n, p in params.items()}
+    return {n: p.detach().float().clone() for n, p in params.items()}
+
+
+def main(argv=None) -> float:
+    args = parse_args(argv)
+    accelerator = make_accelerator(args)
     texts = load_texts(args)
     train_set = [encode(t, args.seq_len) for t in texts]
     model = build_model(args)
@@ -123,11 +165,14 @@ def main(argv=None) -> float:
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
                       f"{len(train_set)} examples, sigma {engine.plan.noise_multiplier:.3f}, {len(loader)} steps")
     model.train()
+    # Under DeepSpeed the forward runs on the engine's inner module (the DeepSpeedEngine's own forward
+    # prepares its backward); the DDP wrapper's forward is equivalent to its inner module's here.
+    net = engine.model if uses_deepspeed(args) else model
     for logical_batch in loader:
         total = 0.0
         for micro in logical_batch.micro_batches:
             micro = {k: v.to(accelerator.device) for k, v in micro.items()}
-            losses = causal_lm_losses(model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits,
+            losses = causal_lm_losses(net(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits,
                                       micro["labels"])
             engine.backward(losses)
             total += float(losses.detach().sum())
@@ -141,6 +186,11 @@ def main(argv=None) -> float:
             break
     epsilon = engine.epsilon()
     accelerator.print(f"epsilon {epsilon:.3f} at delta {engine.plan.delta:.2e} after {engine.steps_taken} steps")
+    if args.save_params:
+        params = full_parameters(engine)
+        if accelerator.is_main_process:
+            torch.save({"params": params, "steps_taken": engine.steps_taken, "world_size": accelerator.num_processes},
+                       args.save_params)
     engine.detach()
     accelerator.end_training()
     return epsilon

@@ -2,13 +2,20 @@
 
     torchrun --nproc_per_node 2 tests/deepspeed_worker.py SPEC.json
 
-SPEC keys: stage (0-3), clippings (list of "flat" / "per_layer"), out (directory), bf16 (bool),
+SPEC keys: runs (list of partial specs run in turn, each with a "name" prefixing its files), stage (0-3), clippings (list of "flat" / "per_layer"), out (directory), bf16 (bool),
+optimizer ("sgd", or "cpu_adam": DeepSpeedCPUAdam, against torch Adam in the reference),
 ds_overrides (dict merged into the DeepSpeed config), expect_error (substring: the run must raise
 a dpscale ConfigError containing it before training).
 
 ``reference(clipping)`` is the single-process LocalBackend run on the same global batches, the
 same key and the same optimizer; the test calls it in its own process. Rank 0 writes
-``{out}/{clipping}.pt``: the full parameters after the steps, and the engine's step count.
+``{out}/{clipping}.pt``: the full fp32 parameters after the steps (DeepSpeed's fp32 master
+weights under bf16), and the engine's step count.
+
+``reference(clipping, bf16=True)`` applies the rounding DeepSpeed's bf16 ZeRO applies, in one
+process: a bf16 model (bf16 forward, backward and clipped sums, accumulated in bf16 ``p.grad``),
+gradients widened to fp32, fp32 noise, and the optimizer stepping fp32 master weights (copied from
+the bf16-cast model, as DeepSpeed does) that are rounded to bf16 for the next forward.
 """
 
 from __future__ import annotations
@@ -57,18 +64,64 @@ def losses(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (module(x) - y).pow(2).sum(1)
 
 
-def reference(clipping: str) -> dict[str, torch.Tensor]:
+def torch_optimizer(name: str, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    if name == "cpu_adam":  # the reference for DeepSpeedCPUAdam (weight decay 0: Adam and AdamW agree)
+        return torch.optim.Adam(params, lr=ADAM_LR)
+    raise ValueError(name)
+
+
+ADAM_LR = 0.05
+
+
+def reference(clipping: str, bf16: bool = False, optimizer: str = "sgd") -> dict[str, torch.Tensor]:
     model = make_model()
-    engine = PrivacyEngine(model, config(clipping), noise_key=KEY)
-    optimizer = engine.attach_optimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
     x, y = data()
+    if not bf16:
+        engine = PrivacyEngine(model, config(clipping), noise_key=KEY)
+        opt = engine.attach_optimizer(torch_optimizer(optimizer, model.parameters()))
+        for step in STEPS:
+            for rank in sorted(step):
+                for micro in step[rank]:
+                    engine.backward(losses(model, x[micro], y[micro]))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    model = model.to(torch.bfloat16)  # DeepSpeed casts the module first, then copies fp32 masters from it
+    masters = {n: nn.Parameter(p.detach().float()) for n, p in model.named_parameters()}
+    engine = PrivacyEngine(model, config(clipping), noise_key=KEY, backend=_MasterWeights(masters))
+    opt = torch_optimizer(optimizer, masters.values())
     for step in STEPS:
         for rank in sorted(step):
             for micro in step[rank]:
-                engine.backward(losses(model, x[micro], y[micro]))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+                engine.backward(losses(model, x[micro].bfloat16(), y[micro].bfloat16()))
+        engine.finish_step()  # noise on the fp32 gradients of the master weights
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(masters[n])
+                p.grad = None
+    return {n: p.detach().clone() for n, p in masters.items()}
+
+
+class _MasterWeights:
+    """Single-process backend for the bf16 reference: clipped sums accumulate in the bf16 ``p.grad``
+    (as under DeepSpeed), then are widened to fp32 on the master weights, where the noise goes."""
+
+    def __init__(self, masters: dict[str, nn.Parameter]) -> None:
+        self.masters = masters
+
+    def accumulate(self, name, param, clipped) -> None:
+        clipped = clipped.reshape(param.shape).to(param.dtype)
+        param.grad = clipped if param.grad is None else param.grad + clipped
+
+    def finish_step(self, parameters, add_noise) -> None:
+        for name, p in parameters.items():
+            grad = torch.zeros(p.shape) if p.grad is None else p.grad.float()
+            add_noise(name, grad.view(-1), 0)
+            self.masters[name].grad = grad
 
 
 def ds_config(stage: int, bf16: bool, overrides: dict) -> dict:
@@ -111,7 +164,12 @@ def run(spec: dict) -> None:
     x, y = data()
     for clipping in spec["clippings"]:
         model = make_model()
-        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        if spec.get("optimizer", "sgd") == "cpu_adam":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(model.parameters(), lr=ADAM_LR)
+        else:
+            optimizer = torch_optimizer(spec.get("optimizer", "sgd"), model.parameters())
         ds_engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(spec["stage"], spec.get("bf16", False), spec.get("ds_overrides", {}))
         )
@@ -121,7 +179,7 @@ def run(spec: dict) -> None:
         except ConfigError as error:
             if spec.get("expect_error") and spec["expect_error"] in str(error):
                 if rank == 0:
-                    with open(os.path.join(spec["out"], "refused.txt"), "w") as f:
+                    with open(os.path.join(spec["out"], f"{spec.get('name', '')}refused.txt"), "w") as f:
                         f.write(str(error))
                 return
             raise
@@ -138,13 +196,23 @@ def run(spec: dict) -> None:
         assert ds_engine.global_steps == len(STEPS), ds_engine.global_steps
         assert engine.steps_taken == len(STEPS), engine.steps_taken
         params = dict(ds_engine.module.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(params.values())) if spec["stage"] == 3 else _null():
-            full = {n: p.detach().float().clone() for n, p in params.items()}
+        if spec.get("bf16"):
+            from deepspeed.utils import safe_get_full_fp32_param  # the fp32 master weights
+
+            full = {n: safe_get_full_fp32_param(p).detach().float().clone().reshape(_shape(p)) for n, p in params.items()}
+        else:
+            with deepspeed.zero.GatheredParameters(list(params.values())) if spec["stage"] == 3 else _null():
+                full = {n: p.detach().float().clone() for n, p in params.items()}
         if rank == 0:
-            torch.save({"params": full, "steps_taken": engine.steps_taken}, os.path.join(spec["out"], f"{clipping}.pt"))
+            torch.save({"params": full, "steps_taken": engine.steps_taken},
+                       os.path.join(spec["out"], f"{spec.get('name', '')}{clipping}.pt"))
         engine.detach()
         ds_engine.destroy()
     dist.barrier()
+
+
+def _shape(p):
+    return getattr(p, "ds_shape", p.shape)
 
 
 class _null:
@@ -157,4 +225,8 @@ class _null:
 
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
-        run(json.load(f))
+        spec = json.load(f)
+    # "runs": several configurations in one launch (one process group), each a partial spec
+    # whose results are written as {out}/{name}{clipping}.pt.
+    for sub in spec.pop("runs", [{}]):
+        run({**spec, **sub})

@@ -1,7 +1,11 @@
 """DeepSpeed ZeRO 0-3 on 2 CPU processes (gloo), real DeepSpeed: the parameters after 2 noised
 DP steps equal the single-process run on the same global batches and key. One rank's draw in the
 second step is empty, and the ranks' micro-batch counts differ, so the collectives must still match.
-The worker is tests/deepspeed_worker.py, launched with torchrun in a subprocess under a timeout."""
+The worker is tests/deepspeed_worker.py, launched with torchrun in a subprocess under a timeout.
+Covered: fp32 stages 0-3, CPU optimizer offload (stages 1-3; DeepSpeedCPUAdam on ZeRO-3), bf16
+(stages 1-3 and ZeRO-3 offload, against a single-process run with the same bf16 rounding), the
+refusals, and launch/train.py under Accelerate's DeepSpeed plugin, the deepspeed launcher and
+torchrun --deepspeed against the same script on one process."""
 
 from __future__ import annotations
 
@@ -30,6 +34,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def compare(tmp_path: Path, label: str, clippings, tolerance: float = 1e-5, prefix: str = "", **reference_kwargs) -> None:
+    for clipping in clippings:
+        got = torch.load(tmp_path / f"{prefix}{clipping}.pt", weights_only=True)
+        assert got["steps_taken"] == 2
+        expected = reference(clipping, **reference_kwargs)
+        assert set(got["params"]) == set(expected)
+        for name, value in expected.items():
+            err = float((got["params"][name] - value).abs().max())
+            assert err <= tolerance, f"{label} {clipping}: {name} differs from one process by {err:.3g}"
+
+
 def launch(tmp_path: Path, **spec) -> None:
     spec = {"out": str(tmp_path), **spec}
     path = tmp_path / "spec.json"
@@ -45,34 +60,90 @@ def launch(tmp_path: Path, **spec) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stage_matches_single_process(tmp_path, stage):
+def test_zero_stages_match_single_process(tmp_path):
+    # Stages 0-3 in one launch (one process group, the DeepSpeed engines in turn): the processes'
+    # start-up is most of a launch's cost on 2 cores.
     clippings = ["flat", "per_layer"]
-    launch(tmp_path, stage=stage, clippings=clippings)
-    for clipping in clippings:
-        got = torch.load(tmp_path / f"{clipping}.pt", weights_only=True)
-        assert got["steps_taken"] == 2
-        expected = reference(clipping)
-        assert set(got["params"]) == set(expected)
-        for name, value in expected.items():
-            err = float((got["params"][name] - value).abs().max())
-            assert err <= 1e-5, f"ZeRO-{stage} {clipping}: {name} differs from one process by {err:.3g}"
+    stages = [0, 1, 2, 3]
+    launch(tmp_path, clippings=clippings, runs=[{"stage": stage, "name": f"zero{stage}_"} for stage in stages])
+    for stage in stages:
+        compare(tmp_path, f"ZeRO-{stage}", clippings, prefix=f"zero{stage}_")
+
+
+CPU_OFFLOAD = {"zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": False}},
+               # a client torch optimizer under offload (DeepSpeed otherwise insists on DeepSpeedCPUAdam)
+               "zero_force_ds_cpu_optimizer": False}
 
 
 @pytest.mark.slow
-def test_deepspeed_default_gradient_clipping_is_refused(tmp_path):
-    # No "gradient_clipping" key: DeepSpeed 0.19.8 clips the reduced gradient at 1.0.
-    launch(tmp_path, stage=2, clippings=["flat"], ds_overrides={"gradient_clipping": None},
-           expect_error='"gradient_clipping"')
-    message = (tmp_path / "refused.txt").read_text()
-    assert "gradient_clipping" in message and "0.0" in message
+def test_zero_cpu_offload_matches_single_process(tmp_path):
+    # ZeRO-Offload steps the fp32 partitions on the CPU; the backend hooks the same base optimizer.
+    # ZeRO 1, 2 and 3 in one launch (one process group, the DeepSpeed engines in turn).
+    clippings = ["flat", "per_layer"]
+    stages = [1, 2, 3]
+    launch(tmp_path, clippings=clippings, ds_overrides=CPU_OFFLOAD,
+           runs=[{"stage": stage, "name": f"zero{stage}_"} for stage in stages])
+    for stage in stages:
+        compare(tmp_path, f"ZeRO-{stage} offload", clippings, prefix=f"zero{stage}_")
+
+
+def _cpu_adam_built() -> bool:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return (Path(_get_build_directory("cpu_adam", verbose=False)) / "cpu_adam.so").exists()
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_in_deepspeed_is_refused(tmp_path):
-    launch(tmp_path, stage=1, clippings=["flat"],
-           ds_overrides={"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 2},
-           expect_error='"gradient_accumulation_steps"')
+def test_zero3_offload_with_deepspeed_cpu_adam(tmp_path):
+    if not _cpu_adam_built():  # compiling it took 9 minutes on 2 busy cores: longer than a test may run
+        pytest.skip("DeepSpeedCPUAdam's op is not compiled yet; build it once with: python -c "
+                    "'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()'")
+    # What ds_configs/zero3_offload.json is for: DeepSpeedCPUAdam (a compiled op) steps the
+    # offloaded partitions; the reference is torch's Adam in one process.
+    launch(tmp_path, stage=3, clippings=["flat"], optimizer="cpu_adam",
+           ds_overrides={"zero_optimization": CPU_OFFLOAD["zero_optimization"]})
+    compare(tmp_path, "ZeRO-3 offload, DeepSpeedCPUAdam", ["flat"], optimizer="cpu_adam")
+
+
+# bf16: the reference applies DeepSpeed's rounding in one process (the module cast to bf16 first and
+# fp32 master weights copied from it; bf16 forward, backward, clipped sums and their accumulation in
+# p.grad; fp32 noise and optimizer step; masters rounded to bf16 for the next forward). With that the
+# 2-process runs on ZeRO 1, 2 and 3 agree with it exactly (measured: 0.0), so the fp32 tolerance holds.
+# Rounding differently anywhere shows: the plain fp32 reference differs by about 1e-3, and a misplaced
+# noise slice (std sigma R / B = 0.03 per coordinate, times lr 0.5) by more than 1e-2.
+BF16_TOLERANCE = 1e-5
+
+
+@pytest.mark.slow
+def test_bf16_zero_stages_match_bf16_single_process(tmp_path):
+    stages = [1, 2, 3]
+    runs = [{"stage": stage, "name": f"zero{stage}_"} for stage in stages]
+    runs.append({"stage": 3, "name": "zero3_offload_", "ds_overrides": CPU_OFFLOAD})
+    launch(tmp_path, clippings=["flat"], bf16=True, runs=runs)
+    for run in runs:
+        compare(tmp_path, f"bf16 {run['name']}", ["flat"], tolerance=BF16_TOLERANCE, prefix=run["name"], bf16=True)
+
+
+@pytest.mark.slow
+def test_deepspeed_settings_that_change_the_dp_step_are_refused(tmp_path):
+    # Each run in the launch must raise a dpscale ConfigError naming the key, or the worker fails.
+    launch(tmp_path, clippings=["flat"], runs=[
+        # No "gradient_clipping" key: DeepSpeed 0.19.8 clips the reduced gradient at 1.0.
+        {"name": "clipping_", "stage": 2, "ds_overrides": {"gradient_clipping": None},
+         "expect_error": '"gradient_clipping"'},
+        {"name": "accumulation_", "stage": 1,
+         "ds_overrides": {"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 2},
+         "expect_error": '"gradient_accumulation_steps"'},
+        # bf16 through DeepSpeed's FP16_Optimizer (stage 0) or BF16_Optimizer (stage 1 with fp32
+        # gradient accumulation): their own backward epilogue reduces. Parameter offload: untested.
+        {"name": "bf16_zero0_", "stage": 0, "bf16": True, "expect_error": '"bf16"'},
+        {"name": "bf16_zero1_fp32_accumulation_", "stage": 1, "bf16": True,
+         "ds_overrides": {"data_types": {"grad_accum_dtype": "fp32"}}, "expect_error": '"bf16"'},
+        {"name": "offload_param_", "stage": 3, "ds_overrides": {"zero_optimization": {"offload_param": {"device": "cpu"}}},
+         "expect_error": '"zero_optimization.offload_param"'},
+    ])
+    message = (tmp_path / "clipping_refused.txt").read_text()
+    assert '"gradient_clipping": 0.0' in message
 
 
 def test_shipped_configs_are_ready_for_dp():
@@ -81,3 +152,138 @@ def test_shipped_configs_are_ready_for_dp():
         assert cfg["gradient_clipping"] == 0.0, path.name
         assert not cfg.get("fp16", {}).get("enabled", False), path.name
         assert cfg.get("gradient_accumulation_steps", 1) == 1, path.name
+
+
+# launch/train.py under DeepSpeed: Accelerate's DeepSpeed plugin, the deepspeed launcher and torchrun
+# with --deepspeed, each on 2 gloo processes, against the same script on one process (LocalBackend).
+
+TRAIN = ROOT / "launch" / "train.py"
+TINY = ["--cpu", "--dropout", "0", "--layers", "1", "--hidden", "32", "--heads", "2", "--seq-len", "24",
+        "--synthetic-size", "48", "--batch-size", "8", "--micro-batch", "3", "--max-steps", "2", "--sigma", "1.0"]
+
+
+def run_train(tmp_path: Path, launcher: list[str], name: str, *extra: str, expect_failure: bool = False):
+    key = tmp_path / "noise.key"
+    if not key.exists():
+        from dpscale.noise import NoiseKey
+
+        NoiseKey.write_new(key)
+    out = tmp_path / f"{name}.pt"
+    command = [*launcher, str(TRAIN), *TINY, "--noise-key", str(key), "--output-dir", str(tmp_path / name),
+               "--save-params", str(out), *extra]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{name} did not finish in {TIMEOUT_S} s:\n{(error.stderr or '')[-4000:]}")
+    if expect_failure:
+        assert result.returncode != 0, f"{name} was expected to fail"
+        return result.stdout + result.stderr
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
+    return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("train_single")
+    return tmp_path, run_train(tmp_path, [sys.executable], "single")
+
+
+def assert_same_training(got: dict, expected: dict, label: str) -> None:
+    assert got["world_size"] == 2, f"{label}: ran on {got['world_size']} process(es), not 2"
+    assert got["steps_taken"] == expected["steps_taken"] == 2
+    assert set(got["params"]) == set(expected["params"])
+    for name, value in expected["params"].items():
+        err = float((got["params"][name] - value).abs().max())
+        assert err <= 1e-5, f"{label}: {name} differs from one process by {err:.3g}"
+
+
+def _launcher(kind: str, config: str) -> tuple[list[str], list[str]]:
+    port = str(_free_port())
+    if kind == "accelerate":
+        return ([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                 str(ROOT / "launch" / "accelerate_deepspeed.yaml"), "--deepspeed_config_file", config,
+                 "--main_process_port", port], [])
+    if kind == "deepspeed":
+        return ([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port],
+                ["--deepspeed", config])
+    return ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+             "--master_port", port], ["--deepspeed", config])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, config", [("accelerate", "ds_configs/zero2.json"),
+                                          ("deepspeed", "ds_configs/zero3.json"),
+                                          ("torchrun", "ds_configs/zero3_offload.json")])
+def test_train_script_under_deepspeed_matches_single_process(single_process, kind, config):
+    tmp_path, expected = single_process
+    launcher, extra = _launcher(kind, str(ROOT / config))
+    got = run_train(tmp_path, launcher, f"{kind}_{Path(config).stem}", *extra)
+    assert_same_training(got, expected, f"{kind} {config}")
+
+
+@pytest.mark.slow
+def test_accelerate_deepspeed_default_clipping_is_refused(tmp_path):
+    # A DeepSpeed config file without "gradient_clipping": DeepSpeed clips at 1.0 (and an Accelerate
+    # plugin value of 0.0 would be dropped): the run must stop, naming the key.
+    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    del config["gradient_clipping"]
+    path = tmp_path / "no_clipping_key.json"
+    path.write_text(json.dumps(config))
+    launcher, extra = _launcher("accelerate", str(path))
+    output = run_train(tmp_path, launcher, "refused", *extra, expect_failure=True)
+    assert '"gradient_clipping": 0.0' in output and "ConfigError" in output
+
+
+class _StubDeepSpeed:
+    """What DeepSpeedStepLoader uses of a DeepSpeedBackend, recording the calls (no processes)."""
+
+    def __init__(self, busiest: int) -> None:
+        from contextlib import contextmanager
+
+        self.busiest, self.events, self.padding_now = busiest, [], False
+        self.ds_engine = type("Engine", (), {"step": lambda _self: self.events.append("step")})()
+
+        @contextmanager
+        def accumulation():
+            self.events.append("open")
+            yield
+            self.events.append("reduce")
+
+        @contextmanager
+        def padding():
+            self.padding_now = True
+            yield
+            self.padding_now = False
+
+        self.accumulation, self.padding = accumulation, padding
+
+    def micro_batch_count(self, local: int) -> int:
+        return max(local, self.busiest)
+
+
+def test_accelerate_deepspeed_loader_steps_once_per_logical_batch_and_pads():
+    from dpscale import ConfigError
+    from dpscale.integrations.accelerate_deepspeed import DeepSpeedStepLoader
+    from dpscale.sampling import DPDataLoader
+
+    data = [torch.tensor([float(i)]) for i in range(40)]
+    inner = DPDataLoader(data, sample_rate=0.1, max_physical_batch_size=1, steps=3, seed=b"\0" * 32)
+    stub = _StubDeepSpeed(busiest=8)  # as if another rank had 8 micro-batches
+    loader = DeepSpeedStepLoader(inner, stub)
+    for logical in loader:
+        seen = []
+        for micro in logical.micro_batches:
+            seen.append((float(micro[0]), stub.padding_now))
+        real = [value for value, padding in seen if not padding]
+        assert real == [float(i) for i in logical.indices]  # the rank's own examples, in order
+        assert len(seen) == max(len(real), 8) and all(padding for _, padding in seen[len(real):])
+        assert stub.events[-3:] == ["open", "reduce", "step"]
+    assert stub.events.count("step") == len(inner) == 3
+
+    broken = DeepSpeedStepLoader(DPDataLoader(data, sample_rate=0.5, max_physical_batch_size=1, steps=3,
+                                              seed=b"\1" * 32), _StubDeepSpeed(busiest=2))
+    with pytest.raises(ConfigError, match="iterated to the end"):
+        for logical in broken:
+            for micro in logical.micro_batches:
+                break  # leaves the step undone: the next logical batch must refuse to start

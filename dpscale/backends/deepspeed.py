@@ -33,6 +33,19 @@ How it maps onto DeepSpeed 0.19 (checked at construction; other versions are ref
   parameter), so every coordinate gets one draw whatever the number of ranks or the stage.
   ZeRO-3 calls the base optimizer once per sub-group: the privacy step is counted once per
   ``ds_engine.global_steps``.
+* CPU optimizer offload (``"offload_optimizer": {"device": "cpu"}``, ZeRO 1-3): the fp32
+  partitions live on the CPU and DeepSpeed copies the reduced gradients there at the boundary; the
+  base optimizer it steps (DeepSpeedCPUAdam, or a client torch optimizer with
+  ``"zero_force_ds_cpu_optimizer": false``) is the one hooked, with the same partition layout.
+  NVMe offload, ``offload_param``, a partial ``ratio`` and ZenFlow are refused (untested).
+* bf16 (ZeRO 1-3 with bf16 gradient accumulation, DeepSpeed's default): the clipped sums accumulate
+  in the bf16 ``p.grad``, DeepSpeed reduces them and widens them into its fp32 partitions, and the
+  noise is added there in fp32. Stage 0 bf16 and stage 1 with ``"grad_accum_dtype": "fp32"`` go
+  through DeepSpeed's FP16_Optimizer / BF16_Optimizer wrappers, which reduce in their own backward
+  epilogue and have no ``coalesce_grad_reduction``: refused.
+* ``padding()``: under ZeRO-3 a rank with fewer micro-batches runs extra forward/backward passes
+  for the collectives; inside this block their clipped sums are dropped (the Accelerate integration
+  uses it; with ``deepspeed.initialize`` multiplying the padding losses by 0 does the same).
 """
 
 from __future__ import annotations
@@ -110,27 +123,45 @@ def check_deepspeed_config(ds_engine) -> None:
         )
     if ds_engine.zero_optimization_stage() not in (0, 1, 2, 3):
         raise ConfigError(f'"zero_optimization.stage" {ds_engine.zero_optimization_stage()} is not one of 0-3.')
-    if ds_engine.zero_cpu_offload() or _offload_param(ds_engine):
+    optimizer_offload = _offload_device(ds_engine.zero_offload_optimizer())
+    if optimizer_offload not in ("none", "cpu"):
         raise ConfigError(
-            '"zero_optimization.offload_optimizer" / "offload_param" are not yet tested with dpscale; '
-            "remove them (ZeRO-3 with offload is planned)."
+            f'"zero_optimization.offload_optimizer.device": "{optimizer_offload}" is not tested with dpscale; '
+            'use "cpu" (tested on ZeRO 1, 2 and 3) or no offload.'
         )
-    if ds_engine.bfloat16_enabled() and ds_engine.zero_optimization_stage() in (0, 1):
+    if optimizer_offload == "cpu" and ds_engine.zero_partial_offload() != 1.0:
         raise ConfigError(
-            '"bf16" with "zero_optimization.stage" 0 or 1 goes through DeepSpeed\'s BF16_Optimizer, which '
-            "dpscale does not support yet: use stage 2 or 3 for bf16, or fp32."
+            '"zero_optimization.offload_optimizer.ratio" < 1 steps part of the partitions with a second, '
+            "hidden optimizer that dpscale does not see; remove \"ratio\"."
+        )
+    if _offload_device(ds_engine.zero_offload_param()) != "none":
+        raise ConfigError(
+            '"zero_optimization.offload_param" is not tested with dpscale; remove it (optimizer offload, '
+            '"offload_optimizer": {"device": "cpu"}, is supported on ZeRO 1-3).'
+        )
+    if getattr(ds_engine, "zenflow", False) or getattr(ds_engine.optimizer, "zenflow", False):
+        raise ConfigError('ZenFlow ("zenflow" in the offload config) steps partitions asynchronously; remove it.')
+    wrapper = type(ds_engine.optimizer).__name__
+    if ds_engine.bfloat16_enabled() and not hasattr(ds_engine.optimizer, "_coalesce_grad_reduction"):
+        raise ConfigError(
+            f'"bf16" on ZeRO stage {ds_engine.zero_optimization_stage()} goes through DeepSpeed\'s {wrapper} '
+            '(stage 0, or stage 1 with "data_types": {"grad_accum_dtype": "fp32"}), which reduces gradients '
+            "in its own backward epilogue and which dpscale does not drive. Use bf16 with ZeRO stage 1 (bf16 "
+            'gradient accumulation, the default), 2 or 3, or fp32.'
         )
 
 
-def _offload_param(ds_engine) -> bool:
-    try:
-        return bool(ds_engine.zero_offload_param())
-    except AttributeError:
-        return False
+def _offload_device(offload) -> str:
+    """"none", "cpu" or "nvme" for an offload_optimizer / offload_param config section."""
+    if offload is None:
+        return "none"
+    device = getattr(offload, "device", "none")
+    return str(getattr(device, "value", device))
 
 
 class DeepSpeedBackend:
-    """Backend for a ``deepspeed.initialize`` engine (ZeRO stage 0-3, fp32; bf16 on stages 2-3).
+    """Backend for a DeepSpeedEngine (``deepspeed.initialize`` or Accelerate's DeepSpeed plugin): ZeRO
+    stage 0-3 in fp32, ZeRO 1-3 in bf16 and with CPU optimizer offload.
 
     verify_steps: for how many of the first steps the reduced gradient is checked against an
         explicit SUM all-reduce of the local clipped sums (costs one extra all-reduce each).
@@ -145,10 +176,12 @@ class DeepSpeedBackend:
         self.world_size = dist.get_world_size(self.group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
         self.verify_steps = verify_steps
+        self._low_precision = bool(ds_engine.bfloat16_enabled())
         self._engine = None
         self._parameters: dict[str, nn.Parameter] = {}
         self._slices: dict[int, list[_Slice]] = {}
         self._inside = False
+        self._padding = False
         self._reduced = False
         self._noise_step: int | None = None
         self._add_noise: NoiseFn | None = None
@@ -176,6 +209,8 @@ class DeepSpeedBackend:
                 "Under DeepSpeed, call engine.backward inside `with backend.accumulation():` (one block per "
                 "logical batch, then ds_engine.step()), so that DeepSpeed reduces the clipped sums once."
             )
+        if self._padding:  # a ZeRO-3 padding pass: it ran for the collectives, its sums are dropped
+            return
         shape = _full_shape(param)
         clipped = clipped.reshape(shape) if clipped.numel() else torch.zeros(shape, dtype=param.dtype, device=clipped.device)
         grad = param.grad
@@ -215,6 +250,19 @@ class DeepSpeedBackend:
                 for p in self._parameters.values():
                     p.grad.mul_(self.world_size)
         self._reduced = True
+
+    @contextmanager
+    def padding(self):
+        """Inside ``accumulation()``: engine.backward calls in this block contribute nothing (their
+        clipped sums are dropped). For the extra forward/backward passes ZeRO-3 needs on a rank
+        with fewer micro-batches than the busiest one (see ``micro_batch_count``)."""
+        if not self._inside:
+            raise ConfigError("backend.padding() belongs inside `with backend.accumulation():`.")
+        self._padding = True
+        try:
+            yield
+        finally:
+            self._padding = False
 
     def micro_batch_count(self, local: int) -> int:
         """How many micro-batches this rank must run in the current logical step. Under ZeRO-3 every
@@ -341,7 +389,7 @@ class DeepSpeedBackend:
                 for s in self._slices.get(id(flat), []):
                     view = grad[s.position : s.position + s.numel]
                     if verify is not None:
-                        _verify(view, verify[s.name][s.start : s.start + s.numel], s.name, self.ds_engine)
+                        _verify(view, verify[s.name][s.start : s.start + s.numel], s.name, self._low_precision)
                     self._add_noise(s.name, view, s.start)
         self._expected = None
 
@@ -362,10 +410,12 @@ class DeepSpeedBackend:
                 position += g.numel()
 
 
-def _verify(actual: Tensor, expected: Tensor, name: str, ds_engine) -> None:
+def _verify(actual: Tensor, expected: Tensor, name: str, low_precision: bool) -> None:
+    # bf16 gradients are reduced in bf16 (one rounding of 2^-9 relative per addition): 1e-2 of the
+    # largest element separates that from any factor of 2 or from clipping; fp32 sums differ by order.
     expected = expected.to(actual.dtype)
     scale = float(expected.abs().max()) if expected.numel() else 0.0
-    tol = (1e-2 if actual.dtype == torch.bfloat16 else 1e-4) * max(scale, 1e-12)
+    tol = (1e-2 if low_precision or actual.dtype == torch.bfloat16 else 1e-4) * max(scale, 1e-12)
     err = float((actual - expected).abs().max()) if expected.numel() else 0.0
     if err > tol:
         ratio = float(actual.abs().sum() / expected.abs().sum().clamp(min=1e-30))

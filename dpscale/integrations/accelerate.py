@@ -15,8 +15,12 @@ the same key file: the noise of each coordinate and the Poisson batches are deri
 What Accelerate would change in the DP step is refused here: fp16 loss scaling (its GradScaler
 would unscale gradients that were never scaled, and skip steps on overflow), gradient accumulation
 in Accelerate (the logical batch is the loader's; micro-batches already accumulate), torch.compile
-of the model, and DeepSpeed, FSDP, Megatron-LM or XLA, which this data-parallel path does not
-drive. Do not call ``accelerator.clip_grad_norm_``: it would rescale the clipped sum before noise.
+of the model, and FSDP, Megatron-LM or XLA, which this data-parallel path does not drive. Do not call
+``accelerator.clip_grad_norm_``: it would rescale the clipped sum before noise.
+
+Under Accelerate's DeepSpeed plugin (a DeepSpeedEngine from ``accelerator.prepare``), ``make_private``
+and ``make_data_loader`` hand over to ``dpscale.integrations.accelerate_deepspeed``: the same loop,
+with the forward on ``engine.model`` and the DeepSpeed step run at the end of each logical batch.
 """
 
 from __future__ import annotations
@@ -41,13 +45,16 @@ _DATA_PARALLEL_TYPES = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU"
                         "MULTI_SDAA", "MULTI_HPU"}
 
 
-def check_accelerator(accelerator) -> None:
-    """Refuse Accelerate settings that would change the DP step, naming the setting."""
+def check_accelerator(accelerator, *, deepspeed: bool = False) -> None:
+    """Refuse Accelerate settings that would change the DP step, naming the setting. DEEPSPEED is
+    accepted only with ``deepspeed=True`` (the DeepSpeed path, ``accelerate_deepspeed.py``)."""
     kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    if kind not in _DATA_PARALLEL_TYPES:
+    if kind not in _DATA_PARALLEL_TYPES and not (deepspeed and kind == "DEEPSPEED"):
         raise ConfigError(
             f"Accelerate distributed_type={kind}: dpscale's Accelerate integration drives data-parallel "
-            "(DDP) runs only; set distributed_type to MULTI_CPU / MULTI_GPU (or NO) in the accelerate config."
+            "(DDP) runs and DeepSpeed (make_private routes a prepared DeepSpeedEngine to "
+            "dpscale.integrations.accelerate_deepspeed); set distributed_type to MULTI_CPU / MULTI_GPU, NO or "
+            "DEEPSPEED in the accelerate config."
         )
     if str(accelerator.mixed_precision) == "fp16" or getattr(accelerator, "scaler", None) is not None:
         raise ConfigError(
@@ -84,6 +91,10 @@ def make_private(
     (DataParallelBackend). Every rank must hold the same ``noise_key`` (a key file all ranks read):
     with several processes it is required and checked by fingerprint.
     """
+    from dpscale.integrations.accelerate_deepspeed import is_deepspeed, make_private_deepspeed
+
+    if is_deepspeed(accelerator):  # a DeepSpeedEngine from accelerator.prepare
+        return make_private_deepspeed(accelerator, model, optimizer, config, noise_key=noise_key, rules=rules)
     check_accelerator(accelerator)
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer wraps it
     if accelerator.num_processes > 1:
@@ -113,10 +124,15 @@ def make_data_loader(accelerator, engine: PrivacyEngine, dataset, *, max_physica
     rank makes from the shared key). Do not pass it through ``accelerator.prepare``: that would
     re-shard it. Micro-batches are moved to ``accelerator.device`` by the collator given here, or
     by the user."""
-    return engine.make_data_loader(
+    loader = engine.make_data_loader(
         dataset, max_physical_batch_size=max_physical_batch_size, collate_fn=collate_fn,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
+    from dpscale.integrations.accelerate_deepspeed import is_deepspeed, stepping_loader
+
+    if is_deepspeed(accelerator):  # each logical batch ends with one DeepSpeed step
+        return stepping_loader(engine, loader)
+    return loader
 
 
 def _check_same_key(key: NoiseKey, group) -> None:

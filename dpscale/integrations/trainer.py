@@ -1,0 +1,484 @@
+"""Hugging Face Trainer, made private: ``DPTrainer``.
+
+    args = TrainingArguments(output_dir="runs/dp", per_device_train_batch_size=16,  # the micro-batch
+                             max_grad_norm=0,                 # dpscale clips per example, not the Trainer
+                             learning_rate=5e-4, max_steps=1000)
+    trainer = DPTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                        dp_config=DPConfig(max_grad_norm=1.0, expected_batch_size=256,
+                                           dataset_size=len(train_set), target_epsilon=8.0, steps=1000),
+                        noise_key="noise.key")
+    trainer.train()                                   # trainer.train(resume_from_checkpoint=True) resumes
+
+The same script runs on one process, under ``torchrun`` / ``accelerate launch`` with N processes
+(the Trainer wraps the model in DDP) and with ``TrainingArguments(deepspeed="ds_configs/zero2.json")``
+(the Trainer calls ``deepspeed.initialize``). What changes in the Trainer's step, and only through
+its public methods:
+
+* ``get_train_dataloader``: Poisson logical batches at q = expected_batch_size / N, drawn from the
+  secret key, each rank keeping its part of the global draw. Each item the Trainer's loop takes is
+  one *logical* batch, so the Trainer steps once per logical batch; ``per_device_train_batch_size``
+  is the physical micro-batch it is cut into. An empty draw still steps (noise only).
+* ``training_step``: forward per micro-batch, ``compute_loss`` gives one loss per example, and
+  ``engine.backward(losses)`` at the backward seam instead of ``accelerator.backward(loss)``.
+  Under DeepSpeed the micro-batches run inside ``backend.accumulation()`` on ``ds_engine.module``
+  and ``ds_engine.step()`` closes the logical step.
+* Noise once per optimizer step in the engine's optimizer pre-hook (DeepSpeed: the base
+  optimizer's), the accountant's step with it.
+* ``log``: epsilon is added to every log; the pre-noise gradient norm the Trainer computes is
+  dropped (it is a non-private statistic of the sampled examples), and so is the training loss
+  unless ``log_train_loss=True``.
+* Checkpoints: ``privacy.pt`` (steps, accountant, sampler position; never the key) is written into
+  each ``checkpoint-*`` folder; ``train(resume_from_checkpoint=...)`` restores it and refuses a
+  checkpoint without it.
+
+Refused when the trainer is built, naming the argument: ``max_grad_norm`` other than 0 (the
+Trainer clips the summed gradient at 1.0 by default), ``fp16`` (loss scaling, skipped steps),
+``gradient_accumulation_steps != 1`` (dpscale accumulates the micro-batches of each Poisson batch),
+activation/gradient checkpointing, samplers other than the Poisson one (``train_sampling_strategy``),
+``torch_compile``, ``auto_find_batch_size``, token counting in the logs, LOMO optimizers, FSDP,
+``compute_loss_func`` (it reduces over the batch: give ``per_example_loss`` instead), a DeepSpeed
+config the Trainer is not running (``use_cpu=True`` silently falls back to DDP), and a Trainer whose
+process count differs from torch.distributed's. Under DeepSpeed, the DeepSpeed backend refuses
+engine clipping, fp16 and DeepSpeed's own gradient accumulation, naming the config key.
+
+DeepSpeed on a CPU-only machine: Accelerate 1.15 finds no backend for it and counts one process
+(refused above); configure its state first::
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    accelerate.PartialState(backend="gloo")
+    args = TrainingArguments(..., deepspeed="ds_configs/zero2.json",
+                             accelerator_config={"use_configured_state": True})
+
+and run with ``DS_ACCELERATOR=cpu``. Machines with GPUs need none of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from dpscale.checkpoint import load_state, save_atomic
+from dpscale.config import DPConfig
+from dpscale.engine import PrivacyEngine
+from dpscale.errors import ConfigError, LossShapeError
+from dpscale.layers import RuleRegistry
+from dpscale.losses import causal_lm_losses, sequence_classification_losses, token_mean_losses
+from dpscale.noise import NoiseKey
+from dpscale.per_example import accumulation_dtype
+from dpscale.sampling import DPDataLoader, LogicalBatch
+
+__all__ = ["PRIVACY_STATE_NAME", "DPTrainer", "LogicalStep", "check_training_arguments"]
+
+logger = logging.getLogger(__name__)
+
+PRIVACY_STATE_NAME = "privacy.pt"
+
+PerExampleLoss = Callable[[object, Tensor], Tensor]
+
+
+def check_training_arguments(args) -> None:
+    """Refuse ``TrainingArguments`` that would weaken or change the DP step, naming the argument."""
+    if args.max_grad_norm not in (0, None):
+        raise ConfigError(
+            f"TrainingArguments(max_grad_norm={args.max_grad_norm}): the Trainer would clip the summed, "
+            "noised DP gradient (it clips at 1.0 by default). Per-example clipping is dpscale's "
+            "(DPConfig.max_grad_norm): set max_grad_norm=0."
+        )
+    if args.fp16:
+        raise ConfigError(
+            "TrainingArguments(fp16=True) scales the loss with a GradScaler: it would unscale gradients dpscale "
+            "never scaled and skip steps on overflow, which the accountant still counts. Use bf16=True or fp32."
+        )
+    if args.gradient_accumulation_steps != 1:
+        raise ConfigError(
+            f"TrainingArguments(gradient_accumulation_steps={args.gradient_accumulation_steps}): DPTrainer "
+            "accumulates the micro-batches of each Poisson batch itself (their number varies). Set it to 1; "
+            "per_device_train_batch_size is the micro-batch and DPConfig.expected_batch_size the logical batch."
+        )
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if getattr(args, name, None):
+            raise ConfigError(
+                f"TrainingArguments({name}=True) re-runs forward hooks inside the backward pass; dpscale "
+                "records activations in the forward. Turn it off."
+            )
+    strategy = getattr(args, "train_sampling_strategy", "random")
+    if strategy != "random" or getattr(args, "group_by_length", False):
+        raise ConfigError(
+            f"TrainingArguments(train_sampling_strategy={strategy!r}): the accountant assumes Poisson "
+            "sampling, which DPTrainer's loader does; leave train_sampling_strategy='random' (it is ignored)."
+        )
+    if getattr(args, "torch_compile", False):
+        raise ConfigError("TrainingArguments(torch_compile=True) fuses the modules whose activations dpscale records.")
+    if getattr(args, "auto_find_batch_size", False):
+        raise ConfigError(
+            "TrainingArguments(auto_find_batch_size=True) restarts the training loop after an out-of-memory "
+            "error, after privacy steps were taken; choose per_device_train_batch_size yourself."
+        )
+    if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False, None):
+        raise ConfigError(
+            "TrainingArguments(include_num_input_tokens_seen=...) logs the token count of the sampled examples, "
+            "a non-private statistic; set it to 'no'."
+        )
+    if "lomo" in str(getattr(args.optim, "value", args.optim)).lower():
+        raise ConfigError(f"TrainingArguments(optim={args.optim!r}) runs its own fused backward; use another optimizer.")
+    if getattr(args, "fsdp", None):
+        raise ConfigError("TrainingArguments(fsdp=...): DPTrainer drives DDP and DeepSpeed ZeRO, not FSDP.")
+    if getattr(args, "n_gpu", 1) > 1:
+        raise ConfigError(
+            f"{args.n_gpu} GPUs in one process (nn.DataParallel): launch one process per GPU (torchrun, "
+            "accelerate launch) so that the Trainer uses DDP."
+        )
+
+
+class LogicalStep:
+    """What the Trainer's loop takes as one batch: one logical (Poisson) batch of this rank, cut
+    into micro-batches. It holds no tensor until ``training_step`` collates each micro-batch, and
+    answers ``"labels" in step`` with False so the Trainer counts no tokens."""
+
+    __slots__ = ("batch", "flops")
+
+    def __init__(self, batch: LogicalBatch) -> None:
+        self.batch = batch
+        self.flops = 0.0
+
+    def __contains__(self, key) -> bool:
+        return False
+
+
+class _LogicalBatches:
+    """The Trainer's view of the DPDataLoader: ``len`` is one epoch-equivalent (round(1 / q)
+    logical batches), iteration continues from the loader's position (steps count on across
+    epochs, and a resumed run continues where its privacy state says)."""
+
+    def __init__(self, loader: DPDataLoader) -> None:
+        self.loader = loader
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        return self.loader.steps
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield LogicalStep(batch)
+
+
+class _PrivacyStateCallback(TrainerCallback):
+    """Writes the privacy state into the checkpoint folder the Trainer has just written."""
+
+    def __init__(self, trainer: "DPTrainer") -> None:
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        self.trainer.save_privacy_state(folder)
+        return control
+
+
+class DPTrainer(Trainer):
+    """``transformers.Trainer`` with dpscale's DP step (see the module docstring).
+
+    dp_config: the mechanism (R, expected batch size B, dataset size N, sigma or a target epsilon).
+    noise_key: a ``NoiseKey`` or a key file; required with several processes (every rank reads the
+        same file). Default: a fresh key (runs are then neither reproducible nor resumable).
+    rules: a registry with rules for custom layers (``dpscale.default_registry()``).
+    per_example_loss: "auto" (causal LM, sequence classification or token-level cross-entropy, from
+        the model and the logits' shape; ``label_smoothing_factor`` applied per example) or
+        ``fn(outputs, labels) -> [B]``.
+    log_train_loss: also log the training loss (a non-private statistic of the sampled examples).
+
+    After the first training step, ``trainer.privacy_engine`` is the PrivacyEngine (epsilon,
+    privacy report, last norms).
+    """
+
+    def __init__(self, *args, dp_config: DPConfig, noise_key: NoiseKey | str | os.PathLike | None = None,
+                 rules: RuleRegistry | None = None, per_example_loss: str | PerExampleLoss = "auto",
+                 log_train_loss: bool = False, **kwargs) -> None:
+        if not isinstance(dp_config, DPConfig):
+            raise TypeError("dp_config must be a dpscale.DPConfig")
+        if dp_config.dataset_size is None:
+            raise ConfigError("DPTrainer needs DPConfig(dataset_size=N): the Poisson rate is B / N.")
+        if per_example_loss != "auto" and not callable(per_example_loss):
+            raise ConfigError("per_example_loss must be 'auto' or a function (outputs, labels) -> [B] losses.")
+        super().__init__(*args, **kwargs)
+        check_training_arguments(self.args)
+        if self.args.deepspeed and not self.is_deepspeed_enabled:
+            raise ConfigError(
+                "TrainingArguments(deepspeed=...) is set but the Trainer is not running DeepSpeed (use_cpu=True or "
+                "ACCELERATE_USE_CPU=true makes it fall back to DDP): drop use_cpu (DS_ACCELERATOR=cpu runs DeepSpeed "
+                "on the CPU), or drop the DeepSpeed config."
+            )
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() != self.args.world_size:
+            raise ConfigError(
+                f"torch.distributed has {torch.distributed.get_world_size()} ranks but the Trainer counts "
+                f"{self.args.world_size} process(es): each rank would take the wrong part of the Poisson batch. "
+                "(Accelerate finds no backend for DeepSpeed on a CPU-only machine: create "
+                "accelerate.PartialState(backend='gloo') with ACCELERATE_USE_DEEPSPEED=true first and pass "
+                "TrainingArguments(accelerator_config={'use_configured_state': True}).)"
+            )
+        if self.compute_loss_func is not None:
+            raise ConfigError(
+                "compute_loss_func returns one loss for the batch; DPTrainer needs one loss per example: pass "
+                "per_example_loss=fn(outputs, labels) -> [B] instead."
+            )
+        if self.args.world_size > 1 and noise_key is None:
+            raise ConfigError(
+                "Several processes need one noise key shared by all ranks (the noise of each coordinate and "
+                "the Poisson batches derive from it): create it once with "
+                "dpscale.noise.NoiseKey.write_new(path) and pass noise_key=path on every rank."
+            )
+        self.dp_config = dp_config
+        self.noise_key = noise_key if isinstance(noise_key, NoiseKey) else (
+            NoiseKey.generate() if noise_key is None else NoiseKey.from_file(noise_key))
+        self.rules = rules
+        self.per_example_loss = per_example_loss
+        self.log_train_loss = log_train_loss
+        self.privacy_engine: PrivacyEngine | None = None
+        self._backend = None  # the DeepSpeed backend, when the Trainer runs DeepSpeed
+        self._dp_loader: DPDataLoader | None = None
+        self._resume_state: dict | None = None
+        # The loader's position is restored from the privacy state, never by skipping batches.
+        self.args.ignore_data_skip = True
+        self.add_callback(_PrivacyStateCallback(self))
+
+    # data ---------------------------------------------------------------------------------------
+
+    def get_train_dataloader(self) -> _LogicalBatches:
+        """Poisson logical batches of this rank, micro-batched at ``per_device_train_batch_size``.
+        Built once per trainer: a second ``train()`` continues the draw, never repeats it."""
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        if self._dp_loader is None:
+            dataset = self.train_dataset
+            if len(dataset) != self.dp_config.dataset_size:
+                raise ConfigError(
+                    f"The train dataset has {len(dataset)} examples but DPConfig(dataset_size="
+                    f"{self.dp_config.dataset_size}); the accountant's q = B / N would be wrong."
+                )
+            collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
+            self._dp_loader = DPDataLoader(
+                dataset, sample_rate=self.dp_config.sample_rate,
+                max_physical_batch_size=self.args.per_device_train_batch_size, collate_fn=collator,
+                seed=self.noise_key.derive_seed("sampling"), rank=self.args.process_index,
+                world_size=self.args.world_size, sampling=self.dp_config.sampling,
+            )
+        if self._resume_state is not None and "data_loader" in self._resume_state:
+            seed = list(self.noise_key.derive_seed("sampling"))
+            self._dp_loader.load_state_dict({**self._resume_state["data_loader"], "seed": seed})
+        return _LogicalBatches(self._dp_loader)
+
+    # the step -----------------------------------------------------------------------------------
+
+    def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> Tensor:
+        """One logical batch: every micro-batch's per-example losses through ``engine.backward``.
+        The Trainer's optimizer step that follows adds the noise (DeepSpeed: ``ds_engine.step()``
+        here does)."""
+        if not isinstance(inputs, LogicalStep):
+            raise ConfigError(
+                "DPTrainer.training_step takes the logical batches of DPTrainer.get_train_dataloader; a "
+                "replaced train dataloader would bypass Poisson sampling."
+            )
+        engine = self._engine_for(model)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        module = self._forward_module(model)
+        micro_batches = inputs.batch.micro_batches
+        local = len(micro_batches)
+        runs = self._backend.micro_batch_count(local) if self._backend is not None else local
+        total = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        count = 0
+        accumulation = self._backend.accumulation() if self._backend is not None else contextlib.nullcontext()
+        with accumulation:
+            for j in range(runs):
+                # ZeRO-3 gathers parameters in every forward: a rank with fewer micro-batches runs
+                # padding ones on any example, whose clipped sums the backend drops.
+                micro = self._to_device(micro_batches[j] if j < local else self._padding_batch())
+                padding = self._backend.padding() if j >= local else contextlib.nullcontext()
+                with padding:
+                    with self.compute_loss_context_manager():
+                        losses = self.compute_loss(module, micro)
+                    engine.backward(losses)
+                if j < local:
+                    total += losses.detach().to(torch.float64).sum()
+                    count += losses.shape[0]
+                    inputs.flops += float(super().floating_point_ops(micro))
+        if self._backend is not None:
+            model.step()  # DeepSpeed's step: the backend's pre-hook adds the noise and counts the step
+        return (total / max(count, 1)).to(torch.float32)
+
+    def compute_loss(self, model: nn.Module, inputs: Mapping, return_outputs: bool = False,
+                     num_items_in_batch=None):
+        """One loss per example, ``[B]`` (never a batch mean): the model's forward without its own
+        loss, then ``per_example_loss``. Override it for a custom loss; keep the shape."""
+        inputs = dict(inputs)
+        labels = inputs.get("labels")
+        if labels is None:
+            raise LossShapeError("DPTrainer needs 'labels' in each batch to compute one loss per example.")
+        if not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            inputs.pop("labels")  # the model's own loss is a batch mean: not computed, never used
+        outputs = model(**inputs)
+        if callable(self.per_example_loss):
+            losses = self.per_example_loss(outputs, labels)
+        else:
+            losses = self._auto_losses(outputs, labels)
+        if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != labels.shape[0]:
+            raise LossShapeError(
+                f"per_example_loss must return one loss per example, shape [{labels.shape[0]}], got "
+                f"{getattr(losses, 'shape', type(losses).__name__)}."
+            )
+        return (losses, outputs) if return_outputs else losses
+
+    def floating_point_ops(self, inputs) -> int:
+        if isinstance(inputs, LogicalStep):
+            return int(inputs.flops)
+        return super().floating_point_ops(inputs)
+
+    # logs and state -----------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Epsilon in every log; no pre-noise gradient norm; the training loss only when asked."""
+        logs = dict(logs)
+        logs.pop("grad_norm", None)
+        if not self.log_train_loss:
+            logs.pop("loss", None)
+            logs.pop("train_loss", None)
+        if self.privacy_engine is not None:
+            logs["epsilon"] = self.privacy_engine.epsilon()
+            logs["privacy_steps"] = self.privacy_engine.steps_taken
+        super().log(logs, start_time)
+
+    def save_privacy_state(self, folder: str | os.PathLike) -> None:
+        """Write ``privacy.pt`` (steps, accountant, sampler position; never the key) into ``folder``
+        on the process that saves. Called for each Trainer checkpoint."""
+        if self.privacy_engine is None or not self.args.should_save:
+            return
+        save_atomic(self.privacy_engine.state_dict(), Path(folder) / PRIVACY_STATE_NAME)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
+              **kwargs):
+        """``Trainer.train``; resuming also restores the privacy state saved in the checkpoint (a
+        checkpoint without one is refused: the accountant would start over)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint:
+            path = Path(resume_from_checkpoint) / PRIVACY_STATE_NAME
+            if not path.is_file():
+                raise ConfigError(
+                    f"{resume_from_checkpoint} has no {PRIVACY_STATE_NAME}: it was not written by DPTrainer (or the "
+                    "run died between the Trainer's checkpoint and the privacy state). Resuming would restart "
+                    "the accountant and the Poisson draw; resume from an earlier checkpoint."
+                )
+            self._resume_state = load_state(path)
+            if self.privacy_engine is not None:
+                self._load_engine_state(self.privacy_engine)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        finally:
+            self._resume_state = None
+
+    # internals ----------------------------------------------------------------------------------
+
+    def _engine_for(self, model: nn.Module) -> PrivacyEngine:
+        if self.privacy_engine is not None:
+            return self.privacy_engine
+        from dpscale.backends.deepspeed import DeepSpeedBackend
+        from dpscale.integrations.accelerate import make_private
+
+        # The Trainer's own Accelerator prepared the model: DDP (or none), or a DeepSpeedEngine,
+        # which make_private hands to the DeepSpeed path (DeepSpeedBackend on ds_engine.module).
+        engine = make_private(self.accelerator, model, self.optimizer, self.dp_config, noise_key=self.noise_key,
+                              rules=self.rules)
+        self._backend = engine.backend if isinstance(engine.backend, DeepSpeedBackend) else None
+        engine.data_loader = self._dp_loader
+        planned = engine.plan.planned_steps
+        if engine.plan.target_epsilon is not None and planned is not None and self.state.max_steps > planned:
+            engine.detach()
+            raise ConfigError(
+                f"The Trainer will take {self.state.max_steps} steps but sigma was calibrated for "
+                f"target_epsilon={engine.plan.target_epsilon} over {planned}: epsilon would exceed the target. "
+                "Make max_steps (or num_train_epochs) and DPConfig's steps/epochs agree."
+            )
+        if self._resume_state is not None:
+            self._load_engine_state(engine)
+        self.privacy_engine = engine
+        return engine
+
+    def _load_engine_state(self, engine: PrivacyEngine) -> None:
+        state = {k: v for k, v in self._resume_state.items() if k != "data_loader"}  # restored by the loader
+        engine.load_state_dict(state)
+
+    def _forward_module(self, model: nn.Module) -> nn.Module:
+        # Under DeepSpeed the forward runs on ds_engine.module (its backward scales by the
+        # accumulation steps and reduces early); DDP's forward is kept (its reducer is silenced).
+        return model.module if self._backend is not None else model
+
+    def _padding_batch(self):
+        loader = self._dp_loader
+        return loader.collate_fn([loader.dataset[0]])
+
+    def _to_device(self, data):
+        if isinstance(data, Mapping):
+            return type(data)({k: self._to_device(v) for k, v in data.items()})
+        if isinstance(data, (tuple, list)):
+            return type(data)(self._to_device(v) for v in data)
+        if isinstance(data, Tensor):
+            if self._backend is not None and data.is_floating_point():
+                return data.to(self.args.device, dtype=next(self.model.parameters()).dtype)
+            return data.to(self.args.device)
+        return data
+
+    def _auto_losses(self, outputs, labels: Tensor) -> Tensor:
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        smoothing = float(self.args.label_smoothing_factor or 0.0)
+        if logits.dim() == 2:
+            if smoothing and not (logits.shape[1] == 1 and labels.is_floating_point()):
+                return F.cross_entropy(logits.to(accumulation_dtype(logits)), labels, reduction="none",
+                                       label_smoothing=smoothing)
+            return sequence_classification_losses(logits, labels)
+        if logits.dim() == 3:
+            causal = self._is_causal_lm()
+            if not smoothing:
+                return causal_lm_losses(logits, labels) if causal else token_mean_losses(logits, labels)
+            if causal:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            return _smoothed_token_mean_losses(logits, labels, smoothing)
+        raise LossShapeError(
+            f"per_example_loss='auto' knows logits [B, C] and [B, T, V], got {tuple(logits.shape)}: pass "
+            "per_example_loss=fn(outputs, labels) -> [B]."
+        )
+
+    def _is_causal_lm(self) -> bool:
+        # The same test the Trainer applies for its label smoother: the model class is a causal LM.
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        model = self.model
+        base = getattr(model, "get_base_model", None)  # PEFT
+        if callable(base):
+            model = base()
+        return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _smoothed_token_mean_losses(logits: Tensor, labels: Tensor, smoothing: float, ignore_index: int = -100) -> Tensor:
+    """[B] label-smoothed cross-entropy averaged over each example's own labelled tokens (the
+    Trainer's LabelSmoother averages over the batch's tokens, which mixes examples)."""
+    batch, vocab = logits.shape[0], logits.shape[-1]
+    per_token = F.cross_entropy(
+        logits.reshape(-1, vocab).to(accumulation_dtype(logits)), labels.reshape(-1), ignore_index=ignore_index,
+        reduction="none", label_smoothing=smoothing,
+    ).reshape(batch, -1)
+    counts = (labels.reshape(batch, -1) != ignore_index).sum(1).clamp(min=1)
+    return per_token.sum(1) / counts
+

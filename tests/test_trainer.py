@@ -1,0 +1,274 @@
+"""DPTrainer (Hugging Face Trainer) against the hand-written dpscale loop: same key, same Poisson
+batches, same parameters after the optimizer steps; refusals of Trainer arguments that change the
+DP step; checkpoint and resume; 2 processes under DDP and DeepSpeed ZeRO 0-3 against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from dpscale import ConfigError, DPConfig  # noqa: E402
+from dpscale.integrations.trainer import PRIVACY_STATE_NAME, DPTrainer, check_training_arguments  # noqa: E402
+from tests import trainer_worker as worker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "trainer_worker.py"
+
+
+def assert_params_close(got: dict, expected: dict, tol: float) -> None:
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        err = float((got[name].to(value.dtype) - value).abs().max())
+        assert err <= tol, f"{name}: max difference {err:.3g} > {tol}"
+
+
+def test_trainer_equals_the_hand_written_loop(tmp_path):
+    spec = {"dtype": "float64", "steps": 2}
+    expected, epsilon, batches = worker.hand_loop(spec)
+    assert all(batches), "pick a dataset size whose first draws are not empty"
+    t = worker.trainer(spec, str(tmp_path))
+    t.train()
+    engine = t.privacy_engine
+    assert t.state.global_step == 2 and engine.steps_taken == 2
+    assert_params_close(worker.trainable(t.model), expected, 1e-6)
+    logged = [entry for entry in t.state.log_history if "epsilon" in entry]
+    assert logged and logged[-1]["epsilon"] == pytest.approx(epsilon, rel=1e-9)
+    assert not any("grad_norm" in entry or "loss" in entry or "train_loss" in entry for entry in t.state.log_history)
+    metrics = t.evaluate(worker.TokenDataset())  # evaluation forwards are not recorded, nor stepped
+    assert metrics["eval_loss"] > 0 and t.privacy_engine.steps_taken == 2
+
+
+def test_an_empty_poisson_batch_still_steps(tmp_path):
+    # B = 1 over N = 24: about a third of the draws are empty. Run through the first empty one.
+    probe = {"dtype": "float64", "steps": 12, "expected_batch_size": 1}
+    _, _, batches = worker.hand_loop(probe)
+    empty = next(i for i, b in enumerate(batches) if not b)
+    spec = {**probe, "steps": empty + 1}
+    expected, epsilon, _ = worker.hand_loop(spec)
+    t = worker.trainer(spec, str(tmp_path))
+    t.train()
+    assert t.state.global_step == empty + 1 and t.privacy_engine.steps_taken == empty + 1
+    assert_params_close(worker.trainable(t.model), expected, 1e-6)
+    assert t.privacy_engine.epsilon() == pytest.approx(epsilon, rel=1e-9)
+
+
+def test_checkpoint_and_resume_give_the_same_parameters_and_epsilon(tmp_path):
+    spec = {"dtype": "float64", "steps": 3}
+    full = worker.trainer(spec, str(tmp_path / "full"))
+    full.train()
+    saved = tmp_path / "saving"
+    first = worker.trainer(spec, str(saved), save_strategy="steps", save_steps=1)
+    first.train()
+    checkpoint = saved / "checkpoint-1"
+    state = torch.load(checkpoint / PRIVACY_STATE_NAME, weights_only=True)
+    assert state["steps_taken"] == 1 and state["data_loader"]["next_step"] == 1
+    raw = (checkpoint / PRIVACY_STATE_NAME).read_bytes()
+    assert bytes(range(32)) not in raw and "seed" not in state["data_loader"]  # never the key nor the seed
+
+    resumed = worker.trainer(spec, str(saved))  # a fresh process would build exactly this
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3 and resumed.privacy_engine.steps_taken == 3
+    assert_params_close(worker.trainable(resumed.model), worker.trainable(full.model), 1e-12)
+    assert resumed.privacy_engine.epsilon() == full.privacy_engine.epsilon()
+
+
+def test_a_checkpoint_without_privacy_state_is_refused(tmp_path):
+    spec = {"dtype": "float64", "steps": 1}
+    first = worker.trainer(spec, str(tmp_path), save_strategy="steps", save_steps=1)
+    first.train()
+    (tmp_path / "checkpoint-1" / PRIVACY_STATE_NAME).unlink()
+    with pytest.raises(ConfigError, match=PRIVACY_STATE_NAME):
+        worker.trainer({**spec, "steps": 2}, str(tmp_path)).train(resume_from_checkpoint=True)
+
+
+def test_the_trainers_default_clipping_is_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")  # max_grad_norm=1.0
+    with pytest.raises(ConfigError, match="max_grad_norm=0"):
+        DPTrainer(model=worker.gpt2(), args=args, train_dataset=worker.TokenDataset(),
+                  dp_config=worker.config({}), noise_key=worker.KEY)
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"max_grad_norm": 1.0}, "max_grad_norm"),
+    ({"fp16": True}, "fp16"),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
+    ({"activation_checkpointing": True}, "activation_checkpointing"),
+    ({"gradient_checkpointing": True}, "gradient_checkpointing"),
+    ({"train_sampling_strategy": "group_by_length"}, "train_sampling_strategy"),
+    ({"train_sampling_strategy": "sequential"}, "train_sampling_strategy"),
+    ({"torch_compile": True}, "torch_compile"),
+    ({"auto_find_batch_size": True}, "auto_find_batch_size"),
+    ({"include_num_input_tokens_seen": "all"}, "include_num_input_tokens_seen"),
+    ({"optim": "lomo"}, "optim"),
+    ({"fsdp": "full_shard"}, "fsdp"),
+])
+def test_arguments_that_change_the_dp_step_are_refused(tmp_path, changes, named):
+    args = worker.training_arguments({}, str(tmp_path))
+    check_training_arguments(args)
+    for key, value in changes.items():
+        setattr(args, key, value)  # set after construction: some are not constructible on CPU
+    with pytest.raises(ConfigError, match=named):
+        check_training_arguments(args)
+
+
+def test_a_batch_mean_loss_function_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="compute_loss_func"):
+        DPTrainer(model=worker.gpt2(), args=worker.training_arguments({}, str(tmp_path)),
+                  train_dataset=worker.TokenDataset(), dp_config=worker.config({}), noise_key=worker.KEY,
+                  compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.mean())
+
+
+def test_a_dataset_of_another_size_is_refused(tmp_path):
+    config = DPConfig(max_grad_norm=0.5, expected_batch_size=6, noise_multiplier=1.0, dataset_size=25)
+    t = DPTrainer(model=worker.gpt2(), args=worker.training_arguments({}, str(tmp_path)),
+                  train_dataset=worker.TokenDataset(), data_collator=worker.collate, dp_config=config,
+                  noise_key=worker.KEY)
+    with pytest.raises(ConfigError, match="dataset_size"):
+        t.train()
+
+
+def test_more_steps_than_calibrated_for_are_refused(tmp_path):
+    config = DPConfig(max_grad_norm=0.5, expected_batch_size=6, dataset_size=24, target_epsilon=8.0, steps=2,
+                      target_delta=1e-3)
+    t = DPTrainer(model=worker.gpt2(), args=worker.training_arguments({"steps": 3}, str(tmp_path)),
+                  train_dataset=worker.TokenDataset(), data_collator=worker.collate, dp_config=config,
+                  noise_key=worker.KEY)
+    with pytest.raises(ConfigError, match="calibrated"):
+        t.train()
+
+
+def test_label_smoothing_is_per_example(tmp_path):
+    import torch.nn.functional as F
+
+    t = worker.trainer({}, str(tmp_path), label_smoothing_factor=0.1)
+    model = t.model
+    ids = worker.TokenDataset().ids[:3]
+    losses = t.compute_loss(model, {"input_ids": ids, "labels": ids})
+    logits = model(input_ids=ids).logits
+    for i in range(3):
+        single = F.cross_entropy(logits[i, :-1].detach(), ids[i, 1:], label_smoothing=0.1)
+        assert float(losses[i].detach()) == pytest.approx(float(single), rel=1e-10)
+
+
+# two processes ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: dict, tmp_path: Path, world_size: int = 2, timeout: float = 120.0) -> list[dict]:
+    """world_size ranks of the worker, each with a launcher's environment; a rank still running at
+    the deadline is killed and the test fails (a hang never passes)."""
+    spec = {**spec, "out": str(tmp_path)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    port = _free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "spec.json")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + timeout
+    try:
+        for rank, proc in enumerate(procs):
+            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            assert proc.returncode == 0, f"rank {rank} failed:\n{err[-4000:]}"
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank was still running after {timeout} s: a hang")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+# (B, steps): B = 6 gives unequal micro-batch counts on the ranks; B = 2 gives a step whose draw
+# is empty everywhere (step 2) and one where rank 1's part is empty (step 3).
+DRAWS = [(6, 2), (2, 4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expected_batch_size, steps", DRAWS)
+def test_ddp_equals_one_process(tmp_path, expected_batch_size, steps):
+    spec = {"dtype": "float32", "steps": steps, "expected_batch_size": expected_batch_size}
+    ranks = launch(spec, tmp_path)
+    expected, epsilon, _ = worker.hand_loop(spec)  # equals the one-process DPTrainer (tested above)
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["steps_taken"] == steps and rank["backend"] == "DataParallelBackend"
+        assert rank["epsilon"] == pytest.approx(epsilon, rel=1e-9)
+        assert_params_close(rank["params"], expected, 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, expected_batch_size, steps",
+                         [(0, 6, 2), (1, 6, 2), (2, 6, 2), (3, 6, 2), (2, 2, 4), (3, 2, 4)])
+def test_deepspeed_through_the_trainer_equals_one_process(tmp_path, stage, expected_batch_size, steps):
+    pytest.importorskip("deepspeed")
+    spec = {"dtype": "float32", "steps": steps, "expected_batch_size": expected_batch_size}
+    ranks = launch({**spec, "deepspeed": stage}, tmp_path, timeout=240.0)
+    expected, epsilon, _ = worker.hand_loop(spec)  # equals the one-process DPTrainer (tested above)
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["steps_taken"] == steps
+        assert rank["backend"] == "DeepSpeedBackend" and rank["zero_stage"] == stage
+        assert rank["epsilon"] == pytest.approx(epsilon, rel=1e-9)
+        assert_params_close(rank["params"], expected, 1e-5)
+
+
+def test_sequence_classification_equals_the_hand_written_loop(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from dpscale import PrivacyEngine
+    from dpscale.losses import sequence_classification_losses
+
+    def bert():
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=worker.VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=16, num_labels=3,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return BertForSequenceClassification(config).double().train()
+
+    class Labelled(torch.utils.data.Dataset):
+        ids = worker.TokenDataset().ids
+        labels = torch.randint(0, 3, (worker.N,), generator=torch.Generator().manual_seed(2))
+
+        def __len__(self):
+            return worker.N
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+    spec = {"steps": 2}
+    model = bert()
+    engine = PrivacyEngine(model, worker.config(spec), noise_key=worker.KEY)
+    optimizer = engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=worker.LR))
+    loader = engine.make_data_loader(Labelled(), max_physical_batch_size=worker.MICRO, collate_fn=worker.collate)
+    for _, logical in zip(range(2), loader):
+        for micro in logical.micro_batches:
+            engine.backward(sequence_classification_losses(model(input_ids=micro["input_ids"]).logits, micro["labels"]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    expected = worker.trainable(model)
+    engine.detach()
+
+    t = DPTrainer(model=bert(), args=worker.training_arguments(spec, str(tmp_path)), train_dataset=Labelled(),
+                  data_collator=worker.collate, dp_config=worker.config(spec), noise_key=worker.KEY)
+    t.train()
+    assert t.privacy_engine.steps_taken == 2
+    assert_params_close(worker.trainable(t.model), expected, 1e-6)

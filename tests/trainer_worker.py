@@ -1,0 +1,154 @@
+"""DPTrainer runs shared by tests/test_trainer.py: the same model, data and arguments on one
+process (called in the test process) and on each rank of a 2-process run, started by the test with
+the environment a launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
+
+    python tests/trainer_worker.py spec.json
+
+spec keys: dtype ("float32", "float64"), steps, expected_batch_size, deepspeed (a ZeRO stage or
+null), out (where rank r writes its final trainable parameters, rank{r}.pt, and privacy state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dpscale import DPConfig, PrivacyEngine  # noqa: E402
+from dpscale.losses import causal_lm_losses  # noqa: E402
+from dpscale.noise import NoiseKey  # noqa: E402
+
+KEY = NoiseKey(bytes(range(32)))
+N, T, VOCAB, MICRO, LR = 24, 6, 32, 2, 0.5
+
+
+def config(spec: dict) -> DPConfig:
+    return DPConfig(max_grad_norm=spec.get("max_grad_norm", 0.5), expected_batch_size=spec.get("expected_batch_size", 6),
+                    noise_multiplier=spec.get("noise_multiplier", 1.0), dataset_size=N,
+                    clipping=spec.get("clipping", "flat"))
+
+
+def gpt2(dtype: str = "float64") -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return model.to(getattr(torch, dtype)).train()
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.ids = torch.randint(0, VOCAB, (N, T), generator=torch.Generator().manual_seed(1))
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def collate(examples: list[dict]) -> dict:
+    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def training_arguments(spec: dict, output_dir: str, **changes):
+    from transformers import TrainingArguments
+
+    values = dict(output_dir=output_dir, per_device_train_batch_size=MICRO, max_grad_norm=0, optim="sgd",
+                  learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_steps=spec.get("steps", 2),
+                  report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                  dataloader_pin_memory=False, seed=0)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        values.update(ddp_backend="gloo", ddp_timeout=60)
+    if spec.get("deepspeed") is not None:
+        # use_cpu=True would make the Trainer skip DeepSpeed; DS_ACCELERATOR=cpu puts it on the CPU.
+        deepspeed_state()
+        values.update(deepspeed=deepspeed_config(spec["deepspeed"]), use_cpu=False,
+                      accelerator_config={"use_configured_state": True})
+    values.update(changes)
+    return TrainingArguments(**values)
+
+
+def deepspeed_state() -> None:
+    """Accelerate 1.15 finds no distributed backend for DeepSpeed on a CPU-only machine and reports
+    one process (torch.distributed has two): configure its state with gloo before the Trainer's
+    arguments, which then use it (accelerator_config={"use_configured_state": True})."""
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+
+
+def deepspeed_config(stage: int) -> dict:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "ds_configs", f"zero{stage}.json")) as f:
+        ds = json.load(f)
+    ds["train_micro_batch_size_per_gpu"] = "auto"  # the Trainer fills it from per_device_train_batch_size
+    ds.pop("train_batch_size", None)
+    return ds
+
+
+def trainer(spec: dict, output_dir: str, model: nn.Module | None = None, **changes):
+    from dpscale.integrations.trainer import DPTrainer
+
+    return DPTrainer(model=model if model is not None else gpt2(spec.get("dtype", "float64")),
+                     args=training_arguments(spec, output_dir, **changes), train_dataset=TokenDataset(),
+                     data_collator=collate, dp_config=config(spec), noise_key=KEY)
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def hand_loop(spec: dict) -> tuple[dict[str, torch.Tensor], float, list[list[int]]]:
+    """The reference: PrivacyEngine, its Poisson loader, SGD, ``steps`` logical steps."""
+    model = gpt2(spec.get("dtype", "float64"))
+    engine = PrivacyEngine(model, config(spec), noise_key=KEY)
+    optimizer = engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=LR))
+    loader = engine.make_data_loader(TokenDataset(), max_physical_batch_size=MICRO, collate_fn=collate)
+    batches = []
+    for _, logical in zip(range(spec.get("steps", 2)), loader):
+        batches.append(list(logical.indices))
+        for micro in logical.micro_batches:
+            engine.backward(causal_lm_losses(model(input_ids=micro["input_ids"]).logits, micro["labels"]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    params, epsilon = trainable(model), engine.epsilon()
+    engine.detach()
+    return params, epsilon, batches
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    spec = json.loads(open(sys.argv[1]).read())
+    rank = int(os.environ["RANK"])
+    t = trainer(spec, os.path.join(spec["out"], "run"))
+    assert t.args.world_size == int(os.environ["WORLD_SIZE"]), (t.args.world_size, os.environ["WORLD_SIZE"])
+    t.train()
+    engine = t.privacy_engine
+    if spec.get("deepspeed") == 3:  # ZeRO-3 partitions the parameters: gather them to compare
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.parameters.values()), modifier_rank=None):
+            params = trainable(engine.model)
+    else:
+        params = trainable(engine.model)
+    stage = t.model_wrapped.zero_optimization_stage() if t.is_deepspeed_enabled else None
+    torch.save({"params": params, "steps_taken": engine.steps_taken, "epsilon": engine.epsilon(),
+                "world_size": t.args.world_size, "backend": type(engine.backend).__name__, "zero_stage": stage},
+               os.path.join(spec["out"], f"rank{rank}.pt"))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
