@@ -189,3 +189,30 @@ def test_both_norm_methods_are_reached():
     short = Outer(left=torch.randn(2, 2, 30), right=torch.randn(2, 2, 30), m=30, shape=torch.Size([30, 30]))
     assert long.prefers_materialized() and not short.prefers_materialized()
     assert isinstance(long.materialize(), Dense)
+
+
+def test_rms_norm_rule_ignores_hooks_and_partitioned_storage():
+    """Under ZeRO-3 a weight's storage is partitioned away (numel 0, full shape in ds_shape) and
+    the engine's forward hooks gather it: the rule must need neither."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from dpscale.layers.normalization import broadcast_scale_grads
+
+    torch.manual_seed(3)
+    x, g = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+    full = LlamaRMSNorm(6).double()
+    expected = broadcast_scale_grads(full, (x,), g, ("weight",))["weight"].grad
+    oracle = torch.stack([(g[i] * (x[i] * torch.rsqrt(x[i].pow(2).mean(-1, keepdim=True) + 1e-6))).sum(0) for i in range(3)])
+    assert torch.allclose(expected, oracle)
+
+    partitioned = LlamaRMSNorm(6).double()
+    partitioned.weight = nn.Parameter(torch.empty(0, dtype=torch.float64))
+    partitioned.weight.ds_shape = torch.Size([6])
+
+    def refuse(*_):
+        raise AssertionError("the rule ran the module's hooks")
+
+    partitioned.register_forward_pre_hook(refuse)
+    got = broadcast_scale_grads(partitioned, (x,), g, ("weight",))["weight"].grad
+    assert torch.allclose(got, oracle)
+    assert partitioned.weight.numel() == 0

@@ -11,10 +11,11 @@ elementwise broadcast fails that call loudly rather than giving a wrong answer.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from dpscale.errors import UnsupportedModuleError
 from dpscale.layers.registry import Rule
@@ -56,7 +57,13 @@ def _reshape_to_params(module: nn.Module, grads: dict) -> dict:
 
 
 def broadcast_scale_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
-    """Hugging Face RMS norms: one batched call with per-example copies of the parameters."""
+    """Hugging Face RMS norms: one batched call with per-example copies of the parameters.
+
+    The call goes to the forward of a shallow copy of the module, bypassing hooks: a training
+    engine's forward hooks (ZeRO-3 gathers partitioned weights in them) must not see the batched
+    stand-ins. A weight
+    whose storage is partitioned away is replaced by ones: for an elementwise scale (w * h,
+    (1 + w) * h) the derivative with respect to w does not depend on w."""
     x = inputs[0].detach()
     dtype = accumulation_dtype(x, output_grad)
     x = x.to(dtype)
@@ -64,18 +71,37 @@ def broadcast_scale_grads(module: nn.Module, inputs: tuple, output_grad: Tensor,
     batched = {}
     for name in names:
         param = getattr(module, name)
-        shape = (batch,) + (1,) * (x.dim() - 1 - param.dim()) + tuple(param.shape)
-        batched[name] = param.detach().to(dtype).expand(shape).clone().requires_grad_(True)
+        shape = tuple(param_shape(param))
+        value = param.detach().to(dtype) if param.numel() == _numel(shape) else torch.ones(shape, dtype=dtype, device=x.device)
+        full = (batch,) + (1,) * (x.dim() - 1 - len(shape)) + shape
+        batched[name] = value.expand(full).clone().requires_grad_(True)
     try:
         with torch.enable_grad():
-            out = functional_call(module, batched, (x,) + tuple(inputs[1:]), strict=False)
+            out = _without_hooks(module, batched).forward(x, *inputs[1:])
             grads = torch.autograd.grad(out, list(batched.values()), output_grad.to(dtype))
     except RuntimeError as error:
         raise UnsupportedModuleError(
             f"{type(module).__name__} does not use its parameters as an elementwise scale of its "
             "output, so the RMS-norm rule cannot apply; register a rule for it (dpscale.Rule)."
         ) from error
-    return {name: Dense(g.reshape(batch, *getattr(module, name).shape)) for name, g in zip(batched, grads)}
+    return {name: Dense(g.reshape(batch, *param_shape(getattr(module, name)))) for name, g in zip(batched, grads)}
+
+
+def _without_hooks(module: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
+    """A shallow copy of ``module`` whose parameters ``tensors`` are plain attributes; its
+    ``forward`` is called directly, so no hook of the original runs. The original is untouched."""
+    clone = copy.copy(module)
+    clone._parameters = {k: v for k, v in module._parameters.items() if k not in tensors}
+    for name, tensor in tensors.items():
+        object.__setattr__(clone, name, tensor)
+    return clone
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel
 
 
 def is_huggingface_rms_norm(module: nn.Module) -> bool:
