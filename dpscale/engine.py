@@ -34,7 +34,7 @@ from dpscale.per_example import GramCache, PerExampleGrad, total_squared_norm, w
 from dpscale.privacy import PrivacyPlan, resolve_plan
 from dpscale.report import write_report
 from dpscale.sampling import DPDataLoader
-from dpscale.tape import FunctionalCall, Owner, RuleCall, Tape
+from dpscale.tape import Owner, RuleCall, Tape
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,7 @@ sigma > 0 and a fixed key, the parameters equal the single-process run on the sa
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,45 +16,15 @@ import torch
 
 from dpscale.backends.data_parallel import owned_range
 from tests import distributed_worker as worker
+from tests.launcher import launch_workers
 from tests.oracle import check_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(spec: dict, tmp_path: Path, world_size: int = 2, timeout: float = 90.0) -> list[tuple[int, str]]:
-    """Start world_size ranks of the worker; (returncode, stderr) per rank. A rank still running at
-    the deadline is killed and the test fails: a hang must never pass."""
-    spec = {**spec, "out": str(tmp_path)}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    port = _free_port()
-    procs = []
-    for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-               "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "spec.json")], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    deadline = time.monotonic() + timeout
-    results = []
-    try:
-        for proc in procs:
-            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append((proc.returncode, err))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank was still running after {timeout} s: a hang")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
+    return launch_workers(WORKER, spec, tmp_path, world_size, timeout)
 
 
 def assert_same_as_reference(spec: dict, tmp_path: Path, reference_spec: dict | None = None) -> None:

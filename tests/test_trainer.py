@@ -4,12 +4,6 @@ DP step; checkpoint and resume; 2 processes under DDP and DeepSpeed ZeRO 0-3 aga
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +14,7 @@ pytest.importorskip("transformers")
 from dpscale import ConfigError, DPConfig  # noqa: E402
 from dpscale.integrations.trainer import PRIVACY_STATE_NAME, DPTrainer, check_training_arguments  # noqa: E402
 from tests import trainer_worker as worker  # noqa: E402
+from tests.launcher import launch_workers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "trainer_worker.py"
@@ -165,37 +160,11 @@ def test_label_smoothing_is_per_example(tmp_path):
 # two processes ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(spec: dict, tmp_path: Path, world_size: int = 2, timeout: float = 120.0) -> list[dict]:
-    """world_size ranks of the worker, each with a launcher's environment; a rank still running at
-    the deadline is killed and the test fails (a hang never passes)."""
-    spec = {**spec, "out": str(tmp_path)}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    port = _free_port()
-    procs = []
-    for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-               "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "spec.json")], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    deadline = time.monotonic() + timeout
-    try:
-        for rank, proc in enumerate(procs):
-            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            assert proc.returncode == 0, f"rank {rank} failed:\n{err[-4000:]}"
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank was still running after {timeout} s: a hang")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    """world_size ranks of the worker; every rank must succeed; their saved parameters."""
+    results = launch_workers(WORKER, spec, tmp_path, world_size, timeout, env={"DS_ACCELERATOR": "cpu"})
+    for rank, (code, err) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{err[-4000:]}"
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
 
