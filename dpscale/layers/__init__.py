@@ -33,12 +33,9 @@ def default_registry() -> RuleRegistry:
     registry.register(is_plain_convolution, CONVOLUTION)
     registry.register(is_huggingface_rms_norm, BROADCAST_SCALE)
     registry.differentiate_through_parent("relative_attention_bias")  # T5, mT5, LongT5, UMT5, Switch
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional for plain torch models
-        pass
-    else:
-        registry.register(Conv1D, TRANSPOSED_LINEAR)
+    from transformers.pytorch_utils import Conv1D  # a dependency; imported when a registry is built
+
+    registry.register(Conv1D, TRANSPOSED_LINEAR)
     return registry
 
 
