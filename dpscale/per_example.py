@@ -19,6 +19,8 @@ clip factor computed in bf16 can be off by ~1%, enough to break the sensitivity 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +64,7 @@ class Outer:
 
     def __post_init__(self) -> None:
         n = self.right.shape[-1]
-        if self.m * n != _numel(self.shape):
+        if self.m * n != math.prod(self.shape):
             raise ValueError(f"Outer form {self.m}x{n} does not match parameter shape {tuple(self.shape)}")
 
     @property
@@ -146,13 +148,6 @@ def param_shape(param: Tensor) -> torch.Size:
     """A parameter's logical shape. A training engine may partition its storage: under DeepSpeed
     ZeRO-3 ``p.data`` is an empty placeholder and the full shape is ``p.ds_shape``."""
     return getattr(param, "ds_shape", None) or param.shape
-
-
-def _numel(shape: torch.Size) -> int:
-    numel = 1
-    for size in shape:
-        numel *= size
-    return numel
 
 
 def inner(a: PerExampleGrad, b: PerExampleGrad, cache: GramCache | None = None) -> Tensor:

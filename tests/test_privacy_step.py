@@ -74,14 +74,20 @@ def test_each_step_draws_new_noise():
     assert not torch.allclose(grads[0], grads[1])
 
 
-def test_epsilon_matches_the_accountant_library():
+def trained_engine(steps: int) -> PrivacyEngine:
+    """``steps`` logical steps of one backward each, noised at lr 0.1."""
     model, x = model_and_data()
     engine = PrivacyEngine(model, config(), noise_key=KEY)
     optimizer = engine.attach_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    for _ in range(7):
+    for _ in range(steps):
         engine.backward(model(x).pow(2).sum(1))
         optimizer.step()
         optimizer.zero_grad()
+    return engine
+
+
+def test_epsilon_matches_the_accountant_library():
+    engine = trained_engine(7)
     expected = compute_epsilon(1.3, B / N, 7, engine.plan.delta)
     assert engine.epsilon() == pytest.approx(expected, rel=1e-9)
     assert engine.plan.delta < 1 / N
@@ -174,12 +180,7 @@ def test_data_loader_follows_the_plan():
 
 
 def test_privacy_report_files(tmp_path):
-    model, x = model_and_data()
-    engine = PrivacyEngine(model, config(), noise_key=KEY)
-    optimizer = engine.attach_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    for _ in range(3):
-        engine.backward(model(x).pow(2).sum(1))
-        optimizer.step()
+    engine = trained_engine(3)
     report = engine.privacy_report(tmp_path)
     saved = json.loads((tmp_path / "privacy_report.json").read_text())
     assert saved["epsilon"] == report["epsilon"] == engine.epsilon()

@@ -11,6 +11,8 @@ elementwise broadcast fails that call loudly rather than giving a wrong answer.
 
 from __future__ import annotations
 
+import math
+
 import copy
 
 import torch
@@ -72,7 +74,7 @@ def broadcast_scale_grads(module: nn.Module, inputs: tuple, output_grad: Tensor,
     for name in names:
         param = getattr(module, name)
         shape = tuple(param_shape(param))
-        value = param.detach().to(dtype) if param.numel() == _numel(shape) else torch.ones(shape, dtype=dtype, device=x.device)
+        value = param.detach().to(dtype) if param.numel() == math.prod(shape) else torch.ones(shape, dtype=dtype, device=x.device)
         full = (batch,) + (1,) * (x.dim() - 1 - len(shape)) + shape
         batched[name] = value.expand(full).clone().requires_grad_(True)
     try:
@@ -95,13 +97,6 @@ def _without_hooks(module: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
     for name, tensor in tensors.items():
         object.__setattr__(clone, name, tensor)
     return clone
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    numel = 1
-    for size in shape:
-        numel *= size
-    return numel
 
 
 def is_huggingface_rms_norm(module: nn.Module) -> bool:
