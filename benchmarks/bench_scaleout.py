@@ -542,7 +542,7 @@ def render(args, meta, results) -> str:
         full_np = subsets["full"]["nonprivate"]["bytes_per_step"]
         lines += [
             "",
-            f"Trainable subsets under DDP (Llama variant with attention and MLP biases), per rank and step:",
+            "Trainable subsets under DDP (Llama variant with attention and MLP biases), per rank and step:",
             "",
             "| subset | trainable params | DP MiB/step | DP vs full DP | non-private MiB/step | non-private vs full "
             "| DP / non-private bytes |",

@@ -300,33 +300,68 @@ def _keystream_into(subkey: bytes, first_block: int, zeros: bytes, out: bytearra
         done += size
 
 
-def _box_muller(words: np.ndarray) -> np.ndarray:
+class _Scratch:
+    """Float64 and integer work arrays for one request's chunks, reused from chunk to chunk.
+
+    A chunk's temporaries are a few hundred KiB each; allocated afresh, every one is a new
+    mapping whose pages fault in on first touch, which cost as much as the arithmetic. Pieces
+    yielded from one scratch are valid until the next chunk is computed.
+    """
+
+    def __init__(self, words: int) -> None:
+        pairs = -(-words // 2)
+        self.w = np.empty(pairs, dtype=np.uint64)
+        self.octant = np.empty(pairs, dtype=np.uint64)
+        self.r = np.empty(pairs, dtype=np.float64)
+        self.phi = np.empty(pairs, dtype=np.float64)
+        self.sin = np.empty(pairs, dtype=np.float64)
+        self.cos = np.empty(pairs, dtype=np.float64)
+        self.mask = np.empty(pairs, dtype=np.uint64)
+        self.z = np.empty(2 * pairs, dtype=np.float64)
+
+
+def _box_muller(words: np.ndarray, scratch: _Scratch | None = None) -> np.ndarray:
     """Standard normals in float64, one per 64-bit word, by the octant-reduced Box-Muller map
-    described in the module docstring. Every step is a whole-array pass (no per-element Python)."""
-    w, v = words[0::2], words[1::2]
-    r = ((w >> np.uint64(11)) + np.uint64(1)).view(np.int64).astype(np.float64)
-    r *= _U53  # u in (0, 1], exact
+    described in the module docstring. Every step is a whole-array pass (no per-element Python),
+    written into `scratch` so that no pass allocates; the result is `scratch.z`'s prefix."""
+    s = scratch if scratch is not None else _Scratch(words.shape[0])
+    n = words.shape[0] // 2
+    pairs = words.reshape(n, 2)
+    w, octant, r, phi = s.w[:n], s.octant[:n], s.r[:n], s.phi[:n]
+    sin_phi, cos_phi, mask, z = s.sin[:n], s.cos[:n], s.mask[:n], s.z[: 2 * n]
+    np.right_shift(pairs[:, 0], np.uint64(11), out=w)
+    w += np.uint64(1)
+    np.multiply(w.view(np.int64), _U53, out=r)  # u in (0, 1], exact
     np.log(r, out=r)
     r *= -2.0
     np.sqrt(r, out=r)
-    phi = (v >> np.uint64(11)).view(np.int64).astype(np.float64)
-    phi *= _PHI_SCALE  # [0, pi/4)
-    sin_phi = torch.sin(torch.from_numpy(phi)).numpy()  # torch's vectorised sin beats numpy's
+    np.right_shift(pairs[:, 1], np.uint64(11), out=w)
+    np.multiply(w.view(np.int64), _PHI_SCALE, out=phi)  # [0, pi/4)
+    # torch's vectorised sin beats numpy's
+    torch.sin(torch.from_numpy(phi), out=torch.from_numpy(sin_phi))
     # cos(phi) = sqrt(1 - sin^2): on [0, pi/4] sin^2 <= 1/2, so no cancellation (about 1.5 ulp).
-    cos_phi = np.multiply(sin_phi, sin_phi)
+    np.multiply(sin_phi, sin_phi, out=cos_phi)
     np.subtract(1.0, cos_phi, out=cos_phi)
     np.sqrt(cos_phi, out=cos_phi)
-    # Octant k of theta: cos and sin swap in octants 1, 2, 5, 6 (a masked XOR of the bit
-    # patterns); cos is negative in octants 2..5 and sin in 4..7 (a flip of the sign bit).
-    octant = v & np.uint64(7)
-    swap = np.uint64(0) - (((octant + np.uint64(1)) >> np.uint64(1)) & np.uint64(1))
+    # Octant k = b2 b1 b0 of theta (low 3 bits of v): cos and sin swap in octants 1, 2, 5, 6
+    # (b0 ^ b1: a masked XOR of the bit patterns); then the output cos is negative in octants 2..5
+    # (b1 ^ b2) and the output sin in 4..7 (b2): flips of the sign bit. Integer passes only.
     cos_bits, sin_bits = cos_phi.view(np.uint64), sin_phi.view(np.uint64)
-    swap &= cos_bits ^ sin_bits
-    cos_bits ^= swap
-    sin_bits ^= swap
-    cos_bits ^= (((octant + np.uint64(2)) >> np.uint64(2)) & np.uint64(1)) << np.uint64(63)
-    sin_bits ^= (octant >> np.uint64(2)) << np.uint64(63)
-    z = np.empty(words.shape[0], dtype=np.float64)
+    np.bitwise_and(pairs[:, 1], np.uint64(7), out=octant)
+    np.right_shift(octant, np.uint64(1), out=mask)
+    mask ^= octant  # bit 0: b0 ^ b1, bit 1: b1 ^ b2
+    np.bitwise_and(mask, np.uint64(1), out=w)
+    np.negative(w, out=w)  # all ones where the octant swaps
+    differ = np.bitwise_xor(cos_bits, sin_bits, out=phi.view(np.uint64))  # phi is spent
+    w &= differ
+    cos_bits ^= w
+    sin_bits ^= w
+    mask &= np.uint64(2)
+    mask <<= np.uint64(62)
+    cos_bits ^= mask
+    octant &= np.uint64(4)
+    octant <<= np.uint64(61)
+    sin_bits ^= octant
     np.multiply(r, cos_phi, out=z[0::2])
     np.multiply(r, sin_phi, out=z[1::2])
     return z
@@ -370,18 +405,20 @@ def _standard_normal_pieces(
     key: NoiseKey, step: int, name: str, numel: int, offset: int
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (position in the request, float64 values) covering elements offset..offset+numel-1,
-    each piece computed from aligned, cache-sized spans of the stream."""
+    each piece computed from aligned, cache-sized spans of the stream. A piece is scratch memory:
+    the consumer may overwrite it, and must be done with it before asking for the next."""
     subkey = _subkey(key, step, name)
     end = offset + numel
     lo = offset - offset % _ALIGN
     hi = -(-end // _ALIGN) * _ALIGN
     buffer = bytearray(8 * min(_CHUNK, hi - lo))
     zeros = bytes(len(buffer))
+    scratch = _Scratch(len(buffer) // 8)
     for start in range(lo, hi, _CHUNK):
         stop = min(start + _CHUNK, hi)
         chunk = buffer if 8 * (stop - start) == len(buffer) else bytearray(8 * (stop - start))
         _keystream_into(subkey, start // _WORDS_PER_BLOCK, zeros, chunk)
-        z = _box_muller(np.frombuffer(chunk, dtype="<u8"))
+        z = _box_muller(np.frombuffer(chunk, dtype="<u8"), scratch)
         first, last = max(start, offset), min(stop, end)
         yield first - offset, z[first - start : last - start]
 
@@ -439,11 +476,18 @@ def add_gaussian_noise_(
     target = tensor.detach()  # shares storage: in-place writes reach `tensor`, autograd stays out
     on_cpu_flat = target.device.type == "cpu" and target.is_contiguous()
     flat = target.view(-1) if on_cpu_flat else target.reshape(-1).to("cpu", copy=True)
+    as_numpy = flat.dtype in (torch.float32, torch.float64)  # numpy rounds float64 -> float32 as torch does
     for position, z in _standard_normal_pieces(key, step, name, numel, offset):
         piece = flat[position : position + z.shape[0]]
-        noisy = piece.to(torch.float64).numpy()
-        noisy += std * z
-        piece.copy_(torch.from_numpy(noisy))
+        z *= std  # the piece is ours until the next one: x + std * z in float64, in place
+        if as_numpy:
+            values = piece.numpy()
+            z += values
+            np.copyto(values, z, casting="same_kind")  # the one rounding
+        else:
+            z_tensor = torch.from_numpy(z)
+            z_tensor += piece
+            piece.copy_(z_tensor)
     if not on_cpu_flat:
         target.copy_(flat.view(target.shape))
     return tensor

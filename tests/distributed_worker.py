@@ -9,7 +9,8 @@ writes its final trainable parameters to ``{out}/rank{r}.pt``.
 
 spec keys: case ("ddp", "accelerate", "model_parallel"), model ("gpt2", "mlp"), subset ("full",
 "bias", "lora"), clipping, batches (explicit global index lists, or null for the engine's Poisson
-loader), steps, die_at_step (a rank that exits before that step's optimizer.step), timeout_s.
+loader), steps, die_at_step (a rank that exits before that step's optimizer.step), timeout_s,
+own_keys (plain DDP with noise_key=None: each rank generates its own key).
 """
 
 from __future__ import annotations
@@ -207,7 +208,8 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tenso
         else:
             if world_size > 1:
                 model = nn.parallel.DistributedDataParallel(model)
-            engine = PrivacyEngine(model, config(spec), noise_key=KEY)
+            # own_keys: every rank left to generate its own key, which the backend must refuse
+            engine = PrivacyEngine(model, config(spec), noise_key=None if spec.get("own_keys") else KEY)
             engine.attach_optimizer(optimizer)
         share = (rank, world_size)
     if spec.get("batches") is None:

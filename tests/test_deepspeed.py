@@ -88,9 +88,15 @@ def test_zero_cpu_offload_matches_single_process(tmp_path):
 
 
 def _cpu_adam_built() -> bool:
+    """The op is compiled for *this* installation: a build made by another environment (another
+    checkout's virtualenv) has other include paths, and loading it would recompile for minutes."""
+    import deepspeed
     from torch.utils.cpp_extension import _get_build_directory
 
-    return (Path(_get_build_directory("cpu_adam", verbose=False)) / "cpu_adam.so").exists()
+    build = Path(_get_build_directory("cpu_adam", verbose=False))
+    if not (build / "cpu_adam.so").exists() or (build / "lock").exists() or not (build / "build.ninja").exists():
+        return False
+    return str(Path(deepspeed.__file__).parent / "ops" / "csrc") in (build / "build.ninja").read_text()
 
 
 @pytest.mark.slow
@@ -152,6 +158,22 @@ def test_shipped_configs_are_ready_for_dp():
         assert cfg["gradient_clipping"] == 0.0, path.name
         assert not cfg.get("fp16", {}).get("enabled", False), path.name
         assert cfg.get("gradient_accumulation_steps", 1) == 1, path.name
+        if cfg["zero_optimization"]["stage"] == 3:  # see the next test
+            assert cfg["zero_optimization"]["memory_efficient_linear"] is False, path.name
+
+
+def test_zero3_linear_replacement_is_reported(monkeypatch, caplog):
+    """DeepSpeed's ZeRO-3 linear computes weight gradients dpscale throws away: warned, by key."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    from dpscale.backends.deepspeed import _warn_if_weight_gradients_are_computed
+
+    with caplog.at_level("WARNING", logger="dpscale.backends.deepspeed"):
+        _warn_if_weight_gradients_are_computed()
+        assert not caplog.records
+        monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+        _warn_if_weight_gradients_are_computed()
+    assert '"memory_efficient_linear": false' in caplog.text
 
 
 # launch/train.py under DeepSpeed: Accelerate's DeepSpeed plugin, the deepspeed launcher and torchrun

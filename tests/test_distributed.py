@@ -103,6 +103,14 @@ def test_a_rank_with_an_empty_draw_still_steps(tmp_path):
     assert_same_as_reference(spec, tmp_path)
 
 
+def test_ranks_with_different_keys_are_refused(tmp_path):
+    # Plain DDP with noise_key unset: each rank generates a key of its own; the backend refuses at bind.
+    results = launch({"case": "ddp", "clipping": "flat", "batches": [[1, 2, 3, 4]], "own_keys": True}, tmp_path)
+    for rank, (code, err) in enumerate(results):
+        assert code != 0, f"rank {rank} trained with a key of its own"
+        assert "different noise keys" in err and "NoiseKey.from_file" in err, err[-2000:]
+
+
 @pytest.mark.slow
 def test_a_dying_rank_ends_the_run_with_an_error(tmp_path):
     spec = {"case": "ddp", "clipping": "flat", "batches": [[1, 2, 3, 4]], "die_at_step": 0, "timeout_s": 10}
@@ -152,3 +160,56 @@ def test_launch_script_under_accelerate_launch_runs_two_processes(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) on cpu" in done.stdout and "epsilon" in done.stdout, done.stdout
+
+
+def test_gradients_live_in_the_reduction_buckets(tmp_path):
+    """In one gloo process: DataParallelBackend leaves every ``p.grad`` as a view of its flat
+    bucket (several buckets, two dtypes), takes in a gradient someone else allocated (strided),
+    zero-fills parameters of an empty draw, and trains exactly as LocalBackend does."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from dpscale import DPConfig, LocalBackend, PrivacyEngine
+    from dpscale.backends import DataParallelBackend
+
+    class ToDouble(nn.Module):
+        def forward(self, x):
+            return x.double()
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), ToDouble(), nn.Linear(4, 3).double())
+
+    def losses(model, x):
+        return model(x).pow(2).sum(1)
+
+    cfg = DPConfig(max_grad_norm=0.7, expected_batch_size=4, noise_multiplier=0.8)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        results = {}
+        for label in ("local", "buckets"):
+            model = build()
+            backend = LocalBackend() if label == "local" else DataParallelBackend(bucket_mb=160 / 2**20)
+            engine = PrivacyEngine(model, cfg, backend=backend, noise_key=worker.KEY)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            engine.attach_optimizer(optimizer)
+            for step in range(3):
+                if step == 1:  # a strided gradient allocated elsewhere, which the step adds to
+                    model[0].weight.grad = torch.full((6, 5), 0.25).t()
+                if step != 2:  # step 2: an empty draw
+                    engine.backward(losses(model, x))
+                optimizer.step()
+                if label == "buckets":
+                    buckets = backend._buckets
+                    assert len(buckets) >= 3 and {b.flat.dtype for b in buckets} == {torch.float32, torch.float64}
+                    views = {name: view for b in buckets for name, view in b.views.items()}
+                    for name, p in engine.parameters.items():
+                        assert p.grad.data_ptr() == views[name].data_ptr(), name
+                optimizer.zero_grad(set_to_none=True)
+            results[label] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            engine.detach()
+    finally:
+        dist.destroy_process_group()
+    for name, value in results["local"].items():
+        assert torch.equal(results["buckets"][name], value), name

@@ -4,7 +4,7 @@ Each rank holds a disjoint part of the global Poisson batch. ``accumulate`` keep
 clipped sum (already divided by the *global* expected batch size B) in ``p.grad``; at the step
 boundary each rank adds the keyed noise of the coordinates it owns (each parameter's flattened
 elements cut into W contiguous ranges, rank r owning range r), then one SUM all-reduce over the
-data-parallel group, bucketed, leaves every rank with
+data-parallel group, per flat bucket of gradients, leaves every rank with
 
     (sum over all ranks' examples of clip(g_i) + one noise draw per coordinate) / B.
 
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dpscale.backends.base import NoiseFn
+from dpscale.backends.shared_key import check_same_key
 from dpscale.errors import ConfigError
 
 __all__ = ["DDPAttachment", "DataParallelBackend", "attach_ddp", "owned_range"]
@@ -36,6 +37,21 @@ def owned_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
     return numel * rank // world_size, numel * (rank + 1) // world_size
 
 
+class _Bucket:
+    """One flat buffer that holds the gradients of consecutive parameters (one dtype, one device):
+    each ``p.grad`` is a view into it, so the all-reduce runs on the gradients in place."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        first = named[0][1]
+        self.flat = torch.zeros(sum(p.numel() for _, p in named), dtype=first.dtype, device=first.device)
+        self.views: dict[str, Tensor] = {}
+        position = 0
+        for name, p in named:
+            self.views[name] = self.flat[position : position + p.numel()].view(p.shape)
+            position += p.numel()
+        self.named = named
+
+
 class DataParallelBackend:
     """Gradients in ``p.grad``, noise sharded by coordinate, one SUM all-reduce per step.
 
@@ -44,7 +60,12 @@ class DataParallelBackend:
     shard_offsets: for parameters this rank holds only a contiguous slice of (tensor-parallel
         shards), the slice's offset in the full parameter's flattened elements, so that the noise
         of element j of the full parameter is the same whatever the split.
-    bucket_mb: gradients are flattened into buckets of about this size per all-reduce.
+    bucket_mb: gradients live in flat buckets of about this size, one all-reduce each.
+
+    Gradients are written straight into the buckets (``p.grad`` is a view, as DDP's
+    ``gradient_as_bucket_view`` does), so the step boundary neither concatenates nor copies back.
+    The reduction of bucket k runs asynchronously while the noise of bucket k + 1 is drawn: the
+    noise is data-independent work, and the wire is otherwise idle while it is computed.
     """
 
     def __init__(self, process_group=None, *, shard_offsets: Mapping[str, int] | None = None,
@@ -59,51 +80,64 @@ class DataParallelBackend:
         self.world_size = dist.get_world_size(process_group)
         self.shard_offsets = dict(shard_offsets or {})
         self.bucket_bytes = int(bucket_mb * 2**20)
+        self._buckets: list[_Bucket] | None = None
+        self._views: dict[str, Tensor] = {}
+
+    def bind(self, engine) -> list:
+        """Check that every rank holds the engine's key, then lay the trainable parameters out in
+        buckets, in the model's order (the same on every rank, so bucket k holds the same parameters
+        everywhere)."""
+        check_same_key(engine.noise_key, self.process_group)
+        self._buckets = _buckets(list(engine.parameters.items()), self.bucket_bytes)
+        self._views = {name: view for bucket in self._buckets for name, view in bucket.views.items()}
+        return []
 
     def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
         if param.grad is None:
-            param.grad = clipped.reshape(param.shape).contiguous()
+            view = self._views.get(name)
+            if view is None:
+                param.grad = clipped.reshape(param.shape).contiguous()
+            else:
+                param.grad = view.copy_(clipped.reshape(param.shape))
         else:
             param.grad.add_(clipped.reshape(param.shape))
 
     def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
-        grads = []
-        for name, p in parameters.items():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)  # an empty local draw: zeros, still reduced and noised
-            elif not p.grad.is_contiguous():
-                p.grad = p.grad.contiguous()
-            flat = p.grad.view(-1)
-            a, b = owned_range(flat.numel(), self.rank, self.world_size)
-            add_noise(name, flat[a:b], self.shard_offsets.get(name, 0) + a)
-            grads.append(p.grad)
-        if self.world_size > 1:
-            self._all_reduce(grads)
+        buckets = self._buckets
+        if buckets is None or [n for b in buckets for n, _ in b.named] != list(parameters):
+            buckets = _buckets(list(parameters.items()), self.bucket_bytes)  # not bound: this step only
+        pending = []
+        for bucket in buckets:
+            for name, p in bucket.named:
+                view = bucket.views[name]
+                if p.grad is None:
+                    view.zero_()  # an empty local draw: zeros, still reduced and noised
+                elif p.grad.data_ptr() != view.data_ptr() or p.grad.stride() != view.stride():
+                    view.copy_(p.grad)  # a gradient someone else allocated (or replaced)
+                p.grad = view
+                flat = view.view(-1)
+                a, b = owned_range(flat.numel(), self.rank, self.world_size)
+                add_noise(name, flat[a:b], self.shard_offsets.get(name, 0) + a)
+            if self.world_size > 1:
+                pending.append(dist.all_reduce(bucket.flat, op=dist.ReduceOp.SUM,
+                                               group=self.process_group, async_op=True))
+        for work in pending:
+            work.wait()
 
-    def _all_reduce(self, grads: list[Tensor]) -> None:
-        # Same order and bucketing on every rank: parameters come in the model's order.
-        bucket: list[Tensor] = []
-        size = 0
-        for g in grads:
-            if bucket and (g.dtype != bucket[0].dtype or g.device != bucket[0].device
-                           or size + g.numel() * g.element_size() > self.bucket_bytes):
-                self._reduce_bucket(bucket)
-                bucket, size = [], 0
-            bucket.append(g)
-            size += g.numel() * g.element_size()
-        if bucket:
-            self._reduce_bucket(bucket)
 
-    def _reduce_bucket(self, bucket: list[Tensor]) -> None:
-        if len(bucket) == 1:
-            dist.all_reduce(bucket[0], op=dist.ReduceOp.SUM, group=self.process_group)
-            return
-        flat = torch.cat([g.view(-1) for g in bucket])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
-        position = 0
-        for g in bucket:
-            g.view(-1).copy_(flat[position : position + g.numel()])
-            position += g.numel()
+def _buckets(named: list[tuple[str, nn.Parameter]], bucket_bytes: int) -> list[_Bucket]:
+    """Consecutive parameters of one dtype and device, up to ``bucket_bytes`` per bucket."""
+    groups: list[list[tuple[str, nn.Parameter]]] = []
+    size = 0
+    for name, p in named:
+        last = groups[-1][-1][1] if groups else None
+        nbytes = p.numel() * p.element_size()
+        if last is None or p.dtype != last.dtype or p.device != last.device or size + nbytes > bucket_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, p))
+        size += nbytes
+    return [_Bucket(group) for group in groups]
 
 
 class DDPAttachment:

@@ -24,7 +24,7 @@ How it maps onto DeepSpeed 0.19 (checked at construction; other versions are ref
   backend all-reduces (SUM) in the step pre-hook instead.
 * DeepSpeed *averages* over the data-parallel group (stage 1/2 ``average_tensor`` /
   ``gradient_reduction_w_predivide``, stage 3 ``__avg_scatter_grads``): the local sums are
-  multiplied by the group size before the flush. The first step checks the result against an
+  multiplied by the group size as they accumulate. The first step checks the result against an
   explicit SUM all-reduce of the local sums and raises if DeepSpeed did anything else.
 * Noise: a step pre-hook on the base optimizer (``ds_engine.optimizer.optimizer`` under ZeRO)
   sees this rank's fp32 partitions with their reduced gradients, after DeepSpeed's unscale and
@@ -50,6 +50,7 @@ How it maps onto DeepSpeed 0.19 (checked at construction; other versions are ref
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping
@@ -59,9 +60,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dpscale.backends.base import NoiseFn
+from dpscale.backends.shared_key import check_same_key
 from dpscale.errors import ConfigError
 
 __all__ = ["DeepSpeedBackend", "TESTED_DEEPSPEED", "check_deepspeed_config"]
+
+logger = logging.getLogger(__name__)
 
 TESTED_DEEPSPEED = ((0, 19), (0, 20))  # [low, high): internals below are those of 0.19.x
 
@@ -151,6 +155,26 @@ def check_deepspeed_config(ds_engine) -> None:
         )
 
 
+def _warn_if_weight_gradients_are_computed() -> None:
+    """ZeRO-3's "memory_efficient_linear" (on by default) replaces torch.nn.functional.linear,
+    process-wide and for good, with an autograd Function whose backward computes the weight
+    gradient whenever the weight requires one. dpscale's backward asks autograd for activation
+    gradients only, so that matmul is computed and thrown away: a warning, not an error, because
+    it costs time and changes nothing in the DP step."""
+    try:
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    except ImportError:
+        return
+    if torch.nn.functional.linear is zero3_linear_wrap:
+        logger.warning(
+            'DeepSpeed ZeRO-3 "memory_efficient_linear" has replaced torch.nn.functional.linear with a version '
+            "whose backward always computes each Linear's weight gradient, which dpscale does not use (it builds "
+            "clipped per-example sums instead): one wasted matmul per Linear per backward, about a third of the "
+            'backward. Set "zero_optimization": {"memory_efficient_linear": false} in every ZeRO-3 config of the '
+            "process (ds_configs/zero3.json does); DeepSpeed's replacement persists once installed."
+        )
+
+
 def _offload_device(offload) -> str:
     """"none", "cpu" or "nvme" for an offload_optimizer / offload_param config section."""
     if offload is None:
@@ -177,6 +201,9 @@ class DeepSpeedBackend:
         self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
         self.verify_steps = verify_steps
         self._low_precision = bool(ds_engine.bfloat16_enabled())
+        # Stages 1-3 average the gradients over the group; stage 0 is reduced here, by a SUM.
+        self._average_compensation = self.world_size if self.stage else 1
+        _warn_if_weight_gradients_are_computed()
         self._engine = None
         self._parameters: dict[str, nn.Parameter] = {}
         self._slices: dict[int, list[_Slice]] = {}
@@ -198,6 +225,7 @@ class DeepSpeedBackend:
         names = {id(p): n for n, p in self._parameters.items()}
         if engine.model is not self.ds_engine.module:
             raise ConfigError("Build the PrivacyEngine on ds_engine.module (its parameter names key the noise).")
+        check_same_key(engine.noise_key, self.group)
         base = self._base_optimizer()
         self._slices = self._partition_slices(names)
         self._check_every_element_owned_once()
@@ -213,11 +241,14 @@ class DeepSpeedBackend:
             return
         shape = _full_shape(param)
         clipped = clipped.reshape(shape) if clipped.numel() else torch.zeros(shape, dtype=param.dtype, device=clipped.device)
+        # DeepSpeed averages over the data-parallel group (stages 1-3): scaling here, in the copy or
+        # addition the gradient needs anyway, makes its average the sum without another pass.
         grad = param.grad
         if grad is None:
-            _set_grad(param, clipped.to(param.dtype).contiguous())
+            first = clipped.to(param.dtype)
+            _set_grad(param, first * self._average_compensation if self._average_compensation != 1 else first.contiguous())
         else:
-            grad.add_(clipped.to(grad.dtype))
+            grad.add_(clipped.to(grad.dtype), alpha=self._average_compensation)
 
     def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
         """Called by the engine once per logical step (from the first base-optimizer call of a
@@ -245,10 +276,6 @@ class DeepSpeedBackend:
                     _set_grad(p, torch.zeros(_full_shape(p), dtype=p.dtype, device=p.device))
             if verify:
                 self._expected = self._sum_over_ranks()
-            if self.stage:
-                # DeepSpeed averages over the data-parallel group: pre-multiply so it delivers the sum.
-                for p in self._parameters.values():
-                    p.grad.mul_(self.world_size)
         self._reduced = True
 
     @contextmanager
@@ -352,6 +379,7 @@ class DeepSpeedBackend:
 
     def _sum_over_ranks(self) -> dict[str, Tensor]:
         flat = torch.cat([p.grad.detach().reshape(-1).to(torch.float64) for p in self._parameters.values()])
+        flat /= self._average_compensation  # the local sums themselves, before the compensation
         if self.world_size > 1:
             dist.all_reduce(flat, group=self.group)
         out, position = {}, 0

@@ -22,4 +22,6 @@ class LocalBackend:
         for name, p in parameters.items():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)  # an empty Poisson batch still gets its noise
+            elif not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()  # noise is added to the flattened, row-major view
             add_noise(name, p.grad.view(-1), 0)

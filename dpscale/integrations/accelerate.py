@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dpscale.backends import DataParallelBackend, LocalBackend
@@ -110,7 +109,6 @@ def make_private(
                 "and pass noise_key=path on every rank."
             )
         key = noise_key if isinstance(noise_key, NoiseKey) else NoiseKey.from_file(noise_key)
-        _check_same_key(key, model.process_group)
         backend = DataParallelBackend(model.process_group)
     else:
         key = noise_key
@@ -133,13 +131,3 @@ def make_data_loader(accelerator, engine: PrivacyEngine, dataset, *, max_physica
     if is_deepspeed(accelerator):  # each logical batch ends with one DeepSpeed step
         return stepping_loader(engine, loader)
     return loader
-
-
-def _check_same_key(key: NoiseKey, group) -> None:
-    fingerprints = [None] * dist.get_world_size(group)
-    dist.all_gather_object(fingerprints, key.fingerprint, group=group)
-    if len(set(fingerprints)) != 1:
-        raise ConfigError(
-            "The ranks hold different noise keys (fingerprints differ): every rank must read the same key "
-            "file, or the batches would not be one Poisson draw and the noise not one draw per coordinate."
-        )

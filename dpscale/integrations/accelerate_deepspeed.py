@@ -63,7 +63,7 @@ def make_private_deepspeed(accelerator, model, optimizer, config: DPConfig, *,
     checked to be the one Accelerate wrapped."""
     import deepspeed
 
-    from dpscale.integrations.accelerate import _check_same_key, check_accelerator
+    from dpscale.integrations.accelerate import check_accelerator
 
     check_accelerator(accelerator, deepspeed=True)  # fp16 scaler, accumulation, torch.compile
     if not isinstance(model, deepspeed.DeepSpeedEngine):
@@ -81,8 +81,6 @@ def make_private_deepspeed(accelerator, model, optimizer, config: DPConfig, *,
         )
     key = noise_key if noise_key is None or isinstance(noise_key, NoiseKey) else NoiseKey.from_file(noise_key)
     backend = DeepSpeedBackend(model)  # refuses engine clipping, fp16, DeepSpeed-side accumulation, ...
-    if key is not None and backend.world_size > 1:
-        _check_same_key(key, backend.group)
     return PrivacyEngine(model.module, config, noise_key=key, rules=rules, backend=backend)
 
 
