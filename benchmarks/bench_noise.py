@@ -67,6 +67,7 @@ def main() -> None:
     key = NoiseKey.generate()
     n = args.numel
     zeros = bytes(8 * n)  # our generator consumes 8 keystream bytes per Gaussian
+    target = torch.zeros(n)
 
     def keystream() -> bytes:
         cipher = Cipher(algorithms.ChaCha20(bytes(range(32)), bytes(16)), mode=None)
@@ -75,6 +76,7 @@ def main() -> None:
     cases = [  # (label, work units, unit, function)
         ("dpscale gaussian float32", n, "Gaussians", lambda: gaussian(key, 1, "w", n)),
         ("dpscale gaussian float64", n, "Gaussians", lambda: gaussian(key, 1, "w", n, dtype=torch.float64)),
+        ("dpscale add noise float32", n, "Gaussians", lambda: add_gaussian_noise_(target, key, 1, "w", 1.0)),
         ("torch.randn float32", n, "Gaussians", lambda: torch.randn(n)),
         ("torch.randn float64", n, "Gaussians", lambda: torch.randn(n, dtype=torch.float64)),
         ("ChaCha20 keystream (OpenSSL)", 8 * n, "bytes", keystream),

@@ -392,35 +392,7 @@ def test_add_noise_rejects_integer_tensors():
         add_gaussian_noise_(torch.zeros(3, dtype=torch.int32), KEY, 0, "w", std=1.0)
 
 
-# --- threads and scratch reuse ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("numel, offset", [(5 * noise._CHUNK + 77, 0), (7 * noise._CHUNK, 12345),
-                                           (6 * noise._CHUNK - 1, noise._CHUNK - 3)])
-def test_threads_do_not_change_the_noise(monkeypatch, dtype, numel, offset):
-    base = torch.randn(numel, generator=torch.Generator().manual_seed(2)).to(dtype)
-    serial = add_gaussian_noise_(base.clone(), KEY, 4, "t.w", std=1.3, offset=offset, threads=1)
-    for threads in (2, 3, 8):
-        calls = []
-        real = noise._add_noise_to_flat
-        monkeypatch.setattr(noise, "_add_noise_to_flat", lambda flat, *a: calls.append(flat.numel()) or real(flat, *a))
-        threaded = add_gaussian_noise_(base.clone(), KEY, 4, "t.w", std=1.3, offset=offset, threads=threads)
-        monkeypatch.undo()
-        assert len(calls) > 1 and sum(calls) == numel  # the work was really split
-        assert torch.equal(threaded, serial), threads
-    # a strided view takes the same values, row-major
-    holder = torch.zeros(numel, 2, dtype=dtype)
-    holder[:, 0] = base
-    strided = holder[:, 0]
-    assert not strided.is_contiguous()
-    add_gaussian_noise_(strided, KEY, 4, "t.w", std=1.3, offset=offset, threads=3)
-    assert torch.equal(strided, serial)
-
-
-def test_threads_must_be_positive():
-    with pytest.raises(ConfigError, match="threads"):
-        add_gaussian_noise_(torch.zeros(4), KEY, 0, "w", std=1.0, threads=0)
+# --- scratch reuse and the sine ------------------------------------------------------------------
 
 
 def test_box_muller_scratch_reuse_leaves_no_trace():
