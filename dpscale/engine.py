@@ -55,7 +55,8 @@ class PrivacyEngine:
         example's gradient (tensor-parallel shards); per-example squared norms of the sharded
         parameters are summed over it before clipping. Data-parallel ranks never belong in it.
     sharded_parameters: with ``model_parallel_group``, the names of the parameters split across
-        it; every other trainable parameter is replicated there and counted once.
+        it; every other trainable parameter is replicated there and counted once. Both default to
+        what the backend declares (the DeepSpeed backend reads DeepSpeed AutoTP's split).
     """
 
     def __init__(
@@ -85,6 +86,9 @@ class PrivacyEngine:
         self.config = config
         self.rules = (rules or default_registry()).copy()
         self.backend: GradientBackend = backend if backend is not None else LocalBackend()
+        declared = getattr(self.backend, "model_parallel", None)  # a backend that knows the split (AutoTP)
+        if declared is not None and model_parallel_group is None and sharded_parameters is None:
+            model_parallel_group, sharded_parameters = declared
         self.model_parallel_group = model_parallel_group
         self._sharded = frozenset(sharded_parameters or ())
         if (model_parallel_group is None) != (sharded_parameters is None):

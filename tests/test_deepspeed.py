@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("deepspeed")
 
@@ -45,13 +46,13 @@ def compare(tmp_path: Path, label: str, clippings, tolerance: float = 1e-5, pref
             assert err <= tolerance, f"{label} {clipping}: {name} differs from one process by {err:.3g}"
 
 
-def launch(tmp_path: Path, **spec) -> None:
+def launch(tmp_path: Path, worker: Path = WORKER, **spec) -> None:
     spec = {"out": str(tmp_path), **spec}
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(path)]
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), str(path)]
     try:
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as error:
@@ -109,6 +110,51 @@ def test_zero3_offload_with_deepspeed_cpu_adam(tmp_path):
     launch(tmp_path, stage=3, clippings=["flat"], optimizer="cpu_adam",
            ds_overrides={"zero_optimization": CPU_OFFLOAD["zero_optimization"]})
     compare(tmp_path, "ZeRO-3 offload, DeepSpeedCPUAdam", ["flat"], optimizer="cpu_adam")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1])
+def test_autotp_split_matches_unsharded(tmp_path, stage):
+    """DeepSpeed AutoTP (tensor parallel over both ranks): each example's gradient is spread over
+    the ranks, the engine all-reduces the shards' squared norms over the tensor-parallel group (and
+    counts the replicated parameters once), and each shard's noise is the full parameter's. After 2
+    noised steps the reassembled parameters equal the unsharded single-process run."""
+    from tests import autotp_worker
+
+    launch(tmp_path, worker=ROOT / "tests" / "autotp_worker.py", stage=stage, clippings=["flat", "per_layer"])
+    for clipping in ("flat", "per_layer"):
+        got = torch.load(tmp_path / f"{clipping}.pt", weights_only=True)
+        expected = autotp_worker.reference(clipping)
+        assert set(got) == set(expected)
+        for name, value in expected.items():
+            err = float((got[name] - value).abs().max())
+            assert err <= 1e-5, f"AutoTP ZeRO-{stage} {clipping}: {name} differs from one process by {err:.3g}"
+
+
+def test_other_autotp_layers_are_refused():
+    """An AutoTP layer dpscale has no rule for (fused layouts, custom ones) must not fall to the
+    generic fallback, which would not see its collectives."""
+    from deepspeed.module_inject.layers import TensorParallel_Layer
+
+    from dpscale import DPConfig, PrivacyEngine, UnsupportedModuleError
+
+    class FusedSomething(TensorParallel_Layer):
+        def __init__(self):
+            super().__init__(None)
+            self.weight = nn.Parameter(torch.ones(3, 2))
+
+        def forward(self, x):
+            return x @ self.weight.t()
+
+        def gather_params(self, params_list):
+            pass
+
+        def _tp_partition(self, params_list):
+            pass
+
+    model = nn.Sequential(nn.Linear(2, 2), FusedSomething())
+    with pytest.raises(UnsupportedModuleError, match="FusedSomething"):
+        PrivacyEngine(model, DPConfig(max_grad_norm=1.0, expected_batch_size=2, noise_multiplier=1.0))
 
 
 # bf16: the reference applies DeepSpeed's rounding in one process (the module cast to bf16 first and

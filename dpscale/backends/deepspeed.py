@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dpscale.backends.autotp import autotp_layouts
 from dpscale.backends.base import NoiseFn
 from dpscale.backends.shared_key import check_same_key
 from dpscale.errors import ConfigError
@@ -201,6 +202,10 @@ class DeepSpeedBackend:
         self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
         self.verify_steps = verify_steps
         self._low_precision = bool(ds_engine.bfloat16_enabled())
+        # AutoTP: which parameters are shards of one example's gradient, and where they sit in the
+        # full parameters (the engine sums their squared norms over the tensor-parallel group).
+        tp_group, self._layouts = autotp_layouts(ds_engine.module)
+        self.model_parallel = (tp_group, frozenset(self._layouts)) if self._layouts else None
         # Stages 1-3 average the gradients over the group; stage 0 is reduced here, by a SUM.
         self._average_compensation = self.world_size if self.stage else 1
         _warn_if_weight_gradients_are_computed()
@@ -418,8 +423,18 @@ class DeepSpeedBackend:
                     view = grad[s.position : s.position + s.numel]
                     if verify is not None:
                         _verify(view, verify[s.name][s.start : s.start + s.numel], s.name, self._low_precision)
-                    self._add_noise(s.name, view, s.start)
+                    self._noise(s.name, view, s.start)
         self._expected = None
+
+    def _noise(self, name: str, view: Tensor, start: int) -> None:
+        """Noise of this rank's elements [start, start + numel) of parameter ``name``: for an AutoTP
+        shard, the full parameter's elements they are (so the noise does not depend on the split)."""
+        layout = self._layouts.get(name)
+        if layout is None:
+            self._add_noise(name, view, start)
+            return
+        for position, full, length in layout.runs(start, view.numel()):
+            self._add_noise(name, view[position : position + length], full)
 
     def _reduce_stage0(self) -> None:
         self._expected = None  # stage 0: the backend reduces itself, nothing of DeepSpeed's to verify
@@ -427,7 +442,7 @@ class DeepSpeedBackend:
         for name, p in self._parameters.items():
             flat = p.grad.view(-1)
             for s in self._slices[id(p)]:
-                self._add_noise(name, flat[s.position : s.position + s.numel], s.start)
+                self._noise(name, flat[s.position : s.position + s.numel], s.start)
             grads.append(p.grad)
         if self.world_size > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])

@@ -10,6 +10,7 @@ from dpscale.layers.embedding import EMBEDDING
 from dpscale.layers.linear import LINEAR, TRANSPOSED_LINEAR
 from dpscale.layers.normalization import BROADCAST_SCALE, LAYER_NORM, RMS_NORM, is_huggingface_rms_norm
 from dpscale.layers.registry import Rule, RuleRegistry
+from dpscale.layers.tensor_parallel import TP_LINEAR, TP_UNSUPPORTED, is_autotp_layer, is_autotp_linear
 
 
 def _same_forward(base: type):
@@ -36,6 +37,8 @@ def default_registry() -> RuleRegistry:
     from transformers.pytorch_utils import Conv1D  # a dependency; imported when a registry is built
 
     registry.register(Conv1D, TRANSPOSED_LINEAR)
+    registry.register(is_autotp_layer, TP_UNSUPPORTED)  # DeepSpeed AutoTP: only the two plain layers
+    registry.register(is_autotp_linear, TP_LINEAR)
     return registry
 
 
