@@ -10,7 +10,7 @@ biases are replicated). Both ranks see the same examples. Rank 0 writes the full
 shards reassembled, to {out}/{clipping}.pt; ``reference(clipping)`` is the unsharded single-process
 run on the same batches and key.
 
-SPEC keys: out, stage (0 or 1), clippings.
+SPEC keys: out, stage (0-3), clippings.
 """
 
 from __future__ import annotations
@@ -118,7 +118,11 @@ def run(spec: dict) -> None:
         assert engine.model_parallel_group is not None and len(engine._sharded) >= 12, sorted(engine._sharded)
         train(module, engine, ds_engine.step, backend.accumulation)
         assert engine.steps_taken == len(STEPS)
-        full = full_parameters(module, backend._layouts)
+        if spec["stage"] == 3:
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                full = full_parameters(module, backend._layouts)
+        else:
+            full = full_parameters(module, backend._layouts)
         if rank == 0:
             torch.save(full, os.path.join(spec["out"], f"{clipping}.pt"))
         engine.detach()

@@ -113,7 +113,7 @@ def test_zero3_offload_with_deepspeed_cpu_adam(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_autotp_split_matches_unsharded(tmp_path, stage):
     """DeepSpeed AutoTP (tensor parallel over both ranks): each example's gradient is spread over
     the ranks, the engine all-reduces the shards' squared norms over the tensor-parallel group (and

@@ -74,9 +74,10 @@ def autotp_layouts(module: nn.Module) -> tuple[object, dict[str, ShardLayout]]:
                 continue
             expected = list(full_shape)
             expected[dim] = size
-            if tuple(param.shape) != tuple(expected):
+            shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions the shard again
+            if shape != tuple(expected):
                 raise ConfigError(
-                    f"AutoTP shard '{prefix}{local}' has shape {tuple(param.shape)}, expected {tuple(expected)} "
+                    f"AutoTP shard '{prefix}{local}' has shape {shape}, expected {tuple(expected)} "
                     f"from its recorded split {sizes}: DeepSpeed's layout changed; use deepspeed 0.19.x."
                 )
             layouts[prefix + local] = ShardLayout(full_shape, dim, start, size)
