@@ -237,11 +237,19 @@ class PrivacyEngine:
 
     # data -------------------------------------------------------------------------------------
 
-    def make_data_loader(self, dataset, *, max_physical_batch_size: int, collate_fn=None, rank: int = 0,
-                         world_size: int = 1) -> DPDataLoader:
+    def make_data_loader(self, dataset, *, max_physical_batch_size: int, collate_fn=None, rank: int | None = None,
+                         world_size: int | None = None) -> DPDataLoader:
         """The loader whose sampling the accountant assumes: Poisson at q = B / N (or shuffled
         fixed-size batches when DPConfig says sampling="shuffle"), split into micro-batches of at
-        most ``max_physical_batch_size``. Its randomness is derived from the secret noise key."""
+        most ``max_physical_batch_size``. Its randomness is derived from the secret noise key.
+
+        rank, world_size: this process's part of each global batch. By default its position in the
+        backend's data-parallel group: ranks that hold shards of one model (tensor parallel) see the
+        same examples, data-parallel ranks disjoint ones."""
+        if rank is None and world_size is None:
+            rank, world_size = getattr(self.backend, "rank", 0), getattr(self.backend, "world_size", 1)
+        elif rank is None or world_size is None:
+            raise ConfigError("make_data_loader: give both rank and world_size, or neither.")
         if self.plan.sample_rate is None:
             raise ConfigError("make_data_loader needs DPConfig(dataset_size=N).")
         if len(dataset) != self.plan.dataset_size:

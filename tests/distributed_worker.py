@@ -216,7 +216,11 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tenso
         if accelerator is not None:
             loader = make_data_loader(accelerator, engine, data, max_physical_batch_size=MICRO)
         else:
-            loader = engine.make_data_loader(data, max_physical_batch_size=MICRO, rank=share[0], world_size=share[1])
+            # The engine's default split is the backend's data-parallel position: (rank, world) under
+            # DDP, (0, 1) for the model-parallel ranks, which share every example.
+            loader = engine.make_data_loader(data, max_physical_batch_size=MICRO)
+            split = (loader.batch_sampler.rank, loader.batch_sampler.world_size)
+            assert split == share, (split, share)
         local_batches = [list(b.indices) for _, b in zip(range(spec.get("steps", 2)), loader)]
     else:
         local_batches = [batch[share[0] :: share[1]] for batch in spec["batches"]]

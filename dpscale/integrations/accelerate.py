@@ -119,12 +119,13 @@ def make_private(
 def make_data_loader(accelerator, engine: PrivacyEngine, dataset, *, max_physical_batch_size: int,
                      collate_fn=None) -> DPDataLoader:
     """This rank's part of each global Poisson batch (positions rank::world_size of the draw every
-    rank makes from the shared key). Do not pass it through ``accelerator.prepare``: that would
+    rank makes from the shared key; rank and world size within the data-parallel group). Do not pass it through ``accelerator.prepare``: that would
     re-shard it. Micro-batches are moved to ``accelerator.device`` by the collator given here, or
     by the user."""
+    # The engine's backend knows this process's data-parallel position: under DeepSpeed AutoTP the
+    # tensor-parallel ranks of one replica share its examples, so process_index would be wrong.
     loader = engine.make_data_loader(
         dataset, max_physical_batch_size=max_physical_batch_size, collate_fn=collate_fn,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
     from dpscale.integrations.accelerate_deepspeed import is_deepspeed, stepping_loader
 
