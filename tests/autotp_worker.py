@@ -2,11 +2,12 @@
 
     torchrun --nproc_per_node 2 tests/autotp_worker.py SPEC.json
 
-Both ranks form one tensor-parallel group (autotp_size 2, so no data parallelism): every Linear of
+Ranks pair up in tensor-parallel groups of 2 (autotp_size 2; with 4 processes, 2 data-parallel
+replicas of 2 ranks each): every Linear of
 a tiny Llama with attention and MLP biases is split over them (q/k/v, gate/up by rows, o/down by
 columns), so each example's gradient is spread over both ranks and the engine must all-reduce the
 squared norms of the shards (only theirs: embeddings, norms, the head and the row-split layers'
-biases are replicated). Both ranks see the same examples. Rank 0 writes the full parameters,
+biases are replicated). The two ranks of a group see the same examples. Rank 0 writes the full parameters,
 shards reassembled, to {out}/{clipping}.pt; ``reference(clipping)`` is the unsharded single-process
 run on the same batches and key.
 
@@ -53,9 +54,15 @@ def data() -> torch.Tensor:
     return torch.randint(0, VOCAB, (9, T), generator=torch.Generator().manual_seed(1))
 
 
-def train(model: nn.Module, engine: PrivacyEngine, step_fn, accumulate) -> None:
+def train(model: nn.Module, engine: PrivacyEngine, step_fn, accumulate, dp_rank: int = 0, dp_world: int = 1) -> None:
+    """Each data-parallel replica takes examples dp_rank::dp_world of every global batch, in one
+    micro-batch (the same count on every rank, as ZeRO-3 needs; the reference, one replica, uses
+    the global micro-batches)."""
     ids = data()
     for micros in STEPS:
+        if dp_world > 1:
+            local = [i for micro in micros for i in micro][dp_rank::dp_world]
+            micros = [local]
         with accumulate():
             for micro in micros:
                 engine.backward(causal_lm_losses(model(input_ids=ids[micro]).logits, ids[micro]))
@@ -78,8 +85,8 @@ def reference(clipping: str) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def full_parameters(module: nn.Module, layouts) -> dict[str, torch.Tensor]:
-    """Every parameter at full size: shards all-gathered along their split dimension."""
+def full_parameters(module: nn.Module, layouts, group) -> dict[str, torch.Tensor]:
+    """Every parameter at full size: shards all-gathered over the tensor-parallel group."""
     import torch.distributed as dist
 
     out = {}
@@ -87,8 +94,8 @@ def full_parameters(module: nn.Module, layouts) -> dict[str, torch.Tensor]:
         value = p.detach().float().contiguous()
         layout = layouts.get(name)
         if layout is not None:
-            pieces = [torch.empty_like(value) for _ in range(dist.get_world_size())]
-            dist.all_gather(pieces, value)
+            pieces = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(pieces, value, group=group)
             value = torch.cat(pieces, dim=layout.dim)
             assert tuple(value.shape) == layout.full_shape, (name, value.shape, layout.full_shape)
         out[name] = value
@@ -116,13 +123,14 @@ def run(spec: dict) -> None:
         backend = DeepSpeedBackend(ds_engine)
         engine = PrivacyEngine(module, config(clipping), backend=backend, noise_key=KEY)
         assert engine.model_parallel_group is not None and len(engine._sharded) >= 12, sorted(engine._sharded)
-        train(module, engine, ds_engine.step, backend.accumulation)
+        assert dist.get_world_size() == 2 * backend.world_size  # tensor parallel 2 x data parallel
+        train(module, engine, ds_engine.step, backend.accumulation, backend.rank, backend.world_size)
         assert engine.steps_taken == len(STEPS)
         if spec["stage"] == 3:
             with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                full = full_parameters(module, backend._layouts)
+                full = full_parameters(module, backend._layouts, engine.model_parallel_group)
         else:
-            full = full_parameters(module, backend._layouts)
+            full = full_parameters(module, backend._layouts, engine.model_parallel_group)
         if rank == 0:
             torch.save(full, os.path.join(spec["out"], f"{clipping}.pt"))
         engine.detach()
@@ -133,3 +141,6 @@ def run(spec: dict) -> None:
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         run(json.load(f))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()

@@ -46,12 +46,12 @@ def compare(tmp_path: Path, label: str, clippings, tolerance: float = 1e-5, pref
             assert err <= tolerance, f"{label} {clipping}: {name} differs from one process by {err:.3g}"
 
 
-def launch(tmp_path: Path, worker: Path = WORKER, **spec) -> None:
+def launch(tmp_path: Path, worker: Path = WORKER, processes: int = 2, **spec) -> None:
     spec = {"out": str(tmp_path), **spec}
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), str(path)]
     try:
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -113,22 +113,24 @@ def test_zero3_offload_with_deepspeed_cpu_adam(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_autotp_split_matches_unsharded(tmp_path, stage):
-    """DeepSpeed AutoTP (tensor parallel over both ranks): each example's gradient is spread over
-    the ranks, the engine all-reduces the shards' squared norms over the tensor-parallel group (and
-    counts the replicated parameters once), and each shard's noise is the full parameter's. After 2
-    noised steps the reassembled parameters equal the unsharded single-process run."""
+@pytest.mark.parametrize("processes, stage", [(2, 0), (2, 1), (2, 2), (2, 3), (4, 1), (4, 3)])
+def test_autotp_split_matches_unsharded(tmp_path, processes, stage):
+    """DeepSpeed AutoTP, tensor-parallel groups of 2 (and, with 4 processes, 2 data-parallel
+    replicas): each example's gradient is spread over a group, the engine all-reduces the shards'
+    squared norms over it (and counts the replicated parameters once), each shard's noise is the
+    full parameter's, and ZeRO reduces over the replicas only. After 2 noised steps the
+    reassembled parameters equal the unsharded single-process run."""
     from tests import autotp_worker
 
-    launch(tmp_path, worker=ROOT / "tests" / "autotp_worker.py", stage=stage, clippings=["flat", "per_layer"])
+    launch(tmp_path, worker=ROOT / "tests" / "autotp_worker.py", processes=processes, stage=stage,
+           clippings=["flat", "per_layer"])
     for clipping in ("flat", "per_layer"):
         got = torch.load(tmp_path / f"{clipping}.pt", weights_only=True)
         expected = autotp_worker.reference(clipping)
         assert set(got) == set(expected)
         for name, value in expected.items():
             err = float((got[name] - value).abs().max())
-            assert err <= 1e-5, f"AutoTP ZeRO-{stage} {clipping}: {name} differs from one process by {err:.3g}"
+            assert err <= 1e-5, f"AutoTP x{processes} ZeRO-{stage} {clipping}: {name} differs from one process by {err:.3g}"
 
 
 def test_other_autotp_layers_are_refused():
