@@ -46,6 +46,11 @@ How it maps onto DeepSpeed 0.19 (checked at construction; other versions are ref
 * ``padding()``: under ZeRO-3 a rank with fewer micro-batches runs extra forward/backward passes
   for the collectives; inside this block their clipped sums are dropped (the Accelerate integration
   uses it; with ``deepspeed.initialize`` multiplying the padding losses by 0 does the same).
+* AutoTP (``"tensor_parallel": {"autotp_size": k}``, ZeRO 0-3): the backend reads AutoTP's split
+  (``dpscale/backends/autotp.py``), declares the tensor-parallel group and the shards to the engine
+  (their per-example squared norms are summed over the group) and maps each shard's noise to the
+  full parameter's elements. ``rank`` / ``world_size`` are the data-parallel position, which the
+  engine's data loader uses: the ranks of one tensor-parallel group share their examples.
 """
 
 from __future__ import annotations
