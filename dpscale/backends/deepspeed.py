@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from dpscale.backends.autotp import autotp_layouts
 from dpscale.backends.base import NoiseFn
+from dpscale.backends.data_parallel import owned_range
 from dpscale.backends.shared_key import check_same_key
 from dpscale.errors import ConfigError
 
@@ -336,7 +337,7 @@ class DeepSpeedBackend:
             if stepped != set(names):
                 raise ConfigError("DeepSpeed's optimizer must update exactly the parameters the privacy engine clips.")
             for name, p in self._parameters.items():
-                a, b = _owned_range(p.numel(), self.rank, self.world_size)
+                a, b = owned_range(p.numel(), self.rank, self.world_size)
                 slices.setdefault(id(p), []).append(_Slice(name, a, a, b - a))
         elif self.stage in (1, 2):
             for i, group in enumerate(zero.round_robin_bit16_groups):
@@ -473,10 +474,6 @@ def _verify(actual: Tensor, expected: Tensor, name: str, low_precision: bool) ->
             'config scales gradients: check "gradient_predivide_factor", "prescale_gradients", '
             '"communication_data_type", "gradient_clipping" and loss scaling.'
         )
-
-
-def _owned_range(numel: int, rank: int, world: int) -> tuple[int, int]:
-    return numel * rank // world, numel * (rank + 1) // world
 
 
 def _full_shape(p: nn.Parameter) -> torch.Size:
