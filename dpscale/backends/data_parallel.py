@@ -103,11 +103,10 @@ class DataParallelBackend:
             param.grad.add_(clipped.reshape(param.shape))
 
     def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
-        buckets = self._buckets
-        if buckets is None or [n for b in buckets for n, _ in b.named] != list(parameters):
-            buckets = _buckets(list(parameters.items()), self.bucket_bytes)  # not bound: this step only
+        if self._buckets is None:  # used without an engine's bind(): lay out what we are given
+            self._buckets = _buckets(list(parameters.items()), self.bucket_bytes)
         pending = []
-        for bucket in buckets:
+        for bucket in self._buckets:
             for name, p in bucket.named:
                 view = bucket.views[name]
                 if p.grad is None:

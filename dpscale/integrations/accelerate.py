@@ -119,9 +119,9 @@ def make_private(
 def make_data_loader(accelerator, engine: PrivacyEngine, dataset, *, max_physical_batch_size: int,
                      collate_fn=None) -> DPDataLoader:
     """This rank's part of each global Poisson batch (positions rank::world_size of the draw every
-    rank makes from the shared key; rank and world size within the data-parallel group). Do not pass it through ``accelerator.prepare``: that would
-    re-shard it. Micro-batches are moved to ``accelerator.device`` by the collator given here, or
-    by the user."""
+    rank makes from the shared key; rank and world size within the data-parallel group). Do not
+    pass it through ``accelerator.prepare``: that would re-shard it. Micro-batches are moved to
+    ``accelerator.device`` by the collator given here, or by the user."""
     # The engine's backend knows this process's data-parallel position: under DeepSpeed AutoTP the
     # tensor-parallel ranks of one replica share its examples, so process_index would be wrong.
     loader = engine.make_data_loader(
