@@ -33,7 +33,8 @@ def main() -> None:
                                    num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024, use_cache=False)
     model = transformers.LlamaForCausalLM(cfg)
     engine = dpscale.PrivacyEngine(model, dpscale.DPConfig(max_grad_norm=1.0, expected_batch_size=args.batch,
-                                                           noise_multiplier=1.0, dataset_size=50_000),
+                                                           noise_multiplier=1.0, dataset_size=50_000,
+                                                           sampling_declared_by_user=True),  # fixed benchmark batches
                                    noise_key=NoiseKey.generate())
     optimizer = engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=1e-4))
     noise_times, step_times = [], []

@@ -183,7 +183,7 @@ def ddp_mode(args: argparse.Namespace, private: bool, subset: str = "full", bias
     from dpscale.backends import DataParallelBackend
     from dpscale.losses import causal_lm_losses
 
-    engine = PrivacyEngine(ddp, dp_config(args), backend=DataParallelBackend(ddp.process_group),
+    engine = PrivacyEngine(ddp, dp_config(args), backend=DataParallelBackend.for_ddp(ddp),
                            noise_key=noise_key(), rules=dp_rules(args))
     engine.attach_optimizer(optimizer)
 

@@ -154,6 +154,7 @@ def build_dpscale(args: argparse.Namespace) -> Runner:
             clip_fn="abadi",
             expected_batch_size=args.batch,
         ),
+        optimizer=optimizer,  # attached: its step closes the DP step (noise 0 here)
     )
 
     def backward(ids: torch.Tensor) -> None:

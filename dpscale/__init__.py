@@ -14,6 +14,9 @@ from dpscale.errors import (
     LossShapeError,
     NoTrainableParametersError,
     PrivacyBudgetError,
+    PrivacyBudgetExhausted,
+    SamplingError,
+    StepBoundaryError,
     TapeError,
     UnsupportedModuleError,
 )
@@ -22,7 +25,10 @@ _LAZY = {
     "PrivacyEngine": "dpscale.engine",
     "DPConfig": "dpscale.config",
     "ClippingPlan": "dpscale.clipping",
-    "PrivacyPlan": "dpscale.privacy",
+    "ExecutionPlan": "dpscale.plan",
+    "StepOutcome": "dpscale.driver",
+    "run_logical_step": "dpscale.driver",
+    "run_steps": "dpscale.driver",
     "Rule": "dpscale.layers",
     "RuleRegistry": "dpscale.layers",
     "default_registry": "dpscale.layers",
@@ -33,6 +39,7 @@ _LAZY = {
     "DPDataLoader": "dpscale.sampling",
     "PoissonBatchSampler": "dpscale.sampling",
     "LocalBackend": "dpscale.backends",
+    "DataParallelBackend": "dpscale.backends",
 }
 
 __all__ = [
@@ -42,6 +49,9 @@ __all__ = [
     "LossShapeError",
     "NoTrainableParametersError",
     "PrivacyBudgetError",
+    "PrivacyBudgetExhausted",
+    "SamplingError",
+    "StepBoundaryError",
     "TapeError",
     "UnsupportedModuleError",
 ]

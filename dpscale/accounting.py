@@ -29,6 +29,7 @@ Two ways a batch is drawn:
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import logging
 import math
@@ -247,14 +248,50 @@ def _epsilon(
     """Epsilon of already validated segments."""
     if not any(count for _, _, count in segments):
         return 0.0
-    if accountant == "pld":
-        return _pld_epsilon(segments, delta, sampling, dataset_size)
-    acc = _composed_accountant(segments, accountant, sampling, dataset_size)
-    return float(acc.get_epsilon(delta))
+    with _absl_warnings_as_debug():
+        if accountant == "pld":
+            return _pld_epsilon(segments, delta, sampling, dataset_size)
+        acc = _composed_accountant(segments, accountant, sampling, dataset_size)
+        return float(acc.get_epsilon(delta))
+
+
+class _ToDebug(logging.Filter):
+    """Drops a record from absl's logger and logs it again at DEBUG on ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger.debug("dp_accounting: %s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _absl_warnings_as_debug():
+    """dp_accounting warns through absl for every extreme order or sigma the calibration search
+    visits ("_compute_log_a_frac failed to converge", "Negative Renyi divergence"): expected there,
+    and harmless (the order is excluded, the bound stays valid), but they flood a user's output.
+    For the duration of our calls only, they go to dpscale's logger at DEBUG; the filter is removed
+    afterwards, so absl's logger is left as it was found."""
+    absl_logger = logging.getLogger("absl")
+    quiet = _ToDebug()
+    absl_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(quiet)
 
 
 # --------------------------------------------------------------------------------------------
 # Public functions.
+
+
+def steps_for_epochs(epochs: float, sample_rate: float) -> int:
+    """Steps that make ``epochs`` passes at rate q: ceil(epochs / q), at least 1. The quotient is
+    rounded to 9 digits first, so that 3 epochs at q = 0.04 are 75 steps, not 76 from float noise.
+    The one conversion of epochs to steps in dpscale (the engine, the CLI and the loaders use it)."""
+    if not (isinstance(epochs, numbers.Real) and 0 < epochs < math.inf):
+        raise ConfigError(f"epochs={epochs!r} must be a finite number > 0.")
+    if not (isinstance(sample_rate, numbers.Real) and 0 < sample_rate <= 1):
+        raise ConfigError(f"sample_rate={sample_rate!r} must lie in (0, 1].")
+    return max(1, math.ceil(round(epochs / sample_rate, 9)))
 
 
 def default_delta(dataset_size: int) -> float:

@@ -24,6 +24,7 @@ from dpscale.accounting import (
     calibrate_noise_multiplier,
     compute_epsilon,
     default_delta,
+    steps_for_epochs,
 )
 from dpscale.errors import ConfigError, DPScaleError
 
@@ -120,8 +121,7 @@ def _run_shape(args: argparse.Namespace) -> _RunShape:
             raise ConfigError(f"--epochs {args.epochs} must be a number > 0.")
         if not 0 < sample_rate <= 1:
             raise ConfigError(f"The sample rate {sample_rate:g} must lie in (0, 1].")
-        # Rounded first so that 3 epochs at q = 0.04 are 75 steps, not 76 from float noise.
-        steps = math.ceil(round(args.epochs / sample_rate, 9))
+        steps = steps_for_epochs(args.epochs, sample_rate)
     if args.delta is not None:
         delta = args.delta
     elif args.dataset_size is not None:

@@ -39,6 +39,14 @@ class DPConfig:
         R / sqrt(K) each.
     clip_fn: "abadi" (min(1, R_k / ||g_i||_k)) or "automatic" (R_k / (||g_i||_k + gamma), AUTO-S).
     automatic_gamma: gamma of automatic clipping (> 0).
+    sampling_declared_by_user: False (default): every accounted step must run on a logical batch
+        drawn by a dpscale loader bound to the engine (``engine.make_data_loader``), so the
+        accountant's sampling assumption holds by construction. True: the user declares that the
+        batches they feed are drawn as ``sampling`` says (Poisson at q = B / N, or shuffled);
+        dpscale cannot check it, and the privacy report says that the claim is the user's.
+    allow_budget_overrun: with target_epsilon, False (default) refuses the step that would take
+        epsilon past the target (``PrivacyBudgetExhausted``); True lets the run continue and
+        report the larger epsilon.
     """
 
     max_grad_norm: float
@@ -55,6 +63,8 @@ class DPConfig:
     group_max_grad_norms: Sequence[float] | None = None
     clip_fn: str = "abadi"
     automatic_gamma: float = 0.01
+    sampling_declared_by_user: bool = False
+    allow_budget_overrun: bool = False
 
     @property
     def sample_rate(self) -> float | None:
@@ -103,6 +113,9 @@ class DPConfig:
             raise ConfigError(f"accountant must be 'pld' or 'rdp', got {self.accountant!r}.")
         if self.sampling not in ("poisson", "shuffle"):
             raise ConfigError(f"sampling must be 'poisson' or 'shuffle', got {self.sampling!r}.")
+        for flag in ("sampling_declared_by_user", "allow_budget_overrun"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
 
     def _check_clipping_knobs(self) -> None:
         if not _positive(self.max_grad_norm):

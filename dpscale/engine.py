@@ -20,20 +20,27 @@ import torch
 from torch import Tensor, nn
 
 from dpscale.accounting import PrivacyAccountant
-from dpscale.backends import GradientBackend, LocalBackend
-from dpscale.backends.data_parallel import DataParallelBackend, attach_ddp
+from dpscale.backends import GradientBackend, select_backend
 from dpscale.checkpoint import load_state, save_atomic
 from dpscale.clipping import ClippingPlan, build_plan
 from dpscale.config import DPConfig
-from dpscale.errors import ConfigError, LossShapeError, NoTrainableParametersError, TapeError, UnsupportedModuleError
+from dpscale.errors import (
+    ConfigError,
+    LossShapeError,
+    NoTrainableParametersError,
+    PrivacyBudgetExhausted,
+    SamplingError,
+    StepBoundaryError,
+    TapeError,
+    UnsupportedModuleError,
+)
 from dpscale.layers import RuleRegistry, default_registry
 from dpscale.layers.functional import functional_grads
-from dpscale.noise import SCHEME as NOISE_SCHEME
-from dpscale.noise import NoiseKey, add_gaussian_noise_
+from dpscale.noise import NoiseKey, add_gaussian_noise_, load_noise_key
 from dpscale.per_example import GramCache, PerExampleGrad, total_squared_norm, weighted_sum
-from dpscale.privacy import PrivacyPlan, resolve_plan
+from dpscale.plan import ExecutionPlan, build_execution_plan
 from dpscale.report import write_report
-from dpscale.sampling import DPDataLoader
+from dpscale.sampling import DPDataLoader, LogicalBatch
 from dpscale.tape import Owner, RuleCall, Tape
 
 logger = logging.getLogger(__name__)
@@ -41,16 +48,31 @@ logger = logging.getLogger(__name__)
 
 class PrivacyEngine:
     """DP-SGD for ``model``'s trainable parameters: exact per-example clipping in ``backward``,
-    keyed Gaussian noise once per optimizer step, and the accountant's record of the steps.
+    keyed Gaussian noise once per logical step, and the accountant's record of the steps.
 
-    optimizer: attached now, or later with ``attach_optimizer``; noise is added in its step
-        pre-hook, once per ``optimizer.step()`` whatever the number of ``backward`` calls.
-    noise_key: a ``NoiseKey`` or the path of a key file (reproducible runs); default a fresh key
-        from os.urandom. The key is never logged nor saved in a checkpoint.
+    The engine owns the step boundary. A parameter never moves without its noise and no step is
+    accounted under a sampling assumption its batch did not satisfy; each way of getting this
+    wrong raises a dpscale error naming the fix:
+
+    * ``backward`` refuses to run until a step is bound: an optimizer attached (``optimizer=`` or
+      ``attach_optimizer``, whose step pre-hook adds the noise), or a backend that hooks its
+      training engine's own step (DeepSpeed).
+    * Parameters that move between a ``backward`` and the engine's step (an optimizer the engine
+      does not know consumed the clipped sums without noise) are detected at the next
+      ``backward``, step, ``epsilon()``, report or checkpoint (``StepBoundaryError``).
+    * With accounting (``dataset_size``), every step must run on a logical batch drawn by the
+      engine's own loader (``make_data_loader``), each drawn batch stepped exactly once, empty
+      ones included (``SamplingError``); or the user declares their sampling in the config.
+    * With ``target_epsilon``, the step past the budget is refused (``PrivacyBudgetExhausted``).
+
+    optimizer: attached now, or later with ``attach_optimizer``.
+    noise_key: a ``NoiseKey`` or the path of a key file (reproducible, resumable runs; required
+        with several processes, all reading the same file); default a fresh key. Never logged
+        nor saved.
     rules: a registry from ``dpscale.default_registry()`` with rules for custom layers
         registered on it; the engine keeps its own copy.
-    backend: where clipped sums go and which noise coordinates this process adds (default: one
-        process, ``LocalBackend``).
+    backend: where clipped sums go, which noise coordinates this process adds, how the step is
+        closed (default: ``LocalBackend``; a DDP-wrapped model gets ``DataParallelBackend``).
     model_parallel_group: a torch.distributed group whose ranks hold disjoint slices of each
         example's gradient (tensor-parallel shards); per-example squared norms of the sharded
         parameters are summed over it before clipping. Data-parallel ranks never belong in it.
@@ -73,20 +95,11 @@ class PrivacyEngine:
     ) -> None:
         if not isinstance(config, DPConfig):
             raise TypeError("config must be a dpscale.DPConfig")
-        # DistributedDataParallel: hooks and names on the inner module (the names key the noise),
-        # DDP's own reducer kept idle while attached, data-parallel backend by default.
-        self._ddp = attach_ddp(model)
-        if self._ddp is not None:
-            model = self._ddp.module
-            if backend is None:
-                backend = DataParallelBackend(self._ddp.process_group)
-            elif isinstance(backend, LocalBackend):
-                raise ConfigError("A DDP-wrapped model needs a backend that reduces across ranks (DataParallelBackend), not LocalBackend.")
+        self.backend, model = select_backend(model, backend)
         self.model = model
         self.config = config
         self.rules = (rules or default_registry()).copy()
-        self.backend: GradientBackend = backend if backend is not None else LocalBackend()
-        declared = getattr(self.backend, "model_parallel", None)  # a backend that knows the split (AutoTP)
+        declared = self.backend.model_parallel  # a backend that knows the split (AutoTP)
         if declared is not None and model_parallel_group is None and sharded_parameters is None:
             model_parallel_group, sharded_parameters = declared
         self.model_parallel_group = model_parallel_group
@@ -110,35 +123,91 @@ class PrivacyEngine:
         owners = find_owners(model, self.parameters, self.rules)
         self.clipping: ClippingPlan = build_plan(config, list(self.parameters))
         self._group_of = self.clipping.group_of()
+        self.noise_key = load_noise_key(noise_key)
+        self.plan: ExecutionPlan = build_execution_plan(
+            config, self.clipping, key_fingerprint=self.noise_key.fingerprint,
+            rank=self.backend.rank, world_size=self.backend.world_size,
+        )
+        self.accountant = PrivacyAccountant(self.plan.accounting.accountant, self.plan.sampling.kind,
+                                            self.plan.sampling.dataset_size)
+        self.steps_taken = 0
+        self.data_loader: DPDataLoader | None = None
+        self.last_norms: Tensor | None = None
+        self.last_group_norms: Tensor | None = None
+        self.last_clip_factors: Tensor | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._pending_versions: tuple[int, ...] | None = None  # clipped sums written, not yet stepped
+        self._drawn_step: int | None = None  # the logical batch the bound loader handed out for this step
         self._tape = Tape(model, owners)
-        if self._ddp is not None:
-            self._ddp.silence()
-        self._handles = [
+        self._handles: list = [
             module.register_forward_pre_hook(_refuse_training_batch_norm)
             for module in model.modules()
             if isinstance(module, nn.modules.batchnorm._BatchNorm)
         ]
-        self.last_norms: Tensor | None = None
-        self.last_group_norms: Tensor | None = None
-        self.last_clip_factors: Tensor | None = None
-        self.plan: PrivacyPlan = resolve_plan(config, self.clipping)
-        self.noise_key = _as_key(noise_key)
-        self.accountant = PrivacyAccountant(self.plan.accountant, self.plan.sampling, self.plan.dataset_size)
-        self.steps_taken = 0
-        self.data_loader: DPDataLoader | None = None
-        self._optimizer_handles: list = []
-        bind = getattr(self.backend, "bind", None)  # a backend that hooks its engine's own step
-        if bind is not None:
-            self._optimizer_handles.extend(bind(self))
+        self._handles.extend(self.backend.bind(self))
         if optimizer is not None:
             self.attach_optimizer(optimizer)
+        _log_plan(self.plan)
+
+    # what the user sees -------------------------------------------------------------------------
+
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma: calibrated for target_epsilon, or the one given."""
+        return self.plan.noise.noise_multiplier
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the noise added to each coordinate of the averaged gradient: sigma R / B."""
+        return self.plan.noise.std
+
+    @property
+    def delta(self) -> float | None:
+        return self.plan.accounting.delta
+
+    @property
+    def sample_rate(self) -> float | None:
+        """q = B / N (None without dataset_size)."""
+        return self.plan.sampling.sample_rate
+
+    @property
+    def planned_steps(self) -> int | None:
+        return self.plan.accounting.planned_steps
+
+    @property
+    def target_epsilon(self) -> float | None:
+        return self.plan.accounting.target_epsilon
+
+    @property
+    def budget_steps(self) -> int | None:
+        """With target_epsilon: the most steps whose epsilon stays within it (None otherwise)."""
+        return self.plan.accounting.budget_steps
+
+    @property
+    def budget_exhausted(self) -> bool:
+        """True when the next step would take epsilon past the target (and overrun is not allowed):
+        a driver stops here, saves, and says so."""
+        acc = self.plan.accounting
+        return acc.budget_steps is not None and not acc.allow_budget_overrun and self.steps_taken >= acc.budget_steps
 
     # the one seam -----------------------------------------------------------------------------
 
     def backward(self, losses: Tensor) -> None:
         """Back-propagate one loss per example and add sum_i clip(g_i) / B to each ``p.grad``.
 
-        Several calls before an optimizer step accumulate, as ``loss.backward()`` does."""
+        Several calls before the step accumulate, as ``loss.backward()`` does."""
+        self._check_step_bound()
+        self._check_no_unseen_step()
+        self._check_budget()
+        if self._checks_sampling and self._drawn_step is None:
+            raise SamplingError(
+                "engine.backward ran on a batch that no dpscale loader bound to this engine drew, so the "
+                "accountant's Poisson assumption would be unchecked. Draw the logical batches with "
+                "loader = engine.make_data_loader(dataset, max_physical_batch_size=...) and iterate "
+                "`for logical_batch in loader: for micro in logical_batch.micro_batches: ...`, or, if your "
+                "own sampler really draws as DPConfig.sampling says, declare it with "
+                "DPConfig(sampling_declared_by_user=True) (the privacy report then says so)."
+            )
         batch = self._check_losses(losses)
         calls = self._tape.take()
         self._check_all_uses_recorded(losses, calls)
@@ -153,22 +222,31 @@ class PrivacyEngine:
             uses = self._per_example_grads(calls, grads, batch)
             del calls, grads
             self._accumulate_clipped(uses, batch)
+        self._pending_versions = self._parameter_versions()
 
     def detach(self) -> None:
         """Remove every hook: the model and optimizer are left as they were found."""
         self._tape.detach()
-        if self._ddp is not None:
-            self._ddp.restore()
-        for handle in self._handles + self._optimizer_handles:
+        for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._optimizer_handles.clear()
+        self._optimizer = None
+        if self.data_loader is not None:
+            self.data_loader.on_draw = None
 
     # the step boundary ------------------------------------------------------------------------
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Noise enters at ``optimizer.step()`` through a removable step pre-hook (the optimizer
-        itself is not modified). Every parameter it updates must be one this engine clips."""
+        """Bind the step: noise enters at ``optimizer.step()`` through a removable step pre-hook
+        (the optimizer itself is not modified). Every parameter it updates must be one this engine
+        clips; one optimizer per engine. Returns the optimizer."""
+        if self.backend.owns_step:
+            raise ConfigError(
+                f"{type(self.backend).__name__} steps its training engine's own optimizer (its step adds the "
+                "noise): do not attach another one; close each logical step with engine.step()."
+            )
+        if self._optimizer is not None:
+            raise ConfigError("An optimizer is already attached to this engine: one optimizer per engine.")
         ours = {id(p) for p in self.parameters.values()}
         foreign = [i for group in optimizer.param_groups for i, p in enumerate(group["params"]) if id(p) not in ours]
         if foreign:
@@ -177,58 +255,148 @@ class PrivacyEngine:
                 "not part of the model); their gradients would not be private. Build the optimizer over "
                 "engine.parameters.values()."
             )
-        self._optimizer_handles.append(optimizer.register_step_pre_hook(lambda *_: self.finish_step()))
+        self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.finish_step()))
+        self._optimizer = optimizer
         return optimizer
 
+    def step(self) -> None:
+        """Close the logical step through the backend: the attached optimizer's step (its pre-hook
+        adds the noise and records the step) and ``zero_grad``, or the DeepSpeedEngine's step. The
+        same as calling ``optimizer.step(); optimizer.zero_grad()`` yourself, on every backend."""
+        self._check_step_bound()
+        self.backend.step(self._optimizer)
+
     def finish_step(self) -> None:
-        """Close one logical step: add noise to every trainable gradient exactly once and record
-        the step with the accountant. Called by the attached optimizer's step pre-hook; call it
-        yourself only when no optimizer is attached."""
-        std, step, key = self.plan.noise_std, self.steps_taken, self.noise_key
+        """Add noise to every trainable gradient exactly once and record the step with the
+        accountant. Runs in the attached optimizer's step pre-hook (or the backend's); never call it
+        and then update parameters with an optimizer that is not attached."""
+        self._check_no_unseen_step()
+        self._check_budget()
+        if self._checks_sampling and self._drawn_step is None:
+            raise SamplingError(
+                f"Step {self.steps_taken} has no logical batch from the engine's loader: draw each step's batch "
+                "with engine.make_data_loader(...) (an empty Poisson batch is still drawn, then stepped), or "
+                "declare your own sampling with DPConfig(sampling_declared_by_user=True)."
+            )
+        std, step, key = self.plan.noise.std, self.steps_taken, self.noise_key
 
         def add_noise(name: str, flat: Tensor, offset: int) -> None:
             if std > 0 and flat.numel():
                 add_gaussian_noise_(flat, key, step, name, std, offset=offset)
 
         self.backend.finish_step(self.parameters, add_noise)
-        if self.plan.sample_rate is not None:
-            self.accountant.step(self.plan.noise_multiplier, self.plan.sample_rate)
+        if self.plan.accounts:
+            self.accountant.step(*self.plan.step_event())
         self.steps_taken += 1
+        self._pending_versions = None
+        self._drawn_step = None
+
+    def _check_step_bound(self) -> None:
+        if self._optimizer is None and not self.backend.owns_step:
+            raise StepBoundaryError(
+                "No optimizer is attached to the privacy engine, so nothing would add the noise: an optimizer "
+                "stepping these parameters would train without privacy. Attach it before training: "
+                "optimizer = engine.attach_optimizer(torch.optim.AdamW(engine.parameters.values(), lr=...)) "
+                "(or PrivacyEngine(..., optimizer=optimizer)), and close each logical step with engine.step() "
+                "or optimizer.step()."
+            )
+
+    def _check_no_unseen_step(self) -> None:
+        if self._pending_versions is not None and self._parameter_versions() != self._pending_versions:
+            raise StepBoundaryError(
+                "Parameters changed after engine.backward but before the engine's step: an optimizer the "
+                "engine does not know (not attached) consumed the clipped gradients without their noise, so "
+                "that update was NOT private. Use one optimizer over engine.parameters.values(), attached with "
+                "engine.attach_optimizer, and step only it (or engine.step()) once per logical batch."
+            )
+
+    def _check_budget(self) -> None:
+        if self.budget_exhausted:
+            acc = self.plan.accounting
+            raise PrivacyBudgetExhausted(
+                f"The privacy budget is spent: {self.steps_taken} steps taken, and step {self.steps_taken + 1} "
+                f"would take epsilon past target_epsilon={acc.target_epsilon} at delta={acc.delta:.3g} "
+                f"(sigma={self.noise_multiplier:.5g} was calibrated for {acc.planned_steps} steps). Stop and save "
+                "here, or give DPConfig(allow_budget_overrun=True) to go on and report the larger epsilon."
+            )
+
+    def _parameter_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.parameters.values())
+
+    @property
+    def _checks_sampling(self) -> bool:
+        return self.plan.accounts and not self.plan.sampling.declared_by_user
+
+    def _on_draw(self, batch: LogicalBatch) -> None:
+        """Called by the bound loader before it hands out a logical batch (its position has not
+        moved yet, so a refused draw leaves the loader where the checkpoint expects it)."""
+        if self._drawn_step is not None:
+            raise SamplingError(
+                f"A new logical batch was drawn while batch {self._drawn_step} was never stepped. Step every "
+                "logical batch exactly once, empty ones included (skipping a batch because of its size leaks "
+                "it): engine.step() or optimizer.step() after its micro-batches."
+            )
+        self._check_no_unseen_step()
+        self._check_budget()
+        if batch.step != self.steps_taken:
+            raise SamplingError(
+                f"The loader is at logical batch {batch.step} but the engine has taken {self.steps_taken} steps: "
+                "restore both from the same checkpoint (engine.load_checkpoint restores the loader's position)."
+            )
+        self._drawn_step = batch.step
 
     # accounting -------------------------------------------------------------------------------
 
     def epsilon(self, delta: float | None = None) -> float:
-        """Epsilon spent over the steps taken so far (empty batches included)."""
-        delta = self.plan.delta if delta is None else delta
-        if self.plan.sample_rate is None or delta is None:
-            raise ConfigError("Epsilon needs the dataset size: give DPConfig(dataset_size=N).")
-        if self.plan.noise_multiplier == 0 and self.steps_taken:
+        """Epsilon spent over the steps taken so far (empty batches included). Raises when it
+        cannot be computed; never 0 for a run that took steps."""
+        if not self.plan.accounts:
+            raise ConfigError(
+                f"Epsilon cannot be computed: DPConfig has no dataset_size, so the sampling rate q = B / N "
+                f"is unknown ({self.steps_taken} steps taken). Give DPConfig(dataset_size=N) and draw batches "
+                "with engine.make_data_loader."
+            )
+        self._check_no_unseen_step()
+        delta = self.plan.accounting.delta if delta is None else delta
+        if self.noise_multiplier == 0 and self.steps_taken:
             return math.inf
         return self.accountant.epsilon(delta)
 
     def privacy_report(self, directory: str | os.PathLike | None = None, points: int = 50) -> dict:
         """What was spent and how, as a dict; with ``directory``, also privacy_report.json and
         epsilon.png (epsilon against steps) written there."""
+        plan = self.plan
+        accounts, delta = plan.accounts, plan.accounting.delta
         curve = []
-        if self.plan.sample_rate is not None and self.plan.delta is not None and self.plan.noise_multiplier > 0:
-            curve = [(int(t), float(e)) for t, e in self.accountant.epsilon_curve(self.plan.delta, points)]
+        if accounts and self.noise_multiplier > 0:
+            curve = [(int(t), float(e)) for t, e in self.accountant.epsilon_curve(delta, points)]
+        if not accounts:
+            sampling_source = "none: no dataset_size, so no accounting"
+        elif plan.sampling.declared_by_user:
+            sampling_source = (f"declared by the user (DPConfig.sampling_declared_by_user): dpscale did not draw "
+                               f"the batches and cannot check that they are {plan.sampling.kind} at q")
+        else:
+            sampling_source = "dpscale loader bound to the engine (checked at every step)"
         report = {
-            "epsilon": self.epsilon() if self.plan.sample_rate is not None else None,
-            "delta": self.plan.delta,
-            "noise_multiplier": self.plan.noise_multiplier,
-            "sample_rate": self.plan.sample_rate,
+            "epsilon": self.epsilon() if accounts else None,
+            "delta": delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
             "steps": self.steps_taken,
-            "planned_steps": self.plan.planned_steps,
-            "target_epsilon": self.plan.target_epsilon,
-            "accountant": self.plan.accountant,
-            "sampling": self.plan.sampling,
+            "planned_steps": self.planned_steps,
+            "budget_steps": self.budget_steps,
+            "target_epsilon": self.target_epsilon,
+            "allow_budget_overrun": plan.accounting.allow_budget_overrun,
+            "accountant": plan.accounting.accountant,
+            "sampling": plan.sampling.kind,
+            "sampling_source": sampling_source,
             "clipping": self.config.clipping if isinstance(self.config.clipping, str) else "groups",
             "clip_fn": self.config.clip_fn,
             "max_grad_norm": self.config.max_grad_norm,
             "group_max_grad_norms": list(self.clipping.thresholds),
-            "expected_batch_size": self.plan.expected_batch_size,
-            "dataset_size": self.plan.dataset_size,
-            "noise": {"scheme": NOISE_SCHEME, "key_fingerprint": self.noise_key.fingerprint},
+            "expected_batch_size": plan.noise.expected_batch_size,
+            "dataset_size": plan.sampling.dataset_size,
+            "noise": {"scheme": plan.noise.scheme, "key_fingerprint": plan.noise.key_fingerprint},
             "trainable_parameters": int(sum(p.numel() for p in self.parameters.values())),
         }
         if directory is not None:
@@ -237,40 +405,56 @@ class PrivacyEngine:
 
     # data -------------------------------------------------------------------------------------
 
-    def make_data_loader(self, dataset, *, max_physical_batch_size: int, collate_fn=None, rank: int | None = None,
-                         world_size: int | None = None) -> DPDataLoader:
-        """The loader whose sampling the accountant assumes: Poisson at q = B / N (or shuffled
-        fixed-size batches when DPConfig says sampling="shuffle"), split into micro-batches of at
-        most ``max_physical_batch_size``. Its randomness is derived from the secret noise key.
-
-        rank, world_size: this process's part of each global batch. By default its position in the
-        backend's data-parallel group: ranks that hold shards of one model (tensor parallel) see the
-        same examples, data-parallel ranks disjoint ones."""
-        if rank is None and world_size is None:
-            rank, world_size = getattr(self.backend, "rank", 0), getattr(self.backend, "world_size", 1)
-        elif rank is None or world_size is None:
-            raise ConfigError("make_data_loader: give both rank and world_size, or neither.")
-        if self.plan.sample_rate is None:
+    def make_data_loader(self, dataset, *, max_physical_batch_size: int, collate_fn=None) -> DPDataLoader:
+        """The loader whose sampling the accountant assumes, bound to this engine: Poisson at
+        q = B / N (or shuffled fixed-size batches when DPConfig says sampling="shuffle"), split into
+        micro-batches of at most ``max_physical_batch_size``. Its randomness is derived from the
+        secret noise key. This process takes its part of each global batch by its position in the
+        backend's data-parallel group (ranks holding shards of one model share their examples)."""
+        sampling = self.plan.sampling
+        if sampling.sample_rate is None:
             raise ConfigError("make_data_loader needs DPConfig(dataset_size=N).")
-        if len(dataset) != self.plan.dataset_size:
-            raise ConfigError(f"The dataset has {len(dataset)} examples but DPConfig(dataset_size={self.plan.dataset_size}).")
+        if len(dataset) != sampling.dataset_size:
+            raise ConfigError(f"The dataset has {len(dataset)} examples but DPConfig(dataset_size={sampling.dataset_size}).")
         loader = DPDataLoader(
-            dataset, sample_rate=self.plan.sample_rate, max_physical_batch_size=max_physical_batch_size,
-            collate_fn=collate_fn, steps=self.plan.planned_steps, seed=self.noise_key.derive_seed("sampling"),
-            rank=rank, world_size=world_size, sampling=self.plan.sampling,
+            dataset, sample_rate=sampling.sample_rate, max_physical_batch_size=max_physical_batch_size,
+            collate_fn=collate_fn, steps=sampling.steps, seed=self.noise_key.derive_seed("sampling"),
+            rank=sampling.rank, world_size=sampling.world_size, sampling=sampling.kind,
         )
-        self.data_loader = loader
+        self.bind_data_loader(loader)
         return loader
+
+    def bind_data_loader(self, loader: DPDataLoader) -> None:
+        """Make ``loader`` the one whose batches this engine steps on (``make_data_loader`` does
+        this). Its sampling, rate, dataset size and data-parallel position must be the plan's."""
+        sampling = self.plan.sampling
+        theirs = (loader.sampling, loader.sample_rate, loader.dataset_size, loader.batch_sampler.rank,
+                  loader.batch_sampler.world_size)
+        ours = (sampling.kind, sampling.sample_rate, sampling.dataset_size, sampling.rank, sampling.world_size)
+        if theirs != ours:
+            raise ConfigError(
+                f"The loader draws (sampling, q, N, rank, world_size) = {theirs} but the engine's plan is {ours}; "
+                "build it with engine.make_data_loader."
+            )
+        if loader.on_draw is not None and loader.on_draw != self._on_draw:
+            raise ConfigError("This loader is bound to another privacy engine.")
+        if self.data_loader is not None and self.data_loader is not loader:
+            self.data_loader.on_draw = None  # its batches no longer count for this engine
+        loader.on_draw = self._on_draw
+        self.data_loader = loader
 
     # state ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Step counter, accountant history, the data loader's position and the plan; never the
-        key, nor the sampling seed derived from it."""
+        """Step counter, accountant history, the data loader's position, the mechanism and the key's
+        fingerprint; never the key, nor the sampling seed derived from it."""
+        self._check_no_unseen_step()
         state = {
-            "format": 1,
+            "format": 2,
             "steps_taken": self.steps_taken,
             "accountant": self.accountant.state_dict(),
+            "mechanism": self.plan.mechanism(),
+            "key_fingerprint": self.noise_key.fingerprint,
             "plan": self.plan.as_dict(),
         }
         if self.data_loader is not None:
@@ -279,30 +463,41 @@ class PrivacyEngine:
             state["data_loader"] = loader_state
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume: the step counter continues, so no (key, step) pair is ever used twice; with
-        another key (none given on resume) the noise and the batches are fresh draws."""
-        if state.get("format") != 1:
-            raise ConfigError("Not a dpscale privacy state (format 1).")
-        saved = state["plan"]
-        for field in ("noise_multiplier", "sample_rate", "sensitivity", "expected_batch_size", "accountant", "sampling"):
-            if saved.get(field) != getattr(self.plan, field):
+    def load_state_dict(self, state: dict, *, fresh_key: bool = False) -> None:
+        """Resume: the step counter continues, so no (key, step) pair is ever used twice.
+
+        The key must be the one the run started with (its fingerprint is checked), so that the
+        batches and the noise continue the same draw; ``fresh_key=True`` resumes with another key
+        on purpose (the rest of the run draws fresh batches and noise)."""
+        if not isinstance(state, dict) or state.get("format") != 2:
+            raise ConfigError("Not a dpscale privacy state (format 2).")
+        saved, ours = state["mechanism"], self.plan.mechanism()
+        for field, value in ours.items():
+            if saved.get(field) != value:
                 raise ConfigError(
                     f"The checkpoint was written with {field}={saved.get(field)!r} but this engine has "
-                    f"{getattr(self.plan, field)!r}; resuming would change the mechanism the accountant composed."
+                    f"{value!r}; resuming would change the mechanism the accountant composed."
                 )
+        if state["key_fingerprint"] != self.noise_key.fingerprint and not fresh_key:
+            raise ConfigError(
+                f"The checkpoint was written with noise key {state['key_fingerprint']} but this engine holds "
+                f"{self.noise_key.fingerprint}: resume with the key file the run started with (noise_key=path). "
+                "To continue with a new key on purpose (fresh batches and noise from here on), pass fresh_key=True."
+            )
+        if "data_loader" in state and self.data_loader is None:
+            raise ConfigError("The checkpoint has a data loader position: build it with engine.make_data_loader first.")
         self.accountant.load_state_dict(state["accountant"])
         self.steps_taken = int(state["steps_taken"])
+        self._pending_versions = None
+        self._drawn_step = None
         if "data_loader" in state:
-            if self.data_loader is None:
-                raise ConfigError("The checkpoint has a data loader position: build it with engine.make_data_loader first.")
             self.data_loader.load_state_dict({**state["data_loader"], "seed": list(self.noise_key.derive_seed("sampling"))})
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         save_atomic(self.state_dict(), path)
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        self.load_state_dict(load_state(path))
+    def load_checkpoint(self, path: str | os.PathLike, *, fresh_key: bool = False) -> None:
+        self.load_state_dict(load_state(path), fresh_key=fresh_key)
 
     # steps of backward --------------------------------------------------------------------------
 
@@ -396,12 +591,20 @@ class PrivacyEngine:
         self.last_clip_factors = factors
 
 
-def _as_key(key) -> NoiseKey:
-    if key is None:
-        return NoiseKey.generate()
-    if isinstance(key, NoiseKey):
-        return key
-    return NoiseKey.from_file(key)
+def _log_plan(plan: ExecutionPlan) -> None:
+    """Once, when the engine is built: what the run will spend and how."""
+    acc, sampling = plan.accounting, plan.sampling
+    if plan.accounts:
+        logger.info(
+            "dpscale: sigma %.5g, noise std %.3g, q %.4g (B %g of N %d, %s sampling), delta %.3g, %s steps planned%s.",
+            plan.noise.noise_multiplier, plan.noise.std, sampling.sample_rate, plan.noise.expected_batch_size,
+            sampling.dataset_size, sampling.kind, acc.delta, acc.planned_steps,
+            "" if acc.target_epsilon is None else
+            f", target epsilon {acc.target_epsilon:g} (budget {acc.budget_steps} steps)",
+        )
+    else:
+        logger.info("dpscale: sigma %.5g, noise std %.3g; no dataset_size, so no accounting.",
+                    plan.noise.noise_multiplier, plan.noise.std)
 
 
 def _edges(call) -> tuple:

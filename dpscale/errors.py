@@ -28,3 +28,17 @@ class TapeError(DPScaleError, RuntimeError):
 
 class PrivacyBudgetError(DPScaleError, ValueError):
     """A target epsilon or delta that cannot be reached or is not meaningful."""
+
+
+class PrivacyBudgetExhausted(PrivacyBudgetError):
+    """The next step would take epsilon past DPConfig.target_epsilon. Stop here (the drivers do,
+    and save), or opt into overrun with DPConfig(allow_budget_overrun=True)."""
+
+
+class StepBoundaryError(DPScaleError, RuntimeError):
+    """The DP step's boundary was skipped: parameters would move without their noise, or clipped
+    sums were consumed by a step the engine did not see."""
+
+
+class SamplingError(DPScaleError, RuntimeError):
+    """A step's batch did not come from a sampler the accountant's assumption covers."""

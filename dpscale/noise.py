@@ -111,7 +111,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from dpscale.errors import ConfigError
 
-__all__ = ["SCHEME", "NoiseKey", "gaussian", "add_gaussian_noise_"]
+__all__ = ["SCHEME", "NoiseKey", "gaussian", "add_gaussian_noise_", "load_noise_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +266,23 @@ class NoiseKey:
     __reduce__ = _refuse_pickle
     __reduce_ex__ = _refuse_pickle
     __getstate__ = _refuse_pickle
+
+
+def load_noise_key(key: "NoiseKey | str | os.PathLike | None") -> NoiseKey:
+    """The one place a noise key is loaded: a NoiseKey as it is, a path through ``from_file``, None
+    as a fresh key, which is refused when torch.distributed runs several processes (every rank must
+    read the same key file: the noise of each coordinate and the Poisson batches derive from it)."""
+    if isinstance(key, NoiseKey):
+        return key
+    if key is not None:
+        return NoiseKey.from_file(key)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise ConfigError(
+            "Several processes need one noise key shared by all ranks (the noise of each coordinate and the "
+            "Poisson batches derive from it): create it once with dpscale.NoiseKey.write_new(path) and pass "
+            "noise_key=path on every rank."
+        )
+    return NoiseKey.generate()
 
 
 def _subkey(key: NoiseKey, step: int, name: str) -> bytes:

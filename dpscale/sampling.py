@@ -41,6 +41,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from torch.utils.data import IterableDataset, Sampler, default_collate
 
+from dpscale.accounting import steps_for_epochs
 from dpscale.errors import ConfigError
 
 __all__ = [
@@ -204,7 +205,7 @@ class _StepSampler(Sampler[list[int]]):
     def _epoch_end(self) -> int:
         return (self._next_step // self.steps + 1) * self.steps
 
-    def _iter_global(self) -> Iterator[tuple[int, np.ndarray]]:
+    def _iter_global(self, admit: Callable[[int, np.ndarray], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(step, global batch) up to the end of the current epoch-equivalent.
 
         The position moves past a batch as it is handed out, so a state_dict saved after the
@@ -213,6 +214,8 @@ class _StepSampler(Sampler[list[int]]):
         """
         for step in range(self._next_step, self._epoch_end()):
             batch = self._draw(step)
+            if admit is not None:
+                admit(step, batch)  # may refuse the batch: the position stays at it
             self._next_step = step + 1
             yield step, batch
 
@@ -287,7 +290,7 @@ class PoissonBatchSampler(_StepSampler):
     This is the sampling the DP-SGD accountant assumes. Batch sizes are Binomial(N, q); empty
     batches happen and are yielded as empty lists (a plain DataLoader's collate_fn must then accept
     ``[]``; DPDataLoader never calls it with one). ``steps`` logical batches make one
-    epoch-equivalent (default round(1 / q)); steps keep counting across epochs.
+    epoch-equivalent (default ceil(1 / q), ``steps_for_epochs(1, q)``); steps keep counting across epochs.
 
     With ``world_size > 1`` every rank draws the same global batch and keeps the sampled indices at
     positions ``rank::world_size``, so the parts are disjoint, their union is the global batch, and
@@ -308,7 +311,7 @@ class PoissonBatchSampler(_StepSampler):
     ) -> None:
         self.sample_rate = _sample_rate_arg(sample_rate)
         if steps is None:
-            steps = max(1, round(1.0 / self.sample_rate))
+            steps = steps_for_epochs(1.0, self.sample_rate)
         super().__init__(dataset_size, steps, seed, rank, world_size)
         self._threshold = (
             None if self.sample_rate >= 1.0 else np.uint64(math.floor(self.sample_rate * 2.0**64))
@@ -487,6 +490,11 @@ class MicroBatches(Sequence):
     def sizes(self) -> list[int]:
         return [len(chunk) for chunk in self._chunks]
 
+    def padding_batch(self) -> Any:
+        """A one-example micro-batch (the dataset's first example) for the passes a rank runs only
+        so that collectives match (``backend.padding()`` drops their clipped sums)."""
+        return self._collate_fn(_fetch(self._dataset, [0]))
+
     def __len__(self) -> int:
         return len(self._chunks)
 
@@ -546,7 +554,9 @@ class DPDataLoader:
         rank: int = 0,
         world_size: int = 1,
         sampling: Literal["poisson", "shuffle"] = "poisson",
+        on_draw: Callable[[LogicalBatch], None] | None = None,
     ) -> None:
+        self.on_draw = on_draw
         if isinstance(dataset, IterableDataset) or not (
             hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
         ):
@@ -618,15 +628,26 @@ class DPDataLoader:
     def __iter__(self) -> Iterator[LogicalBatch]:
         sampler = self.batch_sampler
         size = self.max_physical_batch_size
-        for step, global_batch in sampler._iter_global():
+        for step, global_batch in sampler._iter_global(admit=self._admit):
             local = global_batch[sampler.rank :: sampler.world_size].tolist()
-            chunks = [local[start : start + size] for start in range(0, len(local), size)]
-            yield LogicalBatch(
-                step=step,
-                indices=tuple(local),
-                global_size=int(global_batch.size),
-                micro_batches=MicroBatches(self.dataset, self.collate_fn, chunks),
-            )
+            yield self._logical_batch(step, global_batch, local, size)
+
+    def _logical_batch(self, step: int, global_batch: np.ndarray, local: list[int], size: int) -> LogicalBatch:
+        chunks = [local[start : start + size] for start in range(0, len(local), size)]
+        return LogicalBatch(
+            step=step,
+            indices=tuple(local),
+            global_size=int(global_batch.size),
+            micro_batches=MicroBatches(self.dataset, self.collate_fn, chunks),
+        )
+
+    def _admit(self, step: int, global_batch: np.ndarray) -> None:
+        """Before the position moves past a batch: the bound engine may refuse it (budget spent,
+        previous batch never stepped), and the loader then stays where a checkpoint expects it."""
+        if self.on_draw is not None:
+            sampler = self.batch_sampler
+            local = global_batch[sampler.rank :: sampler.world_size].tolist()
+            self.on_draw(self._logical_batch(step, global_batch, local, self.max_physical_batch_size))
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's state; it holds the secret seed (see PoissonBatchSampler.state_dict)."""

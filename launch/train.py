@@ -8,15 +8,17 @@
     torchrun --nproc_per_node 2 launch/train.py --deepspeed ds_configs/zero2.json --cpu
     accelerate launch --config_file launch/accelerate_deepspeed.yaml launch/train.py --cpu   # ds_configs/zero3.json
 
-With DeepSpeed (--deepspeed, or an Accelerate DeepSpeed config) the loop is the same: Accelerate
-prepares a DeepSpeedEngine, dpscale's loader calls its step after each logical batch, and
-optimizer.step() / zero_grad() are Accelerate's no-ops. On CPU (--cpu, or no CUDA) the process group
+The loop is dpscale's step driver (``dpscale.run_steps``), the same for every launcher: with
+DeepSpeed (--deepspeed, or an Accelerate DeepSpeed config) Accelerate prepares a DeepSpeedEngine and
+the driver closes each logical step with its step(); otherwise with the attached optimizer's. With
+--epsilon the run stops at the privacy budget, saves its privacy state and says so. On CPU (--cpu, or no CUDA) the process group
 is gloo. The DeepSpeed config file must say "gradient_clipping": 0.0 (refused otherwise).
 
 The model is built from a config (tiny GPT-2 or Llama, random init); the data is synthetic, or the
 E2E CSV given by --data (e.g. ../shared/data/e2e/devset.csv), tokenised by bytes so no tokenizer
 download is needed. Every rank reads the same noise key file (created once in --output-dir when
---noise-key is not given). Prints epsilon at the end.
+--noise-key is not given). Saves each rank's privacy state as privacy-rank{r}.pt in --output-dir
+and prints epsilon at the end.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpscale import DPConfig  # noqa: E402
+from dpscale import DPConfig, run_steps  # noqa: E402
 from dpscale.integrations.accelerate import make_data_loader, make_private  # noqa: E402
 from dpscale.losses import causal_lm_losses  # noqa: E402
 from dpscale.noise import NoiseKey  # noqa: E402
@@ -51,8 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic-size", type=int, default=512)
     p.add_argument("--batch-size", type=float, default=32, help="expected logical batch size B = qN")
     p.add_argument("--micro-batch", type=int, default=8, help="max physical batch size per rank")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, help="stop after this many logical steps")
+    p.add_argument("--epochs", type=float, default=1.0, help="planned passes over the data (or --steps)")
+    p.add_argument("--steps", type=int, help="planned logical steps: the run's length for calibration")
+    p.add_argument("--max-steps", type=int, help="stop after this many logical steps (the budget stops it too)")
     p.add_argument("--epsilon", type=float, help="target epsilon (sigma calibrated); else --sigma")
     p.add_argument("--sigma", type=float, default=1.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -158,39 +161,41 @@ def main(argv=None) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     privacy = dict(target_epsilon=args.epsilon) if args.epsilon is not None else dict(noise_multiplier=args.sigma)
+    length = dict(steps=args.steps) if args.steps is not None else dict(epochs=args.epochs)
     config = DPConfig(max_grad_norm=args.max_grad_norm, expected_batch_size=args.batch_size,
-                      dataset_size=len(train_set), epochs=args.epochs, clipping=args.clipping, **privacy)
+                      dataset_size=len(train_set), clipping=args.clipping, **length, **privacy)
     engine = make_private(accelerator, model, optimizer, config, noise_key=shared_key(args, accelerator))
     loader = make_data_loader(accelerator, engine, train_set, max_physical_batch_size=args.micro_batch)
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
-                      f"{len(train_set)} examples, sigma {engine.plan.noise_multiplier:.3f}, {len(loader)} steps")
+                      f"{len(train_set)} examples, sigma {engine.noise_multiplier:.3f}, {len(loader)} steps")
     model.train()
-    # Under DeepSpeed the forward runs on the engine's inner module (the DeepSpeedEngine's own forward
-    # prepares its backward); the DDP wrapper's forward is equivalent to its inner module's here.
-    net = engine.model if uses_deepspeed(args) else model
-    for logical_batch in loader:
-        total = 0.0
-        for micro in logical_batch.micro_batches:
-            micro = {k: v.to(accelerator.device) for k, v in micro.items()}
-            losses = causal_lm_losses(net(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits,
-                                      micro["labels"])
-            engine.backward(losses)
-            total += float(losses.detach().sum())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+
+    def losses_of(micro):
+        # engine.model: the module the engine hooks (DDP's inner module, or the DeepSpeedEngine's).
+        micro = {k: v.to(accelerator.device) for k, v in micro.items()}
+        logits = engine.model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
+        return causal_lm_losses(logits, micro["labels"])
+
+    def report(outcome):
         step = engine.steps_taken
         if step % 10 == 0 or step == len(loader):
-            accelerator.print(f"step {step}: global batch {logical_batch.global_size}, "
-                              f"rank-0 mean loss {total / max(1, logical_batch.size):.3f}")
-        if args.max_steps is not None and step >= args.max_steps:
-            break
+            accelerator.print(f"step {step}: global batch {outcome.global_size}, "
+                              f"rank-0 mean loss {outcome.loss_sum / max(1, outcome.examples):.3f}")
+
+    def save(result):
+        if result.stopped == "budget":
+            accelerator.print(f"privacy budget reached after {engine.steps_taken} steps: stopped, state saved in "
+                              f"{args.output_dir}")
+        engine.save_checkpoint(os.path.join(args.output_dir, f"privacy-rank{accelerator.process_index}.pt"))
+        if args.save_params:
+            params = full_parameters(engine)
+            if accelerator.is_main_process:
+                torch.save({"params": params, "steps_taken": engine.steps_taken,
+                            "world_size": accelerator.num_processes}, args.save_params)
+
+    run_steps(engine, loader, losses_of, max_steps=args.max_steps, on_step=report, on_stop=save)
     epsilon = engine.epsilon()
-    accelerator.print(f"epsilon {epsilon:.3f} at delta {engine.plan.delta:.2e} after {engine.steps_taken} steps")
-    if args.save_params:
-        params = full_parameters(engine)
-        if accelerator.is_main_process:
-            torch.save({"params": params, "steps_taken": engine.steps_taken, "world_size": accelerator.num_processes},
-                       args.save_params)
+    accelerator.print(f"epsilon {epsilon:.3f} at delta {engine.delta:.2e} after {engine.steps_taken} steps")
     engine.detach()
     accelerator.end_training()
     return epsilon

@@ -30,8 +30,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dpscale import ConfigError, DPConfig, PrivacyEngine  # noqa: E402
+from dpscale import ConfigError, DPConfig, LocalBackend, PrivacyEngine  # noqa: E402
+from dpscale.driver import run_logical_step  # noqa: E402
 from dpscale.noise import NoiseKey  # noqa: E402
+from dpscale.sampling import LogicalBatch, MicroBatches  # noqa: E402
 
 KEY = NoiseKey(bytes(range(32)))
 B, N = 8, 100
@@ -46,7 +48,9 @@ STEPS = [
 
 
 def config(clipping: str) -> DPConfig:
-    return DPConfig(max_grad_norm=0.3, expected_batch_size=B, noise_multiplier=0.8, dataset_size=N, clipping=clipping)
+    # STEPS are the test's own batches (the same on one and two processes), declared as such.
+    return DPConfig(max_grad_norm=0.3, expected_batch_size=B, noise_multiplier=0.8, dataset_size=N, clipping=clipping,
+                    sampling_declared_by_user=True)
 
 
 def make_model() -> nn.Module:
@@ -106,9 +110,13 @@ def reference(clipping: str, bf16: bool = False, optimizer: str = "sgd") -> dict
     return {n: p.detach().clone() for n, p in masters.items()}
 
 
-class _MasterWeights:
+class _MasterWeights(LocalBackend):
     """Single-process backend for the bf16 reference: clipped sums accumulate in the bf16 ``p.grad``
-    (as under DeepSpeed), then are widened to fp32 on the master weights, where the noise goes."""
+    (as under DeepSpeed), then are widened to fp32 on the master weights, where the noise goes. It
+    owns the step as DeepSpeed does: the reference calls ``engine.finish_step()`` and then steps
+    the masters' optimizer."""
+
+    owns_step = True
 
     def __init__(self, masters: dict[str, nn.Parameter]) -> None:
         self.masters = masters
@@ -186,13 +194,11 @@ def run(spec: dict) -> None:
         assert not spec.get("expect_error"), "the DeepSpeed config was not refused"
         dtype = torch.bfloat16 if spec.get("bf16") else torch.float32
         for step in STEPS:
-            with backend.accumulation():
-                micros = step[rank]
-                for j in range(backend.micro_batch_count(len(micros))):
-                    # ZeRO-3: every rank runs as many forwards as the busiest; padding weighs 0.
-                    micro, weight = (micros[j], 1.0) if j < len(micros) else ([0], 0.0)
-                    engine.backward(weight * losses(ds_engine.module, x[micro].to(dtype), y[micro].to(dtype)))
-            ds_engine.step()
+            # The step driver: ZeRO-3's padding passes (the first example, sums dropped), one
+            # accumulation block, then ds_engine.step().
+            rows = torch.utils.data.TensorDataset(x.to(dtype), y.to(dtype))
+            batch = LogicalBatch(engine.steps_taken, (), 0, MicroBatches(rows, torch.utils.data.default_collate, step[rank]))
+            run_logical_step(engine, batch, lambda micro: losses(ds_engine.module, *micro))
         assert ds_engine.global_steps == len(STEPS), ds_engine.global_steps
         assert engine.steps_taken == len(STEPS), engine.steps_taken
         params = dict(ds_engine.module.named_parameters())

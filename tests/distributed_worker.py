@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dpscale import DPConfig, PrivacyEngine  # noqa: E402
 from dpscale.backends import DataParallelBackend  # noqa: E402
+from dpscale.driver import run_logical_step  # noqa: E402
+from dpscale.sampling import LogicalBatch, MicroBatches, PoissonBatchSampler  # noqa: E402
 from dpscale.losses import causal_lm_losses  # noqa: E402
 from dpscale.noise import NoiseKey  # noqa: E402
 
@@ -37,9 +39,11 @@ HIDDEN, OUT = 8, 4
 
 
 def config(spec: dict) -> DPConfig:
+    # Explicit batches (spec["batches"]) are the test's own draw, declared as such.
     return DPConfig(max_grad_norm=spec.get("max_grad_norm", 0.5), expected_batch_size=6,
                     noise_multiplier=spec.get("noise_multiplier", 1.0), dataset_size=N,
-                    clipping=spec.get("clipping", "flat"))
+                    clipping=spec.get("clipping", "flat"),
+                    sampling_declared_by_user=spec.get("batches") is not None)
 
 
 # models ------------------------------------------------------------------------------------------
@@ -167,13 +171,9 @@ def global_batches(spec: dict) -> list[list[int]]:
     """The reference's batches: the explicit ones, or the engine's Poisson draw on one process."""
     if spec.get("batches") is not None:
         return spec["batches"]
-    kind = spec.get("model", "gpt2")
-    model = mlp()[0] if kind == "mlp" else gpt2("full")
-    engine = PrivacyEngine(model, config(spec), noise_key=KEY)
-    loader = engine.make_data_loader(dataset(kind), max_physical_batch_size=MICRO)
-    batches = [list(b.indices) for _, b in zip(range(spec.get("steps", 2)), loader)]
-    engine.detach()
-    return batches
+    cfg = config(spec)
+    sampler = PoissonBatchSampler(N, cfg.sample_rate, seed=KEY.derive_seed("sampling"))  # the engine loader's draw
+    return [sampler.global_batch(t) for t in range(spec.get("steps", 2))]
 
 
 def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
@@ -208,8 +208,10 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tenso
         else:
             if world_size > 1:
                 model = nn.parallel.DistributedDataParallel(model)
-            # own_keys: every rank left to generate its own key, which the backend must refuse
-            engine = PrivacyEngine(model, config(spec), noise_key=None if spec.get("own_keys") else KEY)
+            # own_keys: every rank with a key of its own, which the backend must refuse; no_key: no key
+            # at all, refused when the key is loaded (several processes need one shared key file)
+            key = NoiseKey.generate() if spec.get("own_keys") else None if spec.get("no_key") else KEY
+            engine = PrivacyEngine(model, config(spec), noise_key=key)
             engine.attach_optimizer(optimizer)
         share = (rank, world_size)
     if spec.get("batches") is None:
@@ -221,13 +223,11 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tenso
             loader = engine.make_data_loader(data, max_physical_batch_size=MICRO)
             split = (loader.batch_sampler.rank, loader.batch_sampler.world_size)
             assert split == share, (split, share)
-        local_batches = [list(b.indices) for _, b in zip(range(spec.get("steps", 2)), loader)]
+        logical_batches = (batch for _, batch in zip(range(spec.get("steps", 2)), loader))
     else:
-        local_batches = [batch[share[0] :: share[1]] for batch in spec["batches"]]
-    for step, indices in enumerate(local_batches):
-        for start in range(0, len(indices), MICRO):
-            micro = torch.utils.data.default_collate([data[i] for i in indices[start : start + MICRO]])
-            engine.backward(losses(kind, model, micro))
+        logical_batches = (_own_batch(data, batch[share[0] :: share[1]], step) for step, batch in enumerate(spec["batches"]))
+    for step, logical_batch in enumerate(logical_batches):
+        run_logical_step(engine, logical_batch, lambda micro: losses(kind, model, micro), close_step=False)
         if spec.get("die_at_step") == step and rank == spec.get("dying_rank", 1):
             os._exit(3)
         optimizer.step()
@@ -237,6 +237,12 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tenso
     if isinstance(model, nn.parallel.DistributedDataParallel):
         assert model.require_backward_grad_sync, "detach() must give DDP its gradient sync back"
     return params
+
+
+def _own_batch(data, indices: list[int], step: int) -> LogicalBatch:
+    """A logical batch the test drew itself (declared sampling), micro-batched like the loader's."""
+    chunks = [indices[start : start + MICRO] for start in range(0, len(indices), MICRO)]
+    return LogicalBatch(step, tuple(indices), len(indices), MicroBatches(data, torch.utils.data.default_collate, chunks))
 
 
 def main() -> None:

@@ -57,7 +57,8 @@ def check_engine(model: nn.Module, batches: list[dict], loss_fn: Callable, confi
     from dpscale import PrivacyEngine
 
     model.zero_grad(set_to_none=True)
-    engine = PrivacyEngine(model, config, rules=rules)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine = PrivacyEngine(model, config, rules=rules, optimizer=torch.optim.SGD(trainable, lr=0.0))
     engine_norms = []
     for inputs in batches:
         losses = loss_fn(model, inputs)

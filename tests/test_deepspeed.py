@@ -306,13 +306,14 @@ def test_accelerate_deepspeed_default_clipping_is_refused(tmp_path):
 
 
 class _StubDeepSpeed:
-    """What DeepSpeedStepLoader uses of a DeepSpeedBackend, recording the calls (no processes)."""
+    """What the step driver asks of a DeepSpeedBackend, recording the calls (no processes)."""
+
+    owns_step = True
 
     def __init__(self, busiest: int) -> None:
         from contextlib import contextmanager
 
         self.busiest, self.events, self.padding_now = busiest, [], False
-        self.ds_engine = type("Engine", (), {"step": lambda _self: self.events.append("step")})()
 
         @contextmanager
         def accumulation():
@@ -332,28 +333,33 @@ class _StubDeepSpeed:
         return max(local, self.busiest)
 
 
-def test_accelerate_deepspeed_loader_steps_once_per_logical_batch_and_pads():
-    from dpscale import ConfigError
-    from dpscale.integrations.accelerate_deepspeed import DeepSpeedStepLoader
+class _StubEngine:
+    """The engine seen by the step driver: its backend, backward and step, recorded."""
+
+    def __init__(self, backend: _StubDeepSpeed) -> None:
+        self.backend, self.seen = backend, []
+
+    def backward(self, losses) -> None:
+        self.seen.append((float(losses[0]), self.backend.padding_now))
+
+    def step(self) -> None:
+        self.backend.events.append("step")
+
+
+def test_the_step_driver_pads_zero3_ranks_and_steps_once_per_logical_batch():
+    from dpscale.driver import run_logical_step
     from dpscale.sampling import DPDataLoader
 
     data = [torch.tensor([float(i)]) for i in range(40)]
-    inner = DPDataLoader(data, sample_rate=0.1, max_physical_batch_size=1, steps=3, seed=b"\0" * 32)
+    loader = DPDataLoader(data, sample_rate=0.1, max_physical_batch_size=1, steps=3, seed=b"\0" * 32)
     stub = _StubDeepSpeed(busiest=8)  # as if another rank had 8 micro-batches
-    loader = DeepSpeedStepLoader(inner, stub)
+    engine = _StubEngine(stub)
     for logical in loader:
-        seen = []
-        for micro in logical.micro_batches:
-            seen.append((float(micro[0]), stub.padding_now))
-        real = [value for value, padding in seen if not padding]
+        engine.seen.clear()
+        outcome = run_logical_step(engine, logical, lambda micro: micro.reshape(-1))
+        real = [value for value, padding in engine.seen if not padding]
         assert real == [float(i) for i in logical.indices]  # the rank's own examples, in order
-        assert len(seen) == max(len(real), 8) and all(padding for _, padding in seen[len(real):])
+        assert len(engine.seen) == max(len(real), 8) and all(padding for _, padding in engine.seen[len(real):])
         assert stub.events[-3:] == ["open", "reduce", "step"]
-    assert stub.events.count("step") == len(inner) == 3
-
-    broken = DeepSpeedStepLoader(DPDataLoader(data, sample_rate=0.5, max_physical_batch_size=1, steps=3,
-                                              seed=b"\1" * 32), _StubDeepSpeed(busiest=2))
-    with pytest.raises(ConfigError, match="iterated to the end"):
-        for logical in broken:
-            for micro in logical.micro_batches:
-                break  # leaves the step undone: the next logical batch must refuse to start
+        assert outcome.examples == len(real) and outcome.loss_sum == sum(real)
+    assert stub.events.count("step") == len(loader) == 3

@@ -103,12 +103,14 @@ def test_a_rank_with_an_empty_draw_still_steps(tmp_path):
     assert_same_as_reference(spec, tmp_path)
 
 
-def test_ranks_with_different_keys_are_refused(tmp_path):
-    # Plain DDP with noise_key unset: each rank generates a key of its own; the backend refuses at bind.
-    results = launch({"case": "ddp", "clipping": "flat", "batches": [[1, 2, 3, 4]], "own_keys": True}, tmp_path)
+@pytest.mark.parametrize("case, message", [("own_keys", "different noise keys"), ("no_key", "Several processes need one noise key")])
+def test_ranks_with_different_keys_are_refused(tmp_path, case, message):
+    # Plain DDP with a key of its own on each rank (the backend refuses at bind), or with noise_key
+    # unset (refused where the key is loaded).
+    results = launch({"case": "ddp", "clipping": "flat", "batches": [[1, 2, 3, 4]], case: True}, tmp_path)
     for rank, (code, err) in enumerate(results):
         assert code != 0, f"rank {rank} trained with a key of its own"
-        assert "different noise keys" in err and "NoiseKey.from_file" in err, err[-2000:]
+        assert message in err and ("NoiseKey.from_file" in err or "write_new" in err), err[-2000:]
 
 
 @pytest.mark.slow

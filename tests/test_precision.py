@@ -12,7 +12,8 @@ from dpscale.losses import causal_lm_losses
 
 def _run(model, ids, autocast: bool):
     model.zero_grad(set_to_none=True)
-    engine = PrivacyEngine(model, DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4))
+    engine = PrivacyEngine(model, DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4),
+                           optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         logits = model(input_ids=ids).logits
     engine.backward(causal_lm_losses(logits, ids))

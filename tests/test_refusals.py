@@ -59,6 +59,12 @@ def test_invalid_configs_are_refused(changes, match):
         DPConfig(**{**BASE, **changes})
 
 
+def bound(model, config=CONFIG):
+    """An engine ready for backward: an optimizer attached (lr 0: these tests read gradients)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return PrivacyEngine(model, config, optimizer=torch.optim.SGD(trainable, lr=0.0))
+
+
 def test_groups_must_cover_every_trainable_parameter_once():
     with pytest.raises(ConfigError, match="not covered"):
         PrivacyEngine(mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*"]]))
@@ -76,7 +82,7 @@ def test_group_thresholds_split_the_sensitivity():
 
 def test_losses_must_be_one_per_example():
     model = mlp()
-    engine = PrivacyEngine(model, CONFIG)
+    engine = bound(model)
     x = torch.randn(4, 4)
     with pytest.raises(LossShapeError, match="one loss per example"):
         engine.backward(model(x).sum())
@@ -92,7 +98,7 @@ def test_losses_must_be_one_per_example():
 
 def test_losses_of_an_earlier_forward_are_refused():
     model = mlp()
-    engine = PrivacyEngine(model, CONFIG)
+    engine = bound(model)
     stale = model(torch.randn(4, 4)).sum(1)
     model(torch.randn(4, 4))  # a second forward replaces the tape
     with pytest.raises(TapeError, match="last forward"):
@@ -100,7 +106,7 @@ def test_losses_of_an_earlier_forward_are_refused():
 
 
 def test_backward_without_forward_is_refused():
-    engine = PrivacyEngine(mlp(), CONFIG)
+    engine = bound(mlp())
     with pytest.raises(TapeError):
         engine.backward(torch.zeros(4, requires_grad=True))
 
@@ -140,7 +146,7 @@ def test_parameter_used_outside_its_module_is_refused():
             return self.head(x @ self.proj.weight.T)  # proj's forward is never called
 
     model = HiddenUse()
-    engine = PrivacyEngine(model, CONFIG)
+    engine = bound(model)
     with pytest.raises(UnsupportedModuleError, match="outside the forward"):
         engine.backward(model(torch.randn(4, 4)).sum(1))
 
@@ -155,7 +161,7 @@ def test_random_ops_in_a_fallback_module_are_refused():
             return torch.nn.functional.dropout(x * self.scale, p=0.5, training=True)
 
     model = NoisyScale()
-    engine = PrivacyEngine(model, CONFIG)
+    engine = bound(model)
     with pytest.raises(UnsupportedModuleError, match="random"):
         engine.backward(model(torch.randn(4, 4)).sum(1))
 
@@ -172,7 +178,7 @@ def test_frozen_parameters_cost_nothing():
     """No hooks on fully frozen modules, no recorded activations, no gradient."""
     model = mlp()
     model[0].requires_grad_(False)
-    engine = PrivacyEngine(model, CONFIG)
+    engine = bound(model)
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
     out = model(torch.randn(4, 4))
     assert [call.owner.qualname for call in engine._tape.calls] == ["2"]
@@ -190,7 +196,7 @@ def test_detach_leaves_the_model_as_found():
 
 def test_two_engines_coexist_on_two_models():
     a, b = mlp(), mlp()
-    ea, eb = PrivacyEngine(a, CONFIG), PrivacyEngine(b, DPConfig(noise_multiplier=0.0, max_grad_norm=0.01, expected_batch_size=4))
+    ea, eb = bound(a), bound(b, DPConfig(noise_multiplier=0.0, max_grad_norm=0.01, expected_batch_size=4))
     x = torch.randn(4, 4)
     ea.backward(a(x).sum(1))
     eb.backward(b(x).sum(1))
@@ -209,7 +215,7 @@ def test_unused_trainable_parameters_get_zero_gradients():
             return self.used(x)
 
     model = TwoHeads()
-    engine = PrivacyEngine(model, CONFIG)
+    engine = bound(model)
     engine.backward(model(torch.randn(4, 3)).sum(1))
     assert torch.equal(model.unused.weight.grad, torch.zeros(2, 3))
     assert model.used.weight.grad.abs().sum() > 0

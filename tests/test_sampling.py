@@ -93,7 +93,7 @@ def test_sample_rate_one_takes_everything():
 
 def test_default_steps_is_one_over_q_and_batches_are_sorted_ints():
     sampler = PoissonBatchSampler(1000, 0.03, seed=5)
-    assert sampler.steps == round(1 / 0.03) == len(sampler)
+    assert sampler.steps == math.ceil(1 / 0.03) == len(sampler)  # steps_for_epochs(1, q): one epoch
     assert sampler.expected_batch_size == pytest.approx(30.0)
     for batch in sampler:
         assert batch == sorted(set(batch))

@@ -86,17 +86,23 @@ def test_200_private_steps_on_sst2(tmp_path, capsys):
 
     q = batch / len(dataset)
     assert cli(["epsilon", "--sigma", str(sigma), "--sample-rate", repr(q), "--steps", str(steps),
-                "--delta", repr(engine.plan.delta), "--json"]) == 0
+                "--delta", repr(engine.delta), "--json"]) == 0
     reported = json.loads(capsys.readouterr().out)["epsilon"]
     assert engine.epsilon() == pytest.approx(reported, rel=1e-6)
     assert engine.privacy_report(tmp_path)["epsilon"] == pytest.approx(reported, rel=1e-6)
 
-    # Update noise with every gradient zeroed: plain SGD at lr 1 moves each weight by exactly its noise.
-    sgd = engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=1.0))
-    before = torch.cat([p.detach().flatten().clone() for p in engine.parameters.values()])
-    sgd.zero_grad(set_to_none=True)
-    sgd.step()
-    update = before - torch.cat([p.detach().flatten() for p in engine.parameters.values()])
+    # Update noise with every gradient zeroed: plain SGD at lr 1 moves each weight by exactly its noise
+    # (an engine of its own, one optimizer per engine; an empty step of the user's declared sampling).
+    engine.detach()
+    noise_only = PrivacyEngine(
+        model, DPConfig(max_grad_norm=clip, expected_batch_size=batch, noise_multiplier=sigma, dataset_size=len(dataset),
+                        steps=steps, sampling_declared_by_user=True),
+        noise_key=NoiseKey(bytes(range(7, 39))), optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+    )
+    before = torch.cat([p.detach().flatten().clone() for p in noise_only.parameters.values()])
+    model.zero_grad(set_to_none=True)
+    noise_only.step()
+    update = before - torch.cat([p.detach().flatten() for p in noise_only.parameters.values()])
     expected = sigma * clip / batch
     assert update.numel() > 50_000
     assert abs(update.std().item() / expected - 1) < 0.05

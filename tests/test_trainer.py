@@ -4,6 +4,8 @@ DP step; checkpoint and resume; 2 processes under DDP and DeepSpeed ZeRO 0-3 aga
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,34 @@ def test_checkpoint_and_resume_give_the_same_parameters_and_epsilon(tmp_path):
     assert resumed.state.global_step == 3 and resumed.privacy_engine.steps_taken == 3
     assert_params_close(worker.trainable(resumed.model), worker.trainable(full.model), 1e-12)
     assert resumed.privacy_engine.epsilon() == full.privacy_engine.epsilon()
+    assert resumed.state.epoch == full.state.epoch == pytest.approx(3 / 4)  # 4 steps per pass (q = 6 / 24)
+
+
+def test_a_resume_without_the_key_file_is_refused_unless_a_fresh_key_is_asked_for(tmp_path):
+    spec = {"dtype": "float64", "steps": 2}
+    worker.trainer({**spec, "steps": 1}, str(tmp_path), save_strategy="steps", save_steps=1).train()
+
+    def keyless(**options):
+        return DPTrainer(model=worker.gpt2(), args=worker.training_arguments(spec, str(tmp_path)),
+                         train_dataset=worker.TokenDataset(), data_collator=worker.collate,
+                         dp_config=worker.config(spec), **options)
+
+    with pytest.raises(ConfigError, match="fresh_key"):
+        keyless().train(resume_from_checkpoint=True)
+    fresh = keyless(fresh_noise_key=True)
+    fresh.train(resume_from_checkpoint=True)
+    assert fresh.privacy_engine.steps_taken == 2 and fresh.state.global_step == 2
+
+
+def test_throughput_counts_logical_examples_and_no_training_loss_is_returned(tmp_path):
+    t = worker.trainer({"dtype": "float64", "steps": 3}, str(tmp_path))
+    output = t.train()
+    assert math.isnan(output.training_loss) and "train_loss" not in output.metrics
+    examples = output.metrics["train_samples_per_second"] * output.metrics["train_runtime"]
+    assert examples == pytest.approx(3 * 6, rel=2e-2)  # steps x expected logical batch B, not micro-batches
+    asked = worker.trainer({"dtype": "float64", "steps": 1}, str(tmp_path / "asked"))
+    asked.log_train_loss = True
+    assert asked.train().training_loss > 0
 
 
 def test_a_checkpoint_without_privacy_state_is_refused(tmp_path):
@@ -127,21 +157,27 @@ def test_a_batch_mean_loss_function_is_refused(tmp_path):
 
 def test_a_dataset_of_another_size_is_refused(tmp_path):
     config = DPConfig(max_grad_norm=0.5, expected_batch_size=6, noise_multiplier=1.0, dataset_size=25)
-    t = DPTrainer(model=worker.gpt2(), args=worker.training_arguments({}, str(tmp_path)),
+    with pytest.raises(ConfigError, match="dataset_size"):  # refused when the trainer is built
+        DPTrainer(model=worker.gpt2(), args=worker.training_arguments({}, str(tmp_path)),
                   train_dataset=worker.TokenDataset(), data_collator=worker.collate, dp_config=config,
                   noise_key=worker.KEY)
-    with pytest.raises(ConfigError, match="dataset_size"):
-        t.train()
 
 
-def test_more_steps_than_calibrated_for_are_refused(tmp_path):
+def test_training_stops_and_saves_at_the_privacy_budget(tmp_path, caplog):
+    # sigma calibrated for 2 steps, the Trainer set for 10: it stops at the budget, saves, says so.
     config = DPConfig(max_grad_norm=0.5, expected_batch_size=6, dataset_size=24, target_epsilon=8.0, steps=2,
                       target_delta=1e-3)
-    t = DPTrainer(model=worker.gpt2(), args=worker.training_arguments({"steps": 3}, str(tmp_path)),
+    t = DPTrainer(model=worker.gpt2(), args=worker.training_arguments({"steps": 10}, str(tmp_path)),
                   train_dataset=worker.TokenDataset(), data_collator=worker.collate, dp_config=config,
                   noise_key=worker.KEY)
-    with pytest.raises(ConfigError, match="calibrated"):
+    with caplog.at_level(logging.WARNING, logger="dpscale.integrations.trainer"):
         t.train()
+    engine = t.privacy_engine
+    assert 2 <= engine.budget_steps < 10
+    assert engine.steps_taken == engine.budget_steps == t.state.global_step
+    assert engine.epsilon() <= 8.0 and engine.budget_exhausted
+    assert (tmp_path / f"checkpoint-{engine.budget_steps}" / PRIVACY_STATE_NAME).is_file()
+    assert "Privacy budget reached" in caplog.text and "allows" in caplog.text
 
 
 def test_label_smoothing_is_per_example(tmp_path):

@@ -12,9 +12,10 @@ A rank whose draw is empty still calls ``finish_step`` (with zero gradients) so 
 match. Per-example norms never cross data-parallel ranks: they belong to different examples.
 
 DDP's own gradient reducer must stay out of the way (the engine's backward produces no autograd
-weight gradient, so DDP would wait for reductions that never come). ``attach_ddp`` switches the
-wrapper's backward sync off for as long as the engine is attached, the same flag ``no_sync()``
-sets, and gives it back on ``engine.detach()``; DDP's class is never touched.
+weight gradient, so DDP would wait for reductions that never come). ``DataParallelBackend.for_ddp``
+takes the wrapper: when bound, it switches the wrapper's backward sync off for as long as the
+engine is attached (the same flag ``no_sync()`` sets) and gives it back on ``engine.detach()``;
+DDP's class is never touched. All DDP handling lives here, none in the engine.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dpscale.backends.base import NoiseFn
+from dpscale.backends.base import NoiseFn, OptimizerStepped
 from dpscale.backends.shared_key import check_same_key
 from dpscale.errors import ConfigError
 
-__all__ = ["DDPAttachment", "DataParallelBackend", "attach_ddp", "owned_range"]
+__all__ = ["DDPAttachment", "DataParallelBackend", "owned_range"]
 
 
 def owned_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -52,7 +53,7 @@ class _Bucket:
         self.named = named
 
 
-class DataParallelBackend:
+class DataParallelBackend(OptimizerStepped):
     """Gradients in ``p.grad``, noise sharded by coordinate, one SUM all-reduce per step.
 
     process_group: the data-parallel group (default: the whole world). Ranks of one
@@ -68,8 +69,10 @@ class DataParallelBackend:
     noise is data-independent work, and the wire is otherwise idle while it is computed.
     """
 
+    model_parallel = None
+
     def __init__(self, process_group=None, *, shard_offsets: Mapping[str, int] | None = None,
-                 bucket_mb: float = 25.0) -> None:
+                 bucket_mb: float = 25.0, ddp: "DDPAttachment | None" = None) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError(
                 "DataParallelBackend needs torch.distributed initialised (init_process_group, or "
@@ -82,15 +85,31 @@ class DataParallelBackend:
         self.bucket_bytes = int(bucket_mb * 2**20)
         self._buckets: list[_Bucket] | None = None
         self._views: dict[str, Tensor] = {}
+        self._ddp = ddp
+
+    @property
+    def for_wrapper(self) -> nn.parallel.DistributedDataParallel | None:
+        """The DDP wrapper this backend was made for (``for_ddp``), if any."""
+        return None if self._ddp is None else self._ddp.ddp
+
+    @classmethod
+    def for_ddp(cls, ddp: nn.parallel.DistributedDataParallel, **options) -> "DataParallelBackend":
+        """The backend for a DDP-wrapped model: its process group, and its reducer kept idle while
+        the engine is attached (the engine hooks ``ddp.module``)."""
+        attachment = DDPAttachment(ddp)
+        return cls(attachment.process_group, ddp=attachment, **options)
 
     def bind(self, engine) -> list:
         """Check that every rank holds the engine's key, then lay the trainable parameters out in
         buckets, in the model's order (the same on every rank, so bucket k holds the same parameters
-        everywhere)."""
+        everywhere); silence DDP's reducer until the engine detaches."""
         check_same_key(engine.noise_key, self.process_group)
         self._buckets = _buckets(list(engine.parameters.items()), self.bucket_bytes)
         self._views = {name: view for bucket in self._buckets for name, view in bucket.views.items()}
-        return []
+        if self._ddp is None:
+            return []
+        self._ddp.silence()
+        return [_Restore(self._ddp)]
 
     def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
         if param.grad is None:
@@ -168,18 +187,14 @@ class DDPAttachment:
             self._saved = None
 
 
-def attach_ddp(model: nn.Module) -> DDPAttachment | None:
-    """For a DDP-wrapped model, the attachment (hooks and names go on ``attachment.module``, so
-    parameter names, and with them the noise, are those of the single-process run); None for a
-    plain module. ``nn.DataParallel`` (single-process replication) is refused."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return DDPAttachment(model)
-    if isinstance(model, nn.DataParallel):
-        raise ConfigError(
-            "nn.DataParallel replicates the model on every forward, so hooks on the original module "
-            "see no per-device call; use DistributedDataParallel (torchrun or accelerate launch)."
-        )
-    return None
+class _Restore:
+    """The handle ``engine.detach()`` removes: gives DDP its reducer back."""
+
+    def __init__(self, attachment: DDPAttachment) -> None:
+        self._attachment = attachment
+
+    def remove(self) -> None:
+        self._attachment.restore()
 
 
 def _refuse_unsupported_ddp(ddp: nn.parallel.DistributedDataParallel) -> None:

@@ -12,7 +12,8 @@ The user keeps DeepSpeed's engine and loop; dpscale replaces ``ds_engine.backwar
                 dp.backward(per_example_losses(ds_engine.module, micro))
         ds_engine.step()                                            # noise, accounting, update
 
-How it maps onto DeepSpeed 0.19 (checked at construction; other versions are refused):
+How it maps onto DeepSpeed 0.19 (checked at construction; other versions are refused; the ZeRO
+partition layout is read in ``zero_layout.py``):
 
 * Forward and the engine's backward run on ``ds_engine.module``, never on the output of
   ``ds_engine(...)`` (whose backward scales by the accumulation steps and runs the reduction
@@ -57,7 +58,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -66,42 +66,13 @@ from torch import Tensor, nn
 
 from dpscale.backends.autotp import autotp_layouts
 from dpscale.backends.base import NoiseFn
-from dpscale.backends.data_parallel import owned_range
 from dpscale.backends.shared_key import check_same_key
+from dpscale.backends.zero_layout import TESTED_DEEPSPEED, PartitionSlice, check_deepspeed_version, partition_slices
 from dpscale.errors import ConfigError
 
 __all__ = ["DeepSpeedBackend", "TESTED_DEEPSPEED", "check_deepspeed_config"]
 
 logger = logging.getLogger(__name__)
-
-TESTED_DEEPSPEED = ((0, 19), (0, 20))  # [low, high): internals below are those of 0.19.x
-
-
-@dataclass(frozen=True)
-class _Slice:
-    """Elements [start, start + numel) of parameter ``name`` sit at [position, position + numel)
-    of one fp32 partition this rank updates."""
-
-    name: str
-    start: int
-    position: int
-    numel: int
-
-
-def _check_version() -> str:
-    import deepspeed
-
-    version = deepspeed.__version__
-    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
-    low, high = TESTED_DEEPSPEED
-    if not (low <= parts < high):
-        raise ConfigError(
-            f"dpscale's DeepSpeed backend relies on DeepSpeed internals as of 0.19.x (coalesce_grad_reduction, "
-            f"the ZeRO partition layout, the base optimizer's param groups) and found deepspeed {version}. "
-            'Install "deepspeed>=0.19,<0.20".'
-        )
-    return version
-
 
 def check_deepspeed_config(ds_engine) -> None:
     """Refuse DeepSpeed settings that would change the DP step, naming the config key."""
@@ -198,8 +169,10 @@ class DeepSpeedBackend:
         explicit SUM all-reduce of the local clipped sums (costs one extra all-reduce each).
     """
 
+    owns_step = True  # DeepSpeed runs the optimizer; the base optimizer's pre-hook adds the noise
+
     def __init__(self, ds_engine, *, verify_steps: int = 1) -> None:
-        self.deepspeed_version = _check_version()
+        self.deepspeed_version = check_deepspeed_version()
         check_deepspeed_config(ds_engine)
         self.ds_engine = ds_engine
         self.stage = int(ds_engine.zero_optimization_stage())
@@ -217,7 +190,7 @@ class DeepSpeedBackend:
         _warn_if_weight_gradients_are_computed()
         self._engine = None
         self._parameters: dict[str, nn.Parameter] = {}
-        self._slices: dict[int, list[_Slice]] = {}
+        self._slices: dict[int, list[PartitionSlice]] = {}
         self._inside = False
         self._padding = False
         self._reduced = False
@@ -238,7 +211,8 @@ class DeepSpeedBackend:
             raise ConfigError("Build the PrivacyEngine on ds_engine.module (its parameter names key the noise).")
         check_same_key(engine.noise_key, self.group)
         base = self._base_optimizer()
-        self._slices = self._partition_slices(names)
+        self._slices = partition_slices(self.ds_engine, self.stage, base, self._parameters, names, self.rank,
+                                       self.world_size)
         self._check_every_element_owned_once()
         return [base.register_step_pre_hook(self._pre_step)]
 
@@ -265,6 +239,11 @@ class DeepSpeedBackend:
         """Called by the engine once per logical step (from the first base-optimizer call of a
         DeepSpeed step): keep the step's noise function for the partitions stepped next."""
         self._add_noise = add_noise
+
+    def step(self, optimizer=None) -> None:
+        """Close the logical step: the DeepSpeedEngine's step (noise in the base optimizer's
+        pre-hook, accounting, update; DeepSpeed clears the gradients)."""
+        self.ds_engine.step()
 
     # the user's side --------------------------------------------------------------------------
 
@@ -327,51 +306,6 @@ class DeepSpeedBackend:
                 "builds from torch."
             )
         return optimizer
-
-    def _partition_slices(self, names: dict[int, str]) -> dict[int, list[_Slice]]:
-        """{id(fp32 tensor the base optimizer steps): slices of parameters this rank updates}."""
-        zero = self.ds_engine.optimizer
-        slices: dict[int, list[_Slice]] = {}
-        if self.stage == 0:
-            stepped = {id(p) for group in self._base_optimizer().param_groups for p in group["params"]}
-            if stepped != set(names):
-                raise ConfigError("DeepSpeed's optimizer must update exactly the parameters the privacy engine clips.")
-            for name, p in self._parameters.items():
-                a, b = owned_range(p.numel(), self.rank, self.world_size)
-                slices.setdefault(id(p), []).append(_Slice(name, a, a, b - a))
-        elif self.stage in (1, 2):
-            for i, group in enumerate(zero.round_robin_bit16_groups):
-                flat16 = zero.bit16_groups_flat[i]
-                fp32 = zero.single_partition_of_fp32_groups[i]
-                size = zero.partition_size[i]
-                rank = dist.get_rank(group=zero.real_dp_process_group[i])
-                lo, hi = rank * size, (rank + 1) * size
-                if fp32.numel() != size:
-                    raise ConfigError(f"Unexpected ZeRO-{self.stage} partition layout ({fp32.numel()} != {size}).")
-                for p in group:
-                    if id(p) not in names:
-                        raise ConfigError("DeepSpeed's optimizer updates a parameter the privacy engine does not clip.")
-                    offset = (p.data_ptr() - flat16.data_ptr()) // p.element_size()
-                    start, stop = max(lo, offset), min(hi, offset + p.numel())
-                    if start < stop:
-                        slices.setdefault(id(fp32), []).append(_Slice(names[id(p)], start - offset, start - lo, stop - start))
-        else:
-            for i, group in enumerate(zero.fp16_groups):
-                fp32 = zero.fp32_partitioned_groups_flat[i]
-                position = 0
-                for p in group:
-                    if id(p) not in names:
-                        raise ConfigError("DeepSpeed's optimizer updates a parameter the privacy engine does not clip.")
-                    width = p.partition_numel()
-                    rank = dist.get_rank(group=p.ds_process_group)
-                    start = rank * width
-                    owned = max(0, min(width, p.ds_numel - start))
-                    if owned:
-                        slices.setdefault(id(fp32), []).append(_Slice(names[id(p)], start, position, owned))
-                    position += width
-                if position != fp32.numel():
-                    raise ConfigError(f"Unexpected ZeRO-3 partition layout ({position} != {fp32.numel()}).")
-        return slices
 
     def _check_every_element_owned_once(self) -> None:
         owned = torch.zeros(len(self._parameters), dtype=torch.float64)

@@ -8,10 +8,17 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from dpscale.backends.base import NoiseFn
+from dpscale.backends.base import NoiseFn, OptimizerStepped
 
 
-class LocalBackend:
+class LocalBackend(OptimizerStepped):
+    rank = 0
+    world_size = 1
+    model_parallel = None
+
+    def bind(self, engine) -> list:
+        return []
+
     def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
         if param.grad is None:
             param.grad = clipped.reshape(param.shape)

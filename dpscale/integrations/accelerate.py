@@ -5,22 +5,25 @@
     engine = make_private(accelerator, model, optimizer, config, noise_key="noise.key")
     loader = make_data_loader(accelerator, engine, train_set, max_physical_batch_size=16)
     for logical_batch in loader:                      # this rank's part of the global Poisson batch
-        for micro in logical_batch.micro_batches:
-            engine.backward(causal_lm_losses(model(**micro).logits, micro["labels"]))
-        optimizer.step()                              # noise once, then one all-reduce
-        optimizer.zero_grad(set_to_none=True)
+        dpscale.run_logical_step(engine, logical_batch, lambda micro: causal_lm_losses(
+            engine.model(**micro).logits, micro["labels"]))   # micro-batches, backward, noise, step
 
-The same script runs on one process, on N CPU processes (gloo) and on N GPUs (nccl). Give every rank
-the same key file: the noise of each coordinate and the Poisson batches are derived from it.
+(or ``dpscale.run_steps(engine, loader, losses_fn)`` for the whole loop, stopping at the budget).
+The same script runs on one process, on N CPU processes (gloo), on N GPUs (nccl) and under
+Accelerate's DeepSpeed plugin: the step driver asks the engine's backend how a step is closed
+(``optimizer.step()`` for data parallel, the DeepSpeedEngine's ``step()`` under DeepSpeed, where
+Accelerate's ``optimizer.step()`` is a no-op), so the loop does not change. Give every rank the same
+key file: the noise of each coordinate and the Poisson batches are derived from it.
+
 What Accelerate would change in the DP step is refused here: fp16 loss scaling (its GradScaler
 would unscale gradients that were never scaled, and skip steps on overflow), gradient accumulation
 in Accelerate (the logical batch is the loader's; micro-batches already accumulate), torch.compile
 of the model, and FSDP, Megatron-LM or XLA, which this data-parallel path does not drive. Do not call
 ``accelerator.clip_grad_norm_``: it would rescale the clipped sum before noise.
 
-Under Accelerate's DeepSpeed plugin (a DeepSpeedEngine from ``accelerator.prepare``), ``make_private``
-and ``make_data_loader`` hand over to ``dpscale.integrations.accelerate_deepspeed``: the same loop,
-with the forward on ``engine.model`` and the DeepSpeed step run at the end of each logical batch.
+The forward runs on ``engine.model``: the module the engine hooks (DDP's inner module, whose
+forward is the wrapper's here since DDP's reducer is idle; under DeepSpeed the DeepSpeedEngine's
+``.module``, since the DeepSpeedEngine's own forward prepares its backward).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import os
 import torch
 from torch import nn
 
-from dpscale.backends import DataParallelBackend, LocalBackend
 from dpscale.config import DPConfig
 from dpscale.engine import PrivacyEngine
 from dpscale.errors import ConfigError
@@ -96,39 +98,20 @@ def make_private(
         return make_private_deepspeed(accelerator, model, optimizer, config, noise_key=noise_key, rules=rules)
     check_accelerator(accelerator)
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer wraps it
-    if accelerator.num_processes > 1:
-        if not isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ConfigError(
-                f"{accelerator.num_processes} processes but the model is not DDP-wrapped: pass the model "
-                "returned by accelerator.prepare(model, optimizer)."
-            )
-        if noise_key is None:
-            raise ConfigError(
-                "Several processes need one noise key shared by all ranks (the noise of each coordinate and "
-                "the Poisson batches derive from it): create it once with dpscale.noise.NoiseKey.write_new(path) "
-                "and pass noise_key=path on every rank."
-            )
-        key = noise_key if isinstance(noise_key, NoiseKey) else NoiseKey.from_file(noise_key)
-        backend = DataParallelBackend(model.process_group)
-    else:
-        key = noise_key
-        backend = LocalBackend()
-    return PrivacyEngine(model, config, optimizer=inner_optimizer, noise_key=key, rules=rules, backend=backend)
+    if accelerator.num_processes > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ConfigError(
+            f"{accelerator.num_processes} processes but the model is not DDP-wrapped: pass the model "
+            "returned by accelerator.prepare(model, optimizer)."
+        )
+    return PrivacyEngine(model, config, optimizer=inner_optimizer, noise_key=noise_key, rules=rules)
 
 
 def make_data_loader(accelerator, engine: PrivacyEngine, dataset, *, max_physical_batch_size: int,
                      collate_fn=None) -> DPDataLoader:
     """This rank's part of each global Poisson batch (positions rank::world_size of the draw every
-    rank makes from the shared key; rank and world size within the data-parallel group). Do not
-    pass it through ``accelerator.prepare``: that would re-shard it. Micro-batches are moved to
-    ``accelerator.device`` by the collator given here, or by the user."""
-    # The engine's backend knows this process's data-parallel position: under DeepSpeed AutoTP the
-    # tensor-parallel ranks of one replica share its examples, so process_index would be wrong.
-    loader = engine.make_data_loader(
-        dataset, max_physical_batch_size=max_physical_batch_size, collate_fn=collate_fn,
-    )
-    from dpscale.integrations.accelerate_deepspeed import is_deepspeed, stepping_loader
-
-    if is_deepspeed(accelerator):  # each logical batch ends with one DeepSpeed step
-        return stepping_loader(engine, loader)
-    return loader
+    rank makes from the shared key; rank and world size within the data-parallel group, which the
+    engine's backend knows: under DeepSpeed AutoTP the tensor-parallel ranks of one replica share
+    its examples, so Accelerate's process_index would be wrong). Do not pass it through
+    ``accelerator.prepare``: that would re-shard it. Micro-batches are moved to
+    ``accelerator.device`` by the collator given here, or by the user's losses function."""
+    return engine.make_data_loader(dataset, max_physical_batch_size=max_physical_batch_size, collate_fn=collate_fn)

@@ -14,22 +14,28 @@ The same script runs on one process, under ``torchrun`` / ``accelerate launch`` 
 (the Trainer calls ``deepspeed.initialize``). What changes in the Trainer's step, and only through
 its public methods:
 
-* ``get_train_dataloader``: Poisson logical batches at q = expected_batch_size / N, drawn from the
-  secret key, each rank keeping its part of the global draw. Each item the Trainer's loop takes is
-  one *logical* batch, so the Trainer steps once per logical batch; ``per_device_train_batch_size``
-  is the physical micro-batch it is cut into. An empty draw still steps (noise only).
-* ``training_step``: forward per micro-batch, ``compute_loss`` gives one loss per example, and
+* ``get_train_dataloader``: the privacy engine's own loader (``engine.make_data_loader``): Poisson
+  logical batches at q = expected_batch_size / N drawn from the secret key, each rank keeping its
+  part of the global draw by its position in the backend's data-parallel group (tensor-parallel
+  ranks of one replica share examples). Each item the Trainer's loop takes is one *logical* batch,
+  so the Trainer steps once per logical batch; ``per_device_train_batch_size`` is the physical
+  micro-batch it is cut into. An empty draw still steps (noise only). The engine is built on the
+  prepared model when the Trainer first iterates the loader.
+* ``training_step``: dpscale's step driver (``dpscale.run_logical_step``, the same for every entry
+  point): forward per micro-batch, ``compute_loss`` gives one loss per example, and
   ``engine.backward(losses)`` at the backward seam instead of ``accelerator.backward(loss)``.
-  Under DeepSpeed the micro-batches run inside ``backend.accumulation()`` on ``ds_engine.module``
-  and ``ds_engine.step()`` closes the logical step.
+  Under DeepSpeed the driver runs them inside the backend's accumulation block on
+  ``ds_engine.module``, with ZeRO-3's padding passes, and closes the step with ``ds_engine.step()``.
 * Noise once per optimizer step in the engine's optimizer pre-hook (DeepSpeed: the base
   optimizer's), the accountant's step with it.
+* The budget: with a target epsilon, training stops (and saves a checkpoint) at the last step the
+  budget allows, whatever ``max_steps`` says.
 * ``log``: epsilon is added to every log; the pre-noise gradient norm the Trainer computes is
   dropped (it is a non-private statistic of the sampled examples), and so is the training loss
-  unless ``log_train_loss=True``.
-* Checkpoints: ``privacy.pt`` (steps, accountant, sampler position; never the key) is written into
-  each ``checkpoint-*`` folder; ``train(resume_from_checkpoint=...)`` restores it and refuses a
-  checkpoint without it.
+  unless ``log_train_loss=True``. Throughput counts logical examples (B per step).
+* Checkpoints: ``privacy.pt`` (steps, accountant, sampler position, key fingerprint; never the key)
+  is written into each ``checkpoint-*`` folder; ``train(resume_from_checkpoint=...)`` restores it and
+  refuses a checkpoint without it, or one written under another noise key.
 
 Refused when the trainer is built, naming the argument: ``max_grad_norm`` other than 0 (the
 Trainer clips the summed gradient at 1.0 by default), ``fp16`` (loss scaling, skipped steps),
@@ -54,7 +60,6 @@ and run with ``DS_ACCELERATOR=cpu``. Machines with GPUs need none of this.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -66,15 +71,18 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from dpscale.accounting import steps_for_epochs
 from dpscale.checkpoint import load_state, save_atomic
 from dpscale.config import DPConfig
+from dpscale.driver import run_logical_step
 from dpscale.engine import PrivacyEngine
 from dpscale.errors import ConfigError, LossShapeError
 from dpscale.layers import RuleRegistry
 from dpscale.losses import causal_lm_losses, sequence_classification_losses, token_mean_losses
 from dpscale.noise import NoiseKey
 from dpscale.per_example import accumulation_dtype
-from dpscale.sampling import DPDataLoader, LogicalBatch
+from dpscale.plan import planned_steps
+from dpscale.sampling import LogicalBatch
 
 __all__ = ["PRIVACY_STATE_NAME", "DPTrainer", "LogicalStep", "check_training_arguments"]
 
@@ -155,27 +163,52 @@ class LogicalStep:
 
 
 class _LogicalBatches:
-    """The Trainer's view of the DPDataLoader: ``len`` is one epoch-equivalent (round(1 / q)
-    logical batches), iteration continues from the loader's position (steps count on across
-    epochs, and a resumed run continues where its privacy state says)."""
+    """The Trainer's view of the engine's loader. ``len`` is the loader's pass (the planned steps,
+    or one epoch-equivalent); iterating builds the privacy engine on the prepared model the first
+    time (the loader is the engine's, split by the backend's data-parallel position), continues
+    from the loader's position (a resumed run continues where its privacy state says), and ends
+    before drawing a batch the budget would refuse."""
 
-    def __init__(self, loader: DPDataLoader) -> None:
-        self.loader = loader
-        self.dataset = loader.dataset
+    def __init__(self, trainer: "DPTrainer") -> None:
+        self.trainer = trainer
+        self.dataset = trainer.train_dataset
 
     def __len__(self) -> int:
-        return self.loader.steps
+        config = self.trainer.dp_config
+        return planned_steps(config) or steps_for_epochs(1.0, config.sample_rate)
 
     def __iter__(self):
-        for batch in self.loader:
+        engine = self.trainer._engine_for(self.trainer.model_wrapped)
+        batches = iter(engine.data_loader)
+        while not engine.budget_exhausted:
+            batch = next(batches, None)
+            if batch is None:
+                return
             yield LogicalStep(batch)
 
 
 class _PrivacyStateCallback(TrainerCallback):
-    """Writes the privacy state into the checkpoint folder the Trainer has just written."""
+    """Writes the privacy state into the checkpoint folder the Trainer has just written; stops and
+    saves at the privacy budget; keeps ``state.epoch`` in logical-batch passes across resumes."""
 
     def __init__(self, trainer: "DPTrainer") -> None:
         self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        engine = self.trainer.privacy_engine
+        if engine is None:
+            return control
+        # The Trainer restarts its step count within an epoch on resume (the loader continues, it
+        # does not skip): the epoch is the logical steps taken over the steps of one pass.
+        state.epoch = state.global_step / len(self.trainer.get_train_dataloader())
+        if engine.budget_exhausted and state.global_step < state.max_steps:
+            logger.warning(
+                "Privacy budget reached after %d steps (epsilon %.4g, target %g): stopping and saving a checkpoint.",
+                engine.steps_taken, engine.epsilon(), engine.target_epsilon,
+            )
+            control.should_training_stop = True
+            control.should_save = True
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -188,20 +221,24 @@ class DPTrainer(Trainer):
 
     dp_config: the mechanism (R, expected batch size B, dataset size N, sigma or a target epsilon).
     noise_key: a ``NoiseKey`` or a key file; required with several processes (every rank reads the
-        same file). Default: a fresh key (runs are then neither reproducible nor resumable).
+        same file) and to resume. Default: a fresh key (runs are then neither reproducible nor
+        resumable).
+    fresh_noise_key: resume from a checkpoint written under another key on purpose (the rest of the
+        run draws fresh batches and noise); otherwise such a resume is refused.
     rules: a registry with rules for custom layers (``dpscale.default_registry()``).
     per_example_loss: "auto" (causal LM, sequence classification or token-level cross-entropy, from
         the model and the logits' shape; ``label_smoothing_factor`` applied per example) or
         ``fn(outputs, labels) -> [B]``.
-    log_train_loss: also log the training loss (a non-private statistic of the sampled examples).
+    log_train_loss: also log and return the training loss (a non-private statistic of the sampled
+        examples); otherwise ``train()`` returns NaN as its training loss.
 
-    After the first training step, ``trainer.privacy_engine`` is the PrivacyEngine (epsilon,
-    privacy report, last norms).
+    Once training starts, ``trainer.privacy_engine`` is the PrivacyEngine (epsilon, privacy report,
+    last norms).
     """
 
     def __init__(self, *args, dp_config: DPConfig, noise_key: NoiseKey | str | os.PathLike | None = None,
-                 rules: RuleRegistry | None = None, per_example_loss: str | PerExampleLoss = "auto",
-                 log_train_loss: bool = False, **kwargs) -> None:
+                 fresh_noise_key: bool = False, rules: RuleRegistry | None = None,
+                 per_example_loss: str | PerExampleLoss = "auto", log_train_loss: bool = False, **kwargs) -> None:
         if not isinstance(dp_config, DPConfig):
             raise TypeError("dp_config must be a dpscale.DPConfig")
         if dp_config.dataset_size is None:
@@ -230,21 +267,18 @@ class DPTrainer(Trainer):
                 "compute_loss_func returns one loss for the batch; DPTrainer needs one loss per example: pass "
                 "per_example_loss=fn(outputs, labels) -> [B] instead."
             )
-        if self.args.world_size > 1 and noise_key is None:
+        if self.train_dataset is not None and len(self.train_dataset) != dp_config.dataset_size:
             raise ConfigError(
-                "Several processes need one noise key shared by all ranks (the noise of each coordinate and "
-                "the Poisson batches derive from it): create it once with "
-                "dpscale.noise.NoiseKey.write_new(path) and pass noise_key=path on every rank."
+                f"The train dataset has {len(self.train_dataset)} examples but DPConfig(dataset_size="
+                f"{dp_config.dataset_size}); the accountant's q = B / N would be wrong."
             )
         self.dp_config = dp_config
-        self.noise_key = noise_key if isinstance(noise_key, NoiseKey) else (
-            NoiseKey.generate() if noise_key is None else NoiseKey.from_file(noise_key))
+        self.noise_key = noise_key  # loaded by the engine (dpscale.noise.load_noise_key)
+        self.fresh_noise_key = fresh_noise_key
         self.rules = rules
         self.per_example_loss = per_example_loss
         self.log_train_loss = log_train_loss
         self.privacy_engine: PrivacyEngine | None = None
-        self._backend = None  # the DeepSpeed backend, when the Trainer runs DeepSpeed
-        self._dp_loader: DPDataLoader | None = None
         self._resume_state: dict | None = None
         # The loader's position is restored from the privacy state, never by skipping batches.
         self.args.ignore_data_skip = True
@@ -253,35 +287,24 @@ class DPTrainer(Trainer):
     # data ---------------------------------------------------------------------------------------
 
     def get_train_dataloader(self) -> _LogicalBatches:
-        """Poisson logical batches of this rank, micro-batched at ``per_device_train_batch_size``.
-        Built once per trainer: a second ``train()`` continues the draw, never repeats it."""
+        """The engine's Poisson logical batches for this rank, micro-batched at
+        ``per_device_train_batch_size``. One loader per trainer: a second ``train()`` continues the
+        draw, never repeats it."""
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
-        if self._dp_loader is None:
-            dataset = self.train_dataset
-            if len(dataset) != self.dp_config.dataset_size:
-                raise ConfigError(
-                    f"The train dataset has {len(dataset)} examples but DPConfig(dataset_size="
-                    f"{self.dp_config.dataset_size}); the accountant's q = B / N would be wrong."
-                )
-            collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
-            self._dp_loader = DPDataLoader(
-                dataset, sample_rate=self.dp_config.sample_rate,
-                max_physical_batch_size=self.args.per_device_train_batch_size, collate_fn=collator,
-                seed=self.noise_key.derive_seed("sampling"), rank=self.args.process_index,
-                world_size=self.args.world_size, sampling=self.dp_config.sampling,
-            )
-        if self._resume_state is not None and "data_loader" in self._resume_state:
-            seed = list(self.noise_key.derive_seed("sampling"))
-            self._dp_loader.load_state_dict({**self._resume_state["data_loader"], "seed": seed})
-        return _LogicalBatches(self._dp_loader)
+        return _LogicalBatches(self)
+
+    def get_total_train_batch_size(self, args) -> int:
+        """The expected logical batch B (the Trainer's throughput counts the examples of each step)."""
+        return max(1, round(self.dp_config.expected_batch_size))
 
     # the step -----------------------------------------------------------------------------------
 
     def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> Tensor:
-        """One logical batch: every micro-batch's per-example losses through ``engine.backward``.
-        The Trainer's optimizer step that follows adds the noise (DeepSpeed: ``ds_engine.step()``
-        here does)."""
+        """One logical batch through dpscale's step driver: every micro-batch's per-example losses
+        through ``engine.backward`` (with the padding passes ZeRO-3 needs). The Trainer's optimizer
+        step that follows adds the noise; under DeepSpeed, where that step is a no-op, the driver
+        closes the step with the DeepSpeedEngine's."""
         if not isinstance(inputs, LogicalStep):
             raise ConfigError(
                 "DPTrainer.training_step takes the logical batches of DPTrainer.get_train_dataloader; a "
@@ -291,30 +314,19 @@ class DPTrainer(Trainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        module = self._forward_module(model)
-        micro_batches = inputs.batch.micro_batches
-        local = len(micro_batches)
-        runs = self._backend.micro_batch_count(local) if self._backend is not None else local
-        total = torch.zeros((), dtype=torch.float64, device=self.args.device)
-        count = 0
-        accumulation = self._backend.accumulation() if self._backend is not None else contextlib.nullcontext()
-        with accumulation:
-            for j in range(runs):
-                # ZeRO-3 gathers parameters in every forward: a rank with fewer micro-batches runs
-                # padding ones on any example, whose clipped sums the backend drops.
-                micro = self._to_device(micro_batches[j] if j < local else self._padding_batch())
-                padding = self._backend.padding() if j >= local else contextlib.nullcontext()
-                with padding:
-                    with self.compute_loss_context_manager():
-                        losses = self.compute_loss(module, micro)
-                    engine.backward(losses)
-                if j < local:
-                    total += losses.detach().to(torch.float64).sum()
-                    count += losses.shape[0]
-                    inputs.flops += float(super().floating_point_ops(micro))
-        if self._backend is not None:
-            model.step()  # DeepSpeed's step: the backend's pre-hook adds the noise and counts the step
-        return (total / max(count, 1)).to(torch.float32)
+        module = engine.model  # DDP's inner module (its reducer is idle) or the DeepSpeedEngine's module
+
+        def losses_of(micro):
+            micro = self._to_device(micro)
+            with self.compute_loss_context_manager():
+                losses = self.compute_loss(module, micro)
+            inputs.flops += float(super(DPTrainer, self).floating_point_ops(micro))
+            return losses
+
+        outcome = run_logical_step(engine, inputs.batch, losses_of, close_step=engine.backend.owns_step)
+        if not self.log_train_loss:
+            return torch.zeros((), device=self.args.device)
+        return torch.tensor(outcome.loss_sum / max(outcome.examples, 1), dtype=torch.float32, device=self.args.device)
 
     def compute_loss(self, model: nn.Module, inputs: Mapping, return_outputs: bool = False,
                      num_items_in_batch=None):
@@ -367,7 +379,9 @@ class DPTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
               **kwargs):
         """``Trainer.train``; resuming also restores the privacy state saved in the checkpoint (a
-        checkpoint without one is refused: the accountant would start over)."""
+        checkpoint without one is refused: the accountant would start over; one written under
+        another noise key is refused unless ``fresh_noise_key=True``). Without ``log_train_loss``
+        the returned training loss is NaN: the loss of the sampled examples is not private."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -382,60 +396,51 @@ class DPTrainer(Trainer):
                 )
             self._resume_state = load_state(path)
             if self.privacy_engine is not None:
-                self._load_engine_state(self.privacy_engine)
+                self.privacy_engine.load_state_dict(self._resume_state, fresh_key=self.fresh_noise_key)
         try:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
-                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
+                                   ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         finally:
             self._resume_state = None
+        if self.log_train_loss:
+            return output
+        metrics = {k: v for k, v in output.metrics.items() if k != "train_loss"}
+        return output._replace(training_loss=float("nan"), metrics=metrics)
 
     # internals ----------------------------------------------------------------------------------
 
     def _engine_for(self, model: nn.Module) -> PrivacyEngine:
+        """The privacy engine on the model the Trainer's Accelerator prepared (DDP or none, or a
+        DeepSpeedEngine, which make_private hands to the DeepSpeed backend), with its loader."""
         if self.privacy_engine is not None:
             return self.privacy_engine
-        from dpscale.backends.deepspeed import DeepSpeedBackend
         from dpscale.integrations.accelerate import make_private
 
-        # The Trainer's own Accelerator prepared the model: DDP (or none), or a DeepSpeedEngine,
-        # which make_private hands to the DeepSpeed path (DeepSpeedBackend on ds_engine.module).
         engine = make_private(self.accelerator, model, self.optimizer, self.dp_config, noise_key=self.noise_key,
                               rules=self.rules)
-        self._backend = engine.backend if isinstance(engine.backend, DeepSpeedBackend) else None
-        engine.data_loader = self._dp_loader
-        planned = engine.plan.planned_steps
-        if engine.plan.target_epsilon is not None and planned is not None and self.state.max_steps > planned:
-            engine.detach()
-            raise ConfigError(
-                f"The Trainer will take {self.state.max_steps} steps but sigma was calibrated for "
-                f"target_epsilon={engine.plan.target_epsilon} over {planned}: epsilon would exceed the target. "
-                "Make max_steps (or num_train_epochs) and DPConfig's steps/epochs agree."
+        collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
+        engine.make_data_loader(self.train_dataset, max_physical_batch_size=self.args.per_device_train_batch_size,
+                                collate_fn=collator)
+        budget = engine.budget_steps
+        if budget is not None and self.state.max_steps > budget:
+            logger.warning(
+                "The Trainer is set for %d steps but target_epsilon=%g allows %d: training will stop at the budget "
+                "(and save a checkpoint there).", self.state.max_steps, engine.target_epsilon, budget,
             )
         if self._resume_state is not None:
-            self._load_engine_state(engine)
+            engine.load_state_dict(self._resume_state, fresh_key=self.fresh_noise_key)
         self.privacy_engine = engine
         return engine
 
-    def _load_engine_state(self, engine: PrivacyEngine) -> None:
-        state = {k: v for k, v in self._resume_state.items() if k != "data_loader"}  # restored by the loader
-        engine.load_state_dict(state)
-
-    def _forward_module(self, model: nn.Module) -> nn.Module:
-        # Under DeepSpeed the forward runs on ds_engine.module (its backward scales by the
-        # accumulation steps and reduces early); DDP's forward is kept (its reducer is silenced).
-        return model.module if self._backend is not None else model
-
-    def _padding_batch(self):
-        loader = self._dp_loader
-        return loader.collate_fn([loader.dataset[0]])
-
     def _to_device(self, data):
+        """Micro-batches onto the device; floating inputs in the parameters' dtype (a bf16
+        DeepSpeed module takes bf16 inputs)."""
         if isinstance(data, Mapping):
             return type(data)({k: self._to_device(v) for k, v in data.items()})
         if isinstance(data, (tuple, list)):
             return type(data)(self._to_device(v) for v in data)
         if isinstance(data, Tensor):
-            if self._backend is not None and data.is_floating_point():
+            if data.is_floating_point():
                 return data.to(self.args.device, dtype=next(self.model.parameters()).dtype)
             return data.to(self.args.device)
         return data

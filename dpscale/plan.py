@@ -1,0 +1,187 @@
+"""The execution plan: one frozen record of what a DP step is, resolved once when the engine is
+built and read by everything that needs to know it (the engine, its data loaders, the privacy
+report, the checkpoint).
+
+It binds the four parts of the mechanism that only make sense together (jax_privacy's
+``DPExecutionPlan`` is the model):
+
+- sampling: how each logical batch is drawn (Poisson or shuffled, at q = B / N) and which part of
+  the global draw this process takes (its data-parallel position);
+- clipping: the groups and thresholds, hence the sensitivity;
+- noise: the scheme, the noise multiplier and the std derived from the sensitivity (nowhere else),
+  and the fingerprint of the key it is drawn from;
+- accounting: the event each step adds to the accountant, delta, the target epsilon and the step
+  budget that keeps the run within it.
+
+Knobs that cannot change the guarantee (micro-batch size, which norm method a layer uses) are not
+part of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+from dpscale.accounting import calibrate_noise_multiplier, compute_epsilon, default_delta, steps_for_epochs
+from dpscale.clipping import ClippingPlan
+from dpscale.config import DPConfig
+from dpscale.noise import SCHEME as NOISE_SCHEME
+
+__all__ = ["AccountingPlan", "ExecutionPlan", "NoisePlan", "SamplingPlan", "build_execution_plan", "planned_steps"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How each logical batch is drawn, and this process's part of it.
+
+    declared_by_user: the batches do not come from a dpscale sampler; the user declared (with
+        ``DPConfig(sampling_declared_by_user=True)``) that they are drawn as ``kind`` says. dpscale
+        cannot check that claim; the privacy report states it.
+    """
+
+    kind: str
+    sample_rate: float | None
+    dataset_size: int | None
+    steps: int | None
+    rank: int
+    world_size: int
+    declared_by_user: bool
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    scheme: str
+    noise_multiplier: float
+    sensitivity: float
+    expected_batch_size: float
+    key_fingerprint: str
+
+    @property
+    def std(self) -> float:
+        """Std of the noise added to the averaged gradient: sigma * sensitivity / B."""
+        return self.noise_multiplier * self.sensitivity / self.expected_batch_size
+
+
+@dataclass(frozen=True)
+class AccountingPlan:
+    """budget_steps: with a target epsilon, the most steps whose epsilon stays within it (at least
+    the planned steps, which sigma was calibrated for); None without a target."""
+
+    accountant: str
+    delta: float | None
+    target_epsilon: float | None
+    planned_steps: int | None
+    budget_steps: int | None
+    allow_budget_overrun: bool
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    sampling: SamplingPlan
+    clipping: ClippingPlan
+    noise: NoisePlan
+    accounting: AccountingPlan
+
+    @property
+    def accounts(self) -> bool:
+        """Whether steps are accounted: the dataset size (hence q) is known."""
+        return self.sampling.sample_rate is not None
+
+    def step_event(self) -> tuple[float, float]:
+        """(noise multiplier, sample rate): what one step adds to the accountant."""
+        return self.noise.noise_multiplier, self.sampling.sample_rate
+
+    def planned_epsilon(self) -> float | None:
+        """Epsilon the planned run will spend, when the plan knows its length."""
+        acc = self.accounting
+        if acc.planned_steps is None or not self.accounts or acc.delta is None:
+            return None
+        return _epsilon_after(self, acc.planned_steps)
+
+    def mechanism(self) -> dict:
+        """The fields a resumed run must share with the run it continues: they define what the
+        accountant composed (never the key itself; its fingerprint is checked separately)."""
+        return {
+            "noise_multiplier": self.noise.noise_multiplier,
+            "sensitivity": self.noise.sensitivity,
+            "expected_batch_size": self.noise.expected_batch_size,
+            "sample_rate": self.sampling.sample_rate,
+            "sampling": self.sampling.kind,
+            "accountant": self.accounting.accountant,
+        }
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_execution_plan(config: DPConfig, clipping: ClippingPlan, *, key_fingerprint: str, rank: int = 0,
+                         world_size: int = 1) -> ExecutionPlan:
+    """Calibrate sigma for a target epsilon (or take the given sigma), derive the noise std from the
+    clipping plan's sensitivity and the step budget from the target."""
+    q = config.sample_rate
+    delta = config.target_delta
+    if delta is None and config.dataset_size is not None:
+        delta = default_delta(config.dataset_size)
+    steps = planned_steps(config)
+    if config.target_epsilon is not None:
+        sigma = calibrate_noise_multiplier(
+            config.target_epsilon, delta, q, steps,
+            accountant=config.accountant, sampling=config.sampling, dataset_size=config.dataset_size,
+        )
+    else:
+        sigma = float(config.noise_multiplier)
+        if sigma == 0:
+            logger.warning("noise_multiplier is 0: the model is clipped but NOT private (epsilon is infinite).")
+    plan = ExecutionPlan(
+        sampling=SamplingPlan(config.sampling, q, config.dataset_size, steps, rank, world_size,
+                              config.sampling_declared_by_user),
+        clipping=clipping,
+        noise=NoisePlan(NOISE_SCHEME, sigma, clipping.sensitivity, float(config.expected_batch_size), key_fingerprint),
+        accounting=AccountingPlan(config.accountant, delta, config.target_epsilon, steps, None,
+                                  config.allow_budget_overrun),
+    )
+    if config.target_epsilon is not None:
+        budget = _budget_steps(plan, config.target_epsilon, steps)
+        plan = ExecutionPlan(plan.sampling, plan.clipping, plan.noise,
+                             AccountingPlan(config.accountant, delta, config.target_epsilon, steps, budget,
+                                            config.allow_budget_overrun))
+    return plan
+
+
+def planned_steps(config: DPConfig) -> int | None:
+    """The run's length in steps: ``steps``, or ``epochs`` at q = B / N; None when unknown."""
+    if config.steps is not None:
+        return config.steps
+    if config.epochs is not None and config.sample_rate is not None:
+        return steps_for_epochs(config.epochs, config.sample_rate)
+    return None
+
+
+def _epsilon_after(plan: ExecutionPlan, steps: int) -> float:
+    sampling = plan.sampling
+    return compute_epsilon(
+        plan.noise.noise_multiplier, sampling.sample_rate, steps, plan.accounting.delta,
+        accountant=plan.accounting.accountant, sampling=sampling.kind, dataset_size=sampling.dataset_size,
+    )
+
+
+def _budget_steps(plan: ExecutionPlan, target: float, planned: int) -> int:
+    """The largest step count whose epsilon is at most ``target``. Sigma was calibrated so that
+    ``planned`` steps fit; the rounding of sigma may leave room for a few more. One extra epsilon
+    evaluation in the common case (planned + 1 already exceeds the target)."""
+    fits = planned
+    step = 1
+    while _epsilon_after(plan, fits + step) <= target:
+        fits += step
+        step *= 2
+    # fits fits and fits + step does not: bisect in between.
+    low, high = fits, fits + step
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _epsilon_after(plan, middle) <= target:
+            low = middle
+        else:
+            high = middle
+    return low
