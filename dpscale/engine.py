@@ -14,7 +14,8 @@ import logging
 import math
 import os
 from collections import defaultdict
-from typing import Collection
+from types import MappingProxyType
+from typing import Collection, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -27,14 +28,13 @@ from dpscale.clipping import ClippingPlan, build_plan
 from dpscale.config import DPConfig
 from dpscale.errors import ConfigError, LossShapeError, NoTrainableParametersError, TapeError, UnsupportedModuleError
 from dpscale.layers import RuleRegistry, default_registry
-from dpscale.layers.functional import functional_grads
 from dpscale.noise import SCHEME as NOISE_SCHEME
 from dpscale.noise import NoiseKey, add_gaussian_noise_
 from dpscale.per_example import GramCache, PerExampleGrad, total_squared_norm, weighted_sum
 from dpscale.privacy import PrivacyPlan, resolve_plan
 from dpscale.report import write_report
 from dpscale.sampling import DPDataLoader
-from dpscale.tape import Owner, RuleCall, Tape
+from dpscale.tape import ModuleCall, Owner, Tape
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ class PrivacyEngine:
     noise_key: a ``NoiseKey`` or the path of a key file (reproducible runs); default a fresh key
         from os.urandom. The key is never logged nor saved in a checkpoint.
     rules: a registry from ``dpscale.default_registry()`` with rules for custom layers
-        registered on it; the engine keeps its own copy.
+        registered on it; the engine keeps its own copy. ``engine.rule_names`` says, per module
+        owning trainable parameters (by qualified name), which rule differentiates it.
     backend: where clipped sums go and which noise coordinates this process adds (default: one
         process, ``LocalBackend``).
     model_parallel_group: a torch.distributed group whose ranks hold disjoint slices of each
@@ -108,9 +109,10 @@ class PrivacyEngine:
             raise ConfigError(f"sharded_parameters names parameters that are not trainable here: {unknown[:5]}.")
         _refuse_example_mixing(model)
         owners = find_owners(model, self.parameters, self.rules)
+        self.rule_names: Mapping[str, str] = MappingProxyType({owner.qualname: owner.rule.name for owner in owners})
         self.clipping: ClippingPlan = build_plan(config, list(self.parameters))
         self._group_of = self.clipping.group_of()
-        self._tape = Tape(model, owners)
+        self._tape = Tape(model, owners, self.rules.default)
         if self._ddp is not None:
             self._ddp.silence()
         self._handles = [
@@ -142,7 +144,7 @@ class PrivacyEngine:
         batch = self._check_losses(losses)
         calls = self._tape.take()
         self._check_all_uses_recorded(losses, calls)
-        edges = [edge for call in calls for edge in _edges(call)]
+        edges = [edge for call in calls for edge in call.edges]
         grads = list(torch.autograd.grad(losses.sum(), edges, allow_unused=True)) if edges else []
         if grads and all(g is None for g in grads):
             raise TapeError(
@@ -150,7 +152,7 @@ class PrivacyEngine:
                 "from the most recent forward, and call engine.backward before the next one."
             )
         with torch.no_grad(), self._tape.paused():
-            uses = self._per_example_grads(calls, grads, batch)
+            uses = self._per_example_grads(calls, grads)
             del calls, grads
             self._accumulate_clipped(uses, batch)
 
@@ -338,29 +340,28 @@ class PrivacyEngine:
                 "gradients. Freeze them or register a rule for the module that uses them."
             )
 
-    def _per_example_grads(self, calls: list, grads: list, batch: int) -> dict[str, list[PerExampleGrad]]:
+    def _per_example_grads(self, calls: list[ModuleCall], grads: list) -> dict[str, list[PerExampleGrad]]:
+        """Every recorded call through its own rule, the same way: {global name: its uses}."""
         uses: dict[str, list[PerExampleGrad]] = defaultdict(list)
         position = 0
         for call in calls:
-            count = len(_edges(call))
+            count = len(call.edges)
             call_grads = grads[position : position + count]
             grads[position : position + count] = [None] * count  # free as we go
             position += count
             if all(g is None for g in call_grads):
                 continue
-            if isinstance(call, RuleCall):
-                owner = call.owner
-                local = owner.rule.grads(owner.module, call.inputs, call_grads[0], owner.local_names)
-                if set(local) != set(owner.local_names):
-                    raise UnsupportedModuleError(
-                        f"Rule '{owner.rule.name}' for '{owner.qualname}' returned gradients for {sorted(local)} "
-                        f"but the module's trainable parameters are {sorted(owner.local_names)}."
-                    )
-                for local_name, global_name in zip(owner.local_names, owner.global_names):
-                    uses[global_name].append(local[local_name])
-            else:
-                for global_name, grad in functional_grads(call, call_grads, batch).items():
-                    uses[global_name].append(grad)
+            try:
+                local = call.rule.grads(call.module, call.inputs, call.output_grad(call_grads), call.names)
+            except UnsupportedModuleError as error:
+                raise UnsupportedModuleError(f"Module '{call.qualname}', rule '{call.rule.name}': {error}") from error
+            if set(local) != set(call.names):
+                raise UnsupportedModuleError(
+                    f"Rule '{call.rule.name}' for '{call.qualname}' returned gradients for {sorted(local)} "
+                    f"but the module's trainable parameters are {sorted(call.names)}."
+                )
+            for name, global_name in zip(call.names, call.global_names):
+                uses[global_name].append(local[name])
         return uses
 
     def _accumulate_clipped(self, uses: dict[str, list[PerExampleGrad]], batch: int) -> None:
@@ -404,12 +405,10 @@ def _as_key(key) -> NoiseKey:
     return NoiseKey.from_file(key)
 
 
-def _edges(call) -> tuple:
-    return (call.edge,) if isinstance(call, RuleCall) else call.edges
-
-
 def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: RuleRegistry) -> list[Owner]:
-    """Each module that owns trainable parameters directly, with the rule that differentiates it.
+    """Each module that owns trainable parameters directly, with the rule that differentiates it
+    (the registry's default where nothing else matches, and for a module differentiated through
+    its parent, where the default runs at the enclosing call).
 
     A parameter registered on a module and on one of its descendants (BERT's MLM head registers
     its bias on the head and on the decoder) is used through the descendant: the ancestor's claim
@@ -435,11 +434,11 @@ def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: Ru
     owners = []
     for module, qualname, names in by_module.values():
         through_parent = rules.through_parent(qualname)
-        rule = None if through_parent else rules.rule_for(module)
-        if rule is not None and rule.validate is not None:
+        rule = rules.default if through_parent else rules.rule_for(module)
+        if rule.validate is not None:
             rule.validate(module)
-        if rule is None:
-            logger.info("No rule for %s ('%s'): its parameters use the torch.func fallback.", type(module).__name__, qualname)
+        if rule is rules.default:
+            logger.info("No rule for %s ('%s'): its parameters use the fallback, rule '%s'.", type(module).__name__, qualname, rule.name)
         owners.append(Owner(module, qualname, rule, tuple(n for n, _ in names), tuple(g for _, g in names), through_parent))
     return owners
 
