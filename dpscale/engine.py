@@ -14,7 +14,8 @@ import logging
 import math
 import os
 from collections import defaultdict
-from typing import Collection
+from types import MappingProxyType
+from typing import Collection, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -35,13 +36,12 @@ from dpscale.errors import (
     UnsupportedModuleError,
 )
 from dpscale.layers import RuleRegistry, default_registry
-from dpscale.layers.functional import functional_grads
 from dpscale.noise import NoiseKey, add_gaussian_noise_, load_noise_key
 from dpscale.per_example import GramCache, PerExampleGrad, total_squared_norm, weighted_sum
 from dpscale.plan import ExecutionPlan, build_execution_plan
 from dpscale.report import write_report
 from dpscale.sampling import DPDataLoader, LogicalBatch
-from dpscale.tape import Owner, RuleCall, Tape
+from dpscale.tape import ModuleCall, Owner, Tape
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class PrivacyEngine:
         with several processes, all reading the same file); default a fresh key. Never logged
         nor saved.
     rules: a registry from ``dpscale.default_registry()`` with rules for custom layers
-        registered on it; the engine keeps its own copy.
+        registered on it; the engine keeps its own copy. ``engine.rule_names`` says, per module
+        owning trainable parameters (by qualified name), which rule differentiates it.
     backend: where clipped sums go, which noise coordinates this process adds, how the step is
         closed (default: ``LocalBackend``; a DDP-wrapped model gets ``DataParallelBackend``).
     model_parallel_group: a torch.distributed group whose ranks hold disjoint slices of each
@@ -121,6 +122,7 @@ class PrivacyEngine:
             raise ConfigError(f"sharded_parameters names parameters that are not trainable here: {unknown[:5]}.")
         _refuse_example_mixing(model)
         owners = find_owners(model, self.parameters, self.rules)
+        self.rule_names: Mapping[str, str] = MappingProxyType({owner.qualname: owner.rule.name for owner in owners})
         self.clipping: ClippingPlan = build_plan(config, list(self.parameters))
         self._group_of = self.clipping.group_of()
         self.noise_key = load_noise_key(noise_key)
@@ -138,7 +140,7 @@ class PrivacyEngine:
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_versions: tuple[int, ...] | None = None  # clipped sums written, not yet stepped
         self._drawn_step: int | None = None  # the logical batch the bound loader handed out for this step
-        self._tape = Tape(model, owners)
+        self._tape = Tape(model, owners, self.rules.default)
         self._handles: list = [
             module.register_forward_pre_hook(_refuse_training_batch_norm)
             for module in model.modules()
@@ -211,7 +213,7 @@ class PrivacyEngine:
         batch = self._check_losses(losses)
         calls = self._tape.take()
         self._check_all_uses_recorded(losses, calls)
-        edges = [edge for call in calls for edge in _edges(call)]
+        edges = [edge for call in calls for edge in call.edges]
         grads = list(torch.autograd.grad(losses.sum(), edges, allow_unused=True)) if edges else []
         if grads and all(g is None for g in grads):
             raise TapeError(
@@ -219,7 +221,7 @@ class PrivacyEngine:
                 "from the most recent forward, and call engine.backward before the next one."
             )
         with torch.no_grad(), self._tape.paused():
-            uses = self._per_example_grads(calls, grads, batch)
+            uses = self._per_example_grads(calls, grads)
             del calls, grads
             self._accumulate_clipped(uses, batch)
         self._pending_versions = self._parameter_versions()
@@ -533,29 +535,28 @@ class PrivacyEngine:
                 "gradients. Freeze them or register a rule for the module that uses them."
             )
 
-    def _per_example_grads(self, calls: list, grads: list, batch: int) -> dict[str, list[PerExampleGrad]]:
+    def _per_example_grads(self, calls: list[ModuleCall], grads: list) -> dict[str, list[PerExampleGrad]]:
+        """Every recorded call through its own rule, the same way: {global name: its uses}."""
         uses: dict[str, list[PerExampleGrad]] = defaultdict(list)
         position = 0
         for call in calls:
-            count = len(_edges(call))
+            count = len(call.edges)
             call_grads = grads[position : position + count]
             grads[position : position + count] = [None] * count  # free as we go
             position += count
             if all(g is None for g in call_grads):
                 continue
-            if isinstance(call, RuleCall):
-                owner = call.owner
-                local = owner.rule.grads(owner.module, call.inputs, call_grads[0], owner.local_names)
-                if set(local) != set(owner.local_names):
-                    raise UnsupportedModuleError(
-                        f"Rule '{owner.rule.name}' for '{owner.qualname}' returned gradients for {sorted(local)} "
-                        f"but the module's trainable parameters are {sorted(owner.local_names)}."
-                    )
-                for local_name, global_name in zip(owner.local_names, owner.global_names):
-                    uses[global_name].append(local[local_name])
-            else:
-                for global_name, grad in functional_grads(call, call_grads, batch).items():
-                    uses[global_name].append(grad)
+            try:
+                local = call.rule.grads(call.module, call.inputs, call.output_grad(call_grads), call.names)
+            except UnsupportedModuleError as error:
+                raise UnsupportedModuleError(f"Module '{call.qualname}', rule '{call.rule.name}': {error}") from error
+            if set(local) != set(call.names):
+                raise UnsupportedModuleError(
+                    f"Rule '{call.rule.name}' for '{call.qualname}' returned gradients for {sorted(local)} "
+                    f"but the module's trainable parameters are {sorted(call.names)}."
+                )
+            for name, global_name in zip(call.names, call.global_names):
+                uses[global_name].append(local[name])
         return uses
 
     def _accumulate_clipped(self, uses: dict[str, list[PerExampleGrad]], batch: int) -> None:
@@ -607,12 +608,10 @@ def _log_plan(plan: ExecutionPlan) -> None:
                     plan.noise.noise_multiplier, plan.noise.std)
 
 
-def _edges(call) -> tuple:
-    return (call.edge,) if isinstance(call, RuleCall) else call.edges
-
-
 def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: RuleRegistry) -> list[Owner]:
-    """Each module that owns trainable parameters directly, with the rule that differentiates it.
+    """Each module that owns trainable parameters directly, with the rule that differentiates it
+    (the registry's default where nothing else matches, and for a module differentiated through
+    its parent, where the default runs at the enclosing call).
 
     A parameter registered on a module and on one of its descendants (BERT's MLM head registers
     its bias on the head and on the decoder) is used through the descendant: the ancestor's claim
@@ -638,11 +637,11 @@ def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: Ru
     owners = []
     for module, qualname, names in by_module.values():
         through_parent = rules.through_parent(qualname)
-        rule = None if through_parent else rules.rule_for(module)
-        if rule is not None and rule.validate is not None:
+        rule = rules.default if through_parent else rules.rule_for(module)
+        if rule.validate is not None:
             rule.validate(module)
-        if rule is None:
-            logger.info("No rule for %s ('%s'): its parameters use the torch.func fallback.", type(module).__name__, qualname)
+        if rule is rules.default:
+            logger.info("No rule for %s ('%s'): its parameters use the fallback, rule '%s'.", type(module).__name__, qualname, rule.name)
         owners.append(Owner(module, qualname, rule, tuple(n for n, _ in names), tuple(g for _, g in names), through_parent))
     return owners
 

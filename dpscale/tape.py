@@ -14,8 +14,11 @@ Batch semantics are settled here, where the shapes are seen:
   gradient arrives per example;
 * a call whose input has no batch dimension at all (T5's relative-position bias looks up a [T, T]
   bucket table) cannot yield per-example gradients by itself: its parameters are delegated to the
-  nearest enclosing module whose inputs do carry the batch, where the torch.func fallback
-  recomputes that module per example.
+  nearest enclosing module whose inputs do carry the batch, and that module's call is recorded
+  whole for the registry's default rule (the torch.func fallback), which recomputes it per example.
+
+Every call is recorded the same way, as a ``ModuleCall`` that its rule reads; the engine calls
+each call's rule without knowing which kind of rule it is.
 """
 
 from __future__ import annotations
@@ -31,54 +34,46 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dpscale.errors import UnsupportedModuleError
-from dpscale.layers.registry import Rule
+from dpscale.layers.rule import CallInputs, Rule
 
 
 @dataclass(frozen=True)
 class Owner:
-    """A module that owns trainable parameters directly, and how they are differentiated."""
+    """A module that owns trainable parameters directly, and the rule that differentiates it."""
 
     module: nn.Module
     qualname: str
-    rule: Rule | None  # None: the torch.func fallback at this module
+    rule: Rule
     local_names: tuple[str, ...]
     global_names: tuple[str, ...]
     through_parent: bool = False  # always differentiated through an enclosing module
 
 
 @dataclass
-class RuleCall:
-    owner: Owner
-    inputs: tuple
-    edge: GradientEdge
-    seq: int
-
-    @property
-    def global_names(self) -> tuple[str, ...]:
-        return self.owner.global_names
-
-
-@dataclass
-class FunctionalCall:
-    """A call whose per-example gradients are recomputed with torch.func. ``names`` maps each
-    parameter's name relative to ``module`` to its global name."""
+class ModuleCall:
+    """One recorded call, as its rule reads it: ``rule.grads(module, inputs, output_grad(grads),
+    names)`` gives per-example gradients of ``names`` (relative to ``module``), which are the
+    model's ``global_names``. ``edges`` are the gradient edges of the output leaves the rule
+    reads, at positions ``leaf_indices`` among the ``leaf_count`` leaves of the flattened output."""
 
     module: nn.Module
     qualname: str
-    args: tuple
-    kwargs: dict
-    names: dict[str, str]
-    leaf_indices: tuple[int, ...]
+    rule: Rule
+    inputs: CallInputs
     edges: tuple[GradientEdge, ...]
-    leaf_shapes: tuple[tuple[torch.Size, torch.dtype], ...]
+    leaf_indices: tuple[int, ...]
+    leaf_count: int
+    names: tuple[str, ...]
+    global_names: tuple[str, ...]
     seq: int
 
-    @property
-    def global_names(self) -> tuple[str, ...]:
-        return tuple(self.names.values())
-
-
-Call = RuleCall | FunctionalCall
+    def output_grad(self, grads: list[Tensor | None]) -> Any:
+        """The gradients of ``edges`` as the rule reads them: one tensor, or for a whole-call rule
+        one entry per output leaf (None where the leaf is not differentiable or not reached)."""
+        per_leaf: list[Tensor | None] = [None] * self.leaf_count
+        for index, grad in zip(self.leaf_indices, grads):
+            per_leaf[index] = grad
+        return tuple(per_leaf) if self.rule.whole_call else per_leaf[0]
 
 
 @dataclass
@@ -89,6 +84,7 @@ class _Frame:
     kwargs: dict
     seq: int
     delegated: dict[str, str] = field(default_factory=dict)  # relative name -> global name
+    rule: Rule | None = None  # the owner's own whole-call rule; None: the tape's default
 
 
 def leading_sizes(tree: Any) -> list[int]:
@@ -108,14 +104,17 @@ def infer_batch_size(args: tuple, kwargs: dict) -> int | None:
 
 
 class Tape:
-    """Owned by one engine; ``detach()`` removes every hook it installed."""
+    """Owned by one engine; ``detach()`` removes every hook it installed. ``default`` (the
+    registry's default rule, reading whole calls) differentiates the calls that carry delegated
+    parameters and those their own rule cannot read."""
 
-    def __init__(self, model: nn.Module, owners: list[Owner]) -> None:
+    def __init__(self, model: nn.Module, owners: list[Owner], default: Rule) -> None:
         self._model = model
+        self._default = default
         self._owners = {id(owner.module): owner for owner in owners}
         self._qualnames = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
         self.batch_size: int | None = None
-        self.calls: list[Call] = []
+        self.calls: list[ModuleCall] = []
         self._stack: list[_Frame] = []
         self._seq = 0
         self._paused = False
@@ -143,7 +142,7 @@ class Tape:
         finally:
             self._paused = previous
 
-    def take(self) -> list[Call]:
+    def take(self) -> list[ModuleCall]:
         calls, self.calls = self.calls, []
         return calls
 
@@ -177,7 +176,7 @@ class Tape:
         if owner is not None:
             new_output = self._record_owner(owner, frame, args, output)
         if frame.delegated:
-            new_output = self._record_functional(frame, output if new_output is None else new_output)
+            new_output = self._record_whole(frame, output if new_output is None else new_output)
         return new_output
 
     # recording ----------------------------------------------------------------------------------
@@ -187,14 +186,15 @@ class Tape:
         if owner.through_parent:
             self._delegate(owner, self._stack)
             return None
-        if owner.rule is None:
+        if owner.rule.whole_call:
             if self._carries_batch(frame):
+                frame.rule = owner.rule
                 frame.delegated.update(zip(owner.local_names, owner.global_names))
             else:
                 self._delegate(owner, self._stack)
             return None
         if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
-            # Called in a way the rule does not read: differentiate the call itself.
+            # Called in a way the rule does not read: the default rule differentiates the call.
             frame.delegated.update(zip(owner.local_names, owner.global_names))
             return None
         if not output.requires_grad:
@@ -202,15 +202,23 @@ class Tape:
         x = args[0]
         lead = x.shape[0] if x.dim() else None
         if lead == batch and output.dim() and output.shape[0] == batch:
-            self.calls.append(RuleCall(owner, args, get_gradient_edge(output), frame.seq))
+            self._append(owner, CallInputs(args, frame.kwargs), output, frame.seq)
             return None
         if lead == 1 and batch > 1 and output.dim() and output.shape[0] == 1:
             output = output.expand(batch, *output.shape[1:])
             inputs = (x.expand(batch, *x.shape[1:]),) + tuple(args[1:])
-            self.calls.append(RuleCall(owner, inputs, get_gradient_edge(output), frame.seq))
+            self._append(owner, CallInputs(inputs, frame.kwargs), output, frame.seq)
             return output
         self._delegate(owner, self._stack)
         return None
+
+    def _append(self, owner: Owner, inputs: CallInputs, output: Tensor, seq: int) -> None:
+        self.calls.append(
+            ModuleCall(
+                owner.module, owner.qualname, owner.rule, inputs, edges=(get_gradient_edge(output),),
+                leaf_indices=(0,), leaf_count=1, names=owner.local_names, global_names=owner.global_names, seq=seq,
+            )
+        )
 
     def _carries_batch(self, frame: _Frame) -> bool:
         return self.batch_size in leading_sizes((frame.args, frame.kwargs))
@@ -235,10 +243,12 @@ class Tape:
             "(requires_grad=False) or register a rule for the enclosing module."
         )
 
-    def _record_functional(self, frame: _Frame, output: Any) -> Any:
+    def _record_whole(self, frame: _Frame, output: Any) -> Any:
+        """Record the frame's call whole, for the parameters gathered in ``frame.delegated``; calls
+        recorded inside it for those parameters are dropped (this call covers them)."""
         batch = self.batch_size
         leaves, spec = tree_flatten(output)
-        indices, edges, shapes = [], [], []
+        indices, edges = [], []
         changed = False
         for i, leaf in enumerate(leaves):
             if not (isinstance(leaf, Tensor) and leaf.requires_grad and leaf.is_floating_point()):
@@ -254,7 +264,6 @@ class Tape:
                 )
             indices.append(i)
             edges.append(get_gradient_edge(leaf))
-            shapes.append((leaf.shape, leaf.dtype))
         delegated = set(frame.delegated.values())
         kept = []
         for call in self.calls:
@@ -270,9 +279,10 @@ class Tape:
             kept.append(call)
         self.calls = kept
         self.calls.append(
-            FunctionalCall(
-                frame.module, frame.qualname, frame.args, frame.kwargs, dict(frame.delegated),
-                tuple(indices), tuple(edges), tuple(shapes), frame.seq,
+            ModuleCall(
+                frame.module, frame.qualname, frame.rule or self._default, CallInputs(frame.args, frame.kwargs),
+                edges=tuple(edges), leaf_indices=tuple(indices), leaf_count=len(leaves),
+                names=tuple(frame.delegated), global_names=tuple(frame.delegated.values()), seq=frame.seq,
             )
         )
         return tree_unflatten(leaves, spec) if changed else None

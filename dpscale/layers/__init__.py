@@ -1,5 +1,5 @@
-"""Per-layer rules and the registry that maps modules to them. Adding a layer family is one new
-file here and one line in ``default_registry``."""
+"""Per-layer rules and the registry that maps modules to them (the torch.func fallback is its
+default). Adding a layer family is one new file here and one line in ``default_registry``."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from torch import nn
 
 from dpscale.layers.convolution import CONVOLUTION, is_plain_convolution
 from dpscale.layers.embedding import EMBEDDING
+from dpscale.layers.functional import FALLBACK
 from dpscale.layers.linear import LINEAR, TRANSPOSED_LINEAR
 from dpscale.layers.normalization import BROADCAST_SCALE, LAYER_NORM, RMS_NORM, is_huggingface_rms_norm
-from dpscale.layers.registry import Rule, RuleRegistry
+from dpscale.layers.registry import RuleRegistry
+from dpscale.layers.rule import CallInputs, Rule
 from dpscale.layers.tensor_parallel import TP_LINEAR, TP_UNSUPPORTED, is_autotp_layer, is_autotp_linear
 
 
 def _same_forward(base: type):
     """Matches ``base`` and subclasses that keep its forward (a subclass that overrides forward
-    computes something else and falls to the torch.func fallback)."""
+    computes something else and gets the registry's default, the torch.func fallback)."""
 
     def matches(module: nn.Module) -> bool:
         return isinstance(module, base) and type(module).forward is base.forward
@@ -42,4 +44,4 @@ def default_registry() -> RuleRegistry:
     return registry
 
 
-__all__ = ["Rule", "RuleRegistry", "default_registry"]
+__all__ = ["FALLBACK", "CallInputs", "Rule", "RuleRegistry", "default_registry"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpscale.layers.registry import Rule
+from dpscale.layers.rule import Rule
 from dpscale.per_example import Dense, Outer, param_shape
 
 

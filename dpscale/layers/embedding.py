@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from dpscale.errors import UnsupportedModuleError
-from dpscale.layers.registry import Rule
+from dpscale.layers.rule import Rule
 from dpscale.per_example import Outer, param_shape
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dpscale.layers.registry import Rule
+from dpscale.layers.rule import Rule
 from dpscale.per_example import Dense, Outer, param_shape
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpscale.errors import UnsupportedModuleError
-from dpscale.layers.registry import Rule
+from dpscale.layers.rule import Rule
 from dpscale.per_example import Dense, accumulation_dtype, param_shape
 
 

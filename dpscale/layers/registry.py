@@ -1,9 +1,9 @@
 """Which rule computes per-example gradients for which module: data owned by one engine.
 
-A rule is a pure function ``grads(module, inputs, output_grad, names) -> {name: PerExampleGrad}``
-of the module, its positional inputs and the gradient of its output, for the module's own
-trainable parameters ``names``. It knows nothing of hooks, clipping or distribution. An optional
-``validate(module)`` refuses, when the engine is built, a configuration the rule cannot make exact.
+Every module resolves to a rule: the last matching registration, else the registry's default
+(the torch.func fallback, ``dpscale.layers.functional.FALLBACK``; ``set_default`` replaces it, e.g.
+with a rule whose ``validate`` refuses every module without a rule of its own). What a rule is:
+``dpscale.layers.rule``.
 
 The registry is built fresh for every engine (``default_registry()``), so registering a rule for a
 custom layer changes that engine only: no import-time or process-global state.
@@ -11,36 +11,45 @@ custom layer changes that engine only: no import-time or process-global state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
-from torch import Tensor, nn
+from torch import nn
 
-from dpscale.per_example import PerExampleGrad
+from dpscale.errors import ConfigError
+from dpscale.layers.functional import FALLBACK
+from dpscale.layers.rule import Rule
 
-GradsFn = Callable[[nn.Module, tuple, Tensor, tuple[str, ...]], Mapping[str, PerExampleGrad]]
-ValidateFn = Callable[[nn.Module], None]
 Matcher = type | Callable[[nn.Module], bool]
 
 
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    grads: GradsFn
-    validate: ValidateFn | None = None
-
-
 class RuleRegistry:
-    """An ordered list of (matcher, rule). Exact types are looked up first, then subclasses and
-    predicates in registration order; later registrations win over earlier ones."""
+    """An ordered list of (matcher, rule) and a default rule. Exact types are looked up first, then
+    subclasses and predicates in registration order; later registrations win over earlier ones;
+    a module nothing matches gets the default."""
 
     def __init__(self) -> None:
         self._entries: list[tuple[Matcher, Rule]] = []
         self._through_parent: set[str] = set()
+        self._default: Rule = FALLBACK
+
+    @property
+    def default(self) -> Rule:
+        return self._default
+
+    def set_default(self, rule: Rule) -> None:
+        """The rule for modules nothing else matches. It also differentiates the calls that other
+        rules cannot read and the parameters delegated to an enclosing module, so it must read the
+        whole call."""
+        if not rule.whole_call:
+            raise ConfigError(
+                f"The default rule '{rule.name}' must read any call (args, kwargs, every output): build it "
+                "with Rule(..., whole_call=True)."
+            )
+        self._default = rule
 
     def differentiate_through_parent(self, attribute: str) -> None:
         """Modules stored under this attribute name are always differentiated per example through
-        their parent module (torch.func fallback there). For layers whose input has no batch
+        their parent module (the default rule there). For layers whose input has no batch
         dimension but whose leading size may equal the batch size, so that shapes alone cannot
         tell: T5's ``relative_attention_bias`` looks up a [T, T] table, and T may equal B."""
         self._through_parent.add(attribute)
@@ -51,7 +60,7 @@ class RuleRegistry:
     def register(self, matcher: Matcher, rule: Rule) -> None:
         self._entries.append((matcher, rule))
 
-    def rule_for(self, module: nn.Module) -> Rule | None:
+    def rule_for(self, module: nn.Module) -> Rule:
         for matcher, rule in reversed(self._entries):
             if isinstance(matcher, type) and type(module) is matcher:
                 return rule
@@ -61,10 +70,11 @@ class RuleRegistry:
                     return rule
             elif matcher(module):
                 return rule
-        return None
+        return self._default
 
     def copy(self) -> "RuleRegistry":
         other = RuleRegistry()
         other._entries = list(self._entries)
         other._through_parent = set(self._through_parent)
+        other._default = self._default
         return other

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from dpscale.errors import UnsupportedModuleError
 from dpscale.layers.linear import linear_grads
-from dpscale.layers.registry import Rule
+from dpscale.layers.rule import Rule
 
 __all__ = ["TP_LINEAR", "TP_UNSUPPORTED", "is_autotp_layer", "is_autotp_linear"]
 
