@@ -62,7 +62,7 @@ def run_logical_step(engine, batch: LogicalBatch, losses_fn: LossesFn, *, close_
     micro_batches = batch.micro_batches
     local = len(micro_batches)
     passes = backend.micro_batch_count(local)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum: Tensor | None = None  # on the losses' device: read once per step, not per micro-batch
     examples = 0
     with backend.accumulation():
         for j in range(passes):
@@ -72,11 +72,13 @@ def run_logical_step(engine, batch: LogicalBatch, losses_fn: LossesFn, *, close_
                 losses = losses_fn(micro)
                 engine.backward(losses)
             if not padding:
-                loss_sum += losses.detach().to(device="cpu", dtype=torch.float64).sum()
+                total = losses.detach().to(torch.float64).sum()
+                loss_sum = total if loss_sum is None else loss_sum + total
                 examples += losses.shape[0]
     if close_step:
         engine.step()
-    return StepOutcome(batch.step, examples, batch.global_size, float(loss_sum), time.perf_counter() - start)
+    loss = 0.0 if loss_sum is None else float(loss_sum)
+    return StepOutcome(batch.step, examples, batch.global_size, loss, time.perf_counter() - start)
 
 
 def run_steps(engine, loader: Iterable[LogicalBatch], losses_fn: LossesFn, *, max_steps: int | None = None,
