@@ -137,6 +137,8 @@ class PrivacyEngine:
         self.last_norms: Tensor | None = None
         self.last_group_norms: Tensor | None = None
         self.last_clip_factors: Tensor | None = None
+        self.step_norms: Tensor | None = None  # per-example norms of the last finished step (all its backwards)
+        self._norms_this_step: list[Tensor] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_versions: tuple[int, ...] | None = None  # clipped sums written, not yet stepped
         self._drawn_step: int | None = None  # the logical batch the bound loader handed out for this step
@@ -224,6 +226,7 @@ class PrivacyEngine:
             uses = self._per_example_grads(calls, grads)
             del calls, grads
             self._accumulate_clipped(uses, batch)
+        self._norms_this_step.append(self.last_norms)
         self._pending_versions = self._parameter_versions()
 
     def detach(self) -> None:
@@ -292,6 +295,8 @@ class PrivacyEngine:
         self.steps_taken += 1
         self._pending_versions = None
         self._drawn_step = None
+        norms, self._norms_this_step = self._norms_this_step, []
+        self.step_norms = torch.cat(norms) if norms else torch.zeros(0)
 
     def _check_step_bound(self) -> None:
         if self._optimizer is None and not self.backend.owns_step:
