@@ -5,7 +5,9 @@ the environment a launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MAST
     python tests/trainer_worker.py spec.json
 
 spec keys: dtype ("float32", "float64"), steps, expected_batch_size, deepspeed (a ZeRO stage or
-null), out (where rank r writes its final trainable parameters, rank{r}.pt, and privacy state).
+null), autotp (DeepSpeed AutoTP's tensor-parallel size, with deepspeed), model ("gpt2", the default,
+or "llama": a tiny Llama, whose Linear layers AutoTP splits), out (where rank r writes its final
+trainable parameters at full size, rank{r}.pt, its loader's split and privacy state).
 """
 
 from __future__ import annotations
@@ -42,6 +44,23 @@ def gpt2(dtype: str = "float64") -> nn.Module:
     return model.to(getattr(torch, dtype)).train()
 
 
+def llama(dtype: str = "float32") -> nn.Module:
+    """A tiny Llama (attention and MLP biases, no dropout): AutoTP splits its q/k/v, gate/up (rows)
+    and o/down (columns) Linear layers; GPT-2's Conv1D layers it does not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
+                      attention_dropout=0.0, max_position_embeddings=16, use_cache=False)
+    return LlamaForCausalLM(cfg).to(getattr(torch, dtype)).train()
+
+
+def model_for(spec: dict) -> nn.Module:
+    build = {"gpt2": gpt2, "llama": llama}[spec.get("model", "gpt2")]
+    return build(spec.get("dtype", "float64"))
+
+
 class TokenDataset(torch.utils.data.Dataset):
     def __init__(self) -> None:
         self.ids = torch.randint(0, VOCAB, (N, T), generator=torch.Generator().manual_seed(1))
@@ -69,7 +88,10 @@ def training_arguments(spec: dict, output_dir: str, **changes):
     if spec.get("deepspeed") is not None:
         # use_cpu=True would make the Trainer skip DeepSpeed; DS_ACCELERATOR=cpu puts it on the CPU.
         deepspeed_state()
-        values.update(deepspeed=deepspeed_config(spec["deepspeed"]), use_cpu=False,
+        ds = deepspeed_config(spec["deepspeed"])
+        if spec.get("autotp"):
+            ds["tensor_parallel"] = {"autotp_size": spec["autotp"]}
+        values.update(deepspeed=ds, use_cpu=False,
                       accelerator_config={"use_configured_state": True})
     values.update(changes)
     return TrainingArguments(**values)
@@ -97,7 +119,7 @@ def deepspeed_config(stage: int) -> dict:
 def trainer(spec: dict, output_dir: str, model: nn.Module | None = None, **changes):
     from dpscale.integrations.trainer import DPTrainer
 
-    return DPTrainer(model=model if model is not None else gpt2(spec.get("dtype", "float64")),
+    return DPTrainer(model=model if model is not None else model_for(spec),
                      args=training_arguments(spec, output_dir, **changes), train_dataset=TokenDataset(),
                      data_collator=collate, dp_config=config(spec), noise_key=KEY)
 
@@ -108,7 +130,7 @@ def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def hand_loop(spec: dict) -> tuple[dict[str, torch.Tensor], float, list[list[int]]]:
     """The reference: PrivacyEngine, its Poisson loader, SGD, ``steps`` logical steps."""
-    model = gpt2(spec.get("dtype", "float64"))
+    model = model_for(spec)
     engine = PrivacyEngine(model, config(spec), noise_key=KEY)
     optimizer = engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=LR))
     loader = engine.make_data_loader(TokenDataset(), max_physical_batch_size=MICRO, collate_fn=collate)
@@ -124,6 +146,19 @@ def hand_loop(spec: dict) -> tuple[dict[str, torch.Tensor], float, list[list[int
     return params, epsilon, batches
 
 
+def full_size(engine: PrivacyEngine) -> dict[str, torch.Tensor]:
+    """The trainable parameters at full size: under AutoTP this rank holds shards of the split
+    Linear layers (the backend's layouts), all-gathered over the tensor-parallel group."""
+    params = trainable(engine.model)
+    layouts = getattr(engine.backend, "_layouts", {})
+    if layouts:
+        from tests.autotp_worker import full_parameters
+
+        full = full_parameters(engine.model, layouts, engine.model_parallel_group)
+        params = {name: full[name] for name in params}
+    return params
+
+
 def main() -> None:
     torch.set_num_threads(1)
     spec = json.loads(open(sys.argv[1]).read())
@@ -136,12 +171,17 @@ def main() -> None:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.parameters.values()), modifier_rank=None):
-            params = trainable(engine.model)
+            params = full_size(engine)
     else:
-        params = trainable(engine.model)
+        params = full_size(engine)
     stage = t.model_wrapped.zero_optimization_stage() if t.is_deepspeed_enabled else None
+    sampler = engine.data_loader.batch_sampler
     torch.save({"params": params, "steps_taken": engine.steps_taken, "epsilon": engine.epsilon(),
-                "world_size": t.args.world_size, "backend": type(engine.backend).__name__, "zero_stage": stage},
+                "world_size": t.args.world_size, "backend": type(engine.backend).__name__, "zero_stage": stage,
+                "loader_split": (sampler.rank, sampler.world_size),
+                "backend_world_size": getattr(engine.backend, "world_size", 1),
+                "sharded": sorted(getattr(engine.backend, "_layouts", {})),
+                "layer_kinds": sorted({type(m).__name__ for m in engine.model.modules()})},
                os.path.join(spec["out"], f"rank{rank}.pt"))
     import torch.distributed as dist
 
