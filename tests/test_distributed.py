@@ -68,7 +68,8 @@ def test_lora_layers_are_exact_on_one_process():
     def loss_fn(m, inputs):
         return worker.causal_lm_losses(m(input_ids=inputs["input_ids"]).logits, inputs["input_ids"])
 
-    engine = check_engine(model, [{"input_ids": ids}], loss_fn, worker.config({"clipping": "flat"}))
+    # the oracle's own batch (declared sampling, as explicit batches are in the worker)
+    engine = check_engine(model, [{"input_ids": ids}], loss_fn, worker.config({"clipping": "flat", "batches": [[0, 1, 2, 3]]}))
     assert engine.parameters and all("lora_" in name for name in engine.parameters)
 
 
