@@ -222,6 +222,63 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_TRAIN_HELP = {
+    "config": "YAML file of options (keys as below, with - or _); flags override it",
+    "model": "hub id, local folder, .gguf file, or a packaged name: smollm2-135m, minilm-l6",
+    "task": "causal-lm or classification",
+    "data": "CSV, TSV, JSON lines or a saved datasets folder (default for causal-lm: packaged E2E)",
+    "eval_data": "evaluation data, same formats",
+    "epsilon": "target epsilon (sigma is calibrated for the planned steps)",
+    "batch_size": "expected logical batch B (Poisson sampling at q = B / N)",
+    "micro_batch": "physical batch: memory only, never the result",
+    "max_grad_norm": "clipping norm R",
+    "clip_fn": "abadi or automatic",
+    "trainable": "all, bias (DP-BiTFiT) or lora",
+    "non_private": "the non-private baseline with the same everything else",
+    "report_to": "Accelerate trackers, comma-separated: tensorboard, wandb, ...",
+    "noise_key": "noise key file (every rank reads it; default: created in --output-dir)",
+}
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--field-name); all default to None so that only the flags
+    given override the YAML file."""
+    from dpscale.train.config import TrainConfig
+
+    parser.add_argument("--config", help=_TRAIN_HELP["config"])
+    for spec in dataclasses.fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        default = TrainConfig.__dataclass_fields__[spec.name].default
+        help_text = _TRAIN_HELP.get(spec.name, "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        elif spec.name == "report_to":
+            parser.add_argument(flag, dest=spec.name, default=None, help=help_text)
+        else:
+            kind = _field_type(spec.type)
+            parser.add_argument(flag, dest=spec.name, type=kind, default=None,
+                                help=f"{help_text} (default {default})".strip())
+
+
+def _field_type(annotation: str):
+    text = str(annotation)
+    if text.startswith("int"):
+        return int
+    if text.startswith("float"):
+        return float
+    return str
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from dpscale.train.config import load_config
+    from dpscale.train.job import run
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command", "_command")}
+    run(load_config(args.config, overrides))
+    return EXIT_OK
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "epsilon",
@@ -234,6 +291,12 @@ COMMANDS: tuple[Command, ...] = (
         "smallest noise multiplier that meets a target epsilon",
         _add_calibrate_arguments,
         _run_calibrate,
+    ),
+    Command(
+        "train",
+        "privately fine-tune a pretrained model (default: DP-LoRA of SmolLM2-135M on E2E at epsilon 8)",
+        _add_train_arguments,
+        _run_train,
     ),
 )
 

