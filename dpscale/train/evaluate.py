@@ -91,7 +91,8 @@ def generate(
     """Greedy continuations of ``prompts`` (as ``CausalLMData.prompts`` gives them: the prompt
     and its separator), one string per prompt, in order. Prompts are tokenised as in training
     (BOS if the tokenizer uses one), batched by length with padding on the LEFT, and each
-    continuation is decoded alone, cut at the first EOS and at the first newline, and stripped."""
+    continuation is decoded alone, cut at the first EOS and at the first newline after any leading
+    blank lines, and stripped."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError(f"max_new_tokens {max_new_tokens} and batch_size {batch_size} must be at least 1.")
     from transformers import GenerationConfig
@@ -123,7 +124,7 @@ def generate(
                 if eos in tokens:
                     tokens = tokens[: tokens.index(eos)]
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
-                outputs[i] = text.split("\n", 1)[0].strip()
+                outputs[i] = text.strip().split("\n", 1)[0].strip()  # leading blank lines are not the answer
     return outputs
 
 

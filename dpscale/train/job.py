@@ -81,8 +81,10 @@ def run(config: TrainConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     if config.report_to:
-        accelerator.init_trackers("dpscale-train", config={k: v for k, v in config.as_dict().items()
-                                                           if k != "noise_key"})
+        # trackers take scalars and strings only; the key file's path is not logged
+        accelerator.init_trackers("dpscale-train", config={
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in config.as_dict().items() if k != "noise_key"})
     checkpoint = output / "checkpoint"
     state = _load_checkpoint(checkpoint, config, accelerator)
     if state:
@@ -232,6 +234,8 @@ def _train_private(config, task, model, optimizer, accelerator, state, checkpoin
                               f"{engine.epsilon():.3f} <= {config.epsilon}): stopped, checkpoint saved in {checkpoint}.")
 
     remaining = None if config.max_steps is None else max(0, config.max_steps - engine.steps_taken)
+    if config.stop_after is not None:
+        remaining = config.stop_after if remaining is None else min(remaining, config.stop_after)
     outcome = run_steps(engine, loader, losses_of, max_steps=remaining, on_step=on_step, on_stop=on_stop)
     progress.close()
     report = engine.privacy_report(config.output_dir if accelerator.is_main_process else None)
@@ -260,7 +264,8 @@ def _train_non_private(config, task, model, optimizer, accelerator, state, check
         order = _next_batch(order, size, batch, generator)[1]
     progress = _progress(accelerator, steps, step)
     model.train()
-    while step < steps:
+    stop = steps if config.stop_after is None else min(steps, step + config.stop_after)
+    while step < stop:
         started = time.perf_counter()
         indices, order = _next_batch(order, size, batch, generator)
         indices = indices[accelerator.process_index :: accelerator.num_processes]
@@ -277,7 +282,7 @@ def _train_non_private(config, task, model, optimizer, accelerator, state, check
                   "batch": batch}
         history.append(record)
         _log(accelerator, progress, record)
-        if step % config.checkpoint_every == 0 or step == steps:
+        if step % config.checkpoint_every == 0 or step == stop:
             _save_checkpoint(checkpoint, accelerator, model, optimizer, None, history, before, step=step)
     progress.close()
     return history, _Outcome(step, "end"), {"epsilon": None, "non_private": True}
@@ -300,7 +305,9 @@ def _save_checkpoint(folder: Path, accelerator, model, optimizer, engine, histor
     unwrapped = accelerator.unwrap_model(model)
     params = {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
     save_atomic({"params": params, "optimizer": optimizer.state_dict(), "history": history, "before": before,
-                 "step": step if step is not None else engine.steps_taken}, folder / "state.pt")
+                 "step": step if step is not None else engine.steps_taken,
+                 "rng": torch.get_rng_state()},  # dropout masks continue as in an uninterrupted run
+                folder / "state.pt")
     if engine is not None:
         engine.save_checkpoint(folder / "privacy.pt")
 
@@ -322,6 +329,7 @@ def _restore(model, optimizer, state, accelerator) -> None:
         for name, value in state["params"].items():
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
 
 
 # plumbing -----------------------------------------------------------------------------------------
