@@ -228,20 +228,33 @@ def test_zero3_linear_replacement_is_reported(monkeypatch, caplog):
 # with --deepspeed, each on 2 gloo processes, against the same script on one process (LocalBackend).
 
 TRAIN = ROOT / "launch" / "train.py"
-TINY = ["--cpu", "--dropout", "0", "--layers", "1", "--hidden", "32", "--heads", "2", "--seq-len", "24",
-        "--synthetic-size", "48", "--batch-size", "8", "--micro-batch", "3", "--max-steps", "2", "--sigma", "1.0"]
+TINY = ["--cpu", "--trainable", "all", "--batch-size", "8", "--micro-batch", "3", "--max-steps", "2", "--epsilon", "8",
+        "--max-eval-examples", "4", "--generations", "0", "--max-length", "24"]
 
 
-def run_train(tmp_path: Path, launcher: list[str], name: str, *extra: str, expect_failure: bool = False):
-    key = tmp_path / "noise.key"
-    if not key.exists():
-        from dpscale.noise import NoiseKey
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory):
+    """A tiny GPT-2 (dropout 0) saved as a local model folder, E2E-style data and a key file."""
+    from tests.tiny_models import save_tiny_causal_lm, write_e2e_csv
 
-        NoiseKey.write_new(key)
-    out = tmp_path / f"{name}.pt"
-    command = [*launcher, str(TRAIN), *TINY, "--noise-key", str(key), "--output-dir", str(tmp_path / name),
-               "--save-params", str(out), *extra]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    root = tmp_path_factory.mktemp("tiny_job")
+    model = save_tiny_causal_lm(root / "model")
+    config = json.loads((model / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    from dpscale.noise import NoiseKey
+
+    NoiseKey.write_new(root / "noise.key")
+    return {"model": model, "data": write_e2e_csv(root / "e2e.csv", copies=12), "key": root / "noise.key"}
+
+
+def run_train(job: dict, tmp_path: Path, launcher: list[str], name: str, *extra: str, expect_failure: bool = False):
+    """launch/train.py (the `dpscale train` job) under ``launcher``; the trained parameters and the
+    run's metrics."""
+    out = tmp_path / name
+    command = [*launcher, str(TRAIN), *TINY, "--model", str(job["model"]), "--data", str(job["data"]),
+               "--eval-data", str(job["data"]), "--noise-key", str(job["key"]), "--output-dir", str(out), *extra]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     try:
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as error:
@@ -250,13 +263,17 @@ def run_train(tmp_path: Path, launcher: list[str], name: str, *extra: str, expec
         assert result.returncode != 0, f"{name} was expected to fail"
         return result.stdout + result.stderr
     assert result.returncode == 0, f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
-    return torch.load(out, weights_only=True)
+    from safetensors.torch import load_file
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"params": load_file(out / "model" / "model.safetensors"), "world_size": metrics["processes"],
+            "steps_taken": metrics["privacy"]["steps"]}
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory):
+def single_process(tiny_job, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("train_single")
-    return tmp_path, run_train(tmp_path, [sys.executable], "single")
+    return tmp_path, run_train(tiny_job, tmp_path, [sys.executable], "single")
 
 
 def assert_same_training(got: dict, expected: dict, label: str) -> None:
@@ -285,15 +302,15 @@ def _launcher(kind: str, config: str) -> tuple[list[str], list[str]]:
 @pytest.mark.parametrize("kind, config", [("accelerate", "ds_configs/zero2.json"),
                                           ("deepspeed", "ds_configs/zero3.json"),
                                           ("torchrun", "ds_configs/zero3_offload.json")])
-def test_train_script_under_deepspeed_matches_single_process(single_process, kind, config):
+def test_train_script_under_deepspeed_matches_single_process(tiny_job, single_process, kind, config):
     tmp_path, expected = single_process
     launcher, extra = _launcher(kind, str(ROOT / config))
-    got = run_train(tmp_path, launcher, f"{kind}_{Path(config).stem}", *extra)
+    got = run_train(tiny_job, tmp_path, launcher, f"{kind}_{Path(config).stem}", *extra)
     assert_same_training(got, expected, f"{kind} {config}")
 
 
 @pytest.mark.slow
-def test_accelerate_deepspeed_default_clipping_is_refused(tmp_path):
+def test_accelerate_deepspeed_default_clipping_is_refused(tiny_job, tmp_path):
     # A DeepSpeed config file without "gradient_clipping": DeepSpeed clips at 1.0 (and an Accelerate
     # plugin value of 0.0 would be dropped): the run must stop, naming the key.
     config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
@@ -301,7 +318,7 @@ def test_accelerate_deepspeed_default_clipping_is_refused(tmp_path):
     path = tmp_path / "no_clipping_key.json"
     path.write_text(json.dumps(config))
     launcher, extra = _launcher("accelerate", str(path))
-    output = run_train(tmp_path, launcher, "refused", *extra, expect_failure=True)
+    output = run_train(tiny_job, tmp_path, launcher, "refused", *extra, expect_failure=True)
     assert '"gradient_clipping": 0.0' in output and "ConfigError" in output
 
 

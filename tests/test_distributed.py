@@ -155,12 +155,17 @@ def test_accelerate_settings_that_change_the_step_are_refused(changes, named):
 
 @pytest.mark.slow
 def test_launch_script_under_accelerate_launch_runs_two_processes(tmp_path):
+    """launch/train.py (the `dpscale train` job) on a tiny model folder under `accelerate launch`
+    with 2 gloo processes."""
+    from tests.tiny_models import save_tiny_causal_lm, write_e2e_csv
+
+    model, data = save_tiny_causal_lm(tmp_path / "model"), write_e2e_csv(tmp_path / "e2e.csv")
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                str(ROOT / "launch" / "accelerate_cpu_2proc.yaml"), str(ROOT / "launch" / "train.py"), "--cpu",
-               "--layers", "1", "--hidden", "16", "--heads", "2", "--seq-len", "16", "--synthetic-size", "64",
-               "--batch-size", "8", "--max-steps", "2", "--output-dir", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=90, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+               "--model", str(model), "--data", str(data), "--trainable", "all", "--batch-size", "8",
+               "--max-steps", "2", "--generations", "0", "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) on cpu" in done.stdout and "epsilon" in done.stdout, done.stdout
 

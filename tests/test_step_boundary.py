@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -232,21 +233,30 @@ def test_the_loop_helper_stops_cleanly_at_the_budget_and_saves(tmp_path, caplog)
     assert state["steps_taken"] == engine.budget_steps
 
 
-def test_launch_train_stops_at_the_budget_and_saves(tmp_path, capsys):
-    import importlib.util
+@pytest.mark.slow
+def test_launch_train_stops_at_the_budget_and_saves(tmp_path):
+    """launch/train.py (the `dpscale train` job) calibrated for half an epoch, capped at 100 steps:
+    it stops at the budget, says so and leaves its checkpoint."""
+    import json
+    import subprocess
+    import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "launch" / "train.py"
-    spec = importlib.util.spec_from_file_location("launch_train", script)
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    epsilon = train.main(["--cpu", "--epsilon", "3", "--steps", "3", "--max-steps", "20", "--synthetic-size", "64",
-                          "--batch-size", "8", "--micro-batch", "8", "--seq-len", "16", "--hidden", "16",
-                          "--output-dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert epsilon <= 3.0 and "privacy budget reached" in out
-    state = torch.load(tmp_path / "privacy-rank0.pt", weights_only=True)
-    assert 3 <= state["steps_taken"] < 20
+    from tests.tiny_models import save_tiny_causal_lm, write_e2e_csv
+
+    root = Path(__file__).resolve().parent.parent
+    model, data = save_tiny_causal_lm(tmp_path / "model"), write_e2e_csv(tmp_path / "e2e.csv")
+    command = [sys.executable, str(root / "launch" / "train.py"), "--model", str(model), "--data", str(data),
+               "--trainable", "all", "--epsilon", "3", "--epochs", "0.5", "--max-steps", "100", "--batch-size", "8",
+               "--micro-batch", "8", "--generations", "0", "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Privacy budget reached" in done.stdout, done.stdout[-2000:]
+    state = torch.load(tmp_path / "out" / "checkpoint" / "privacy.pt", weights_only=True)
+    report = json.loads((tmp_path / "out" / "privacy_report.json").read_text())
+    assert 4 <= state["steps_taken"] == report["steps"] == report["budget_steps"] < 100
+    assert report["epsilon"] <= 3.0
 
 
 # what the user sees, and resume ----------------------------------------------------------------

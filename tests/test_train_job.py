@@ -15,7 +15,7 @@ import transformers
 
 from dpscale.cli import main as cli
 from dpscale.noise import NoiseKey
-from tests.tiny_models import E2E_ROWS, save_tiny_causal_lm, save_tiny_classifier
+from tests.tiny_models import save_tiny_causal_lm, save_tiny_classifier, write_e2e_csv
 
 torch.set_num_threads(1)
 
@@ -28,11 +28,7 @@ CLASSIFICATION_ROWS = [{"sentence": text, "label": label} for text, label in [
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_job")
-    e2e = root / "e2e.csv"
-    with open(e2e, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["mr", "ref"])
-        writer.writeheader()
-        writer.writerows(E2E_ROWS * 16)
+    e2e = write_e2e_csv(root / "e2e.csv")
     sst = root / "sst.tsv"
     with open(sst, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["label", "sentence"], delimiter="\t")

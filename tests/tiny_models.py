@@ -89,3 +89,14 @@ def save_tiny_classifier(folder: Path) -> Path:
     transformers.BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def write_e2e_csv(path: Path, copies: int = 16) -> Path:
+    """A small E2E-style table (columns mr, ref) for the job's tests."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["mr", "ref"])
+        writer.writeheader()
+        writer.writerows(E2E_ROWS * copies)
+    return path

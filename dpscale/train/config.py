@@ -31,7 +31,8 @@ class TrainConfig:
     data, eval_data: CSV, TSV, JSON lines or a saved datasets folder; none for causal-lm: the
         packaged E2E development split, split by meaning representation into train and eval.
     epsilon, delta: the target (sigma is calibrated for the planned steps); delta default N^-1.1.
-    epochs or max_steps: the length the noise is calibrated for (max_steps wins when both).
+    epochs or max_steps: the length the noise is calibrated for: epochs when given, else max_steps.
+        With both, max_steps caps the run; it also stops (saving) where the budget is spent.
     stop_after: end this invocation after so many steps (a quick look, a CI smoke run); the plan,
         and so sigma, stay those of the whole run, which a rerun resumes.
     batch_size: the expected logical batch B (Poisson: q = B / N); micro_batch: the physical one.
@@ -126,8 +127,18 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConf
             raise ConfigError(f"{path} must hold a mapping of option: value.")
         values.update({key.replace("-", "_"): value for key, value in loaded.items()})
     values.update({key: value for key, value in overrides.items() if value is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    fields = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"Unknown option(s) {unknown}; known: {sorted(known)}.")
-    return TrainConfig(**values)
+        raise ConfigError(f"Unknown option(s) {unknown}; known: {sorted(fields)}.")
+    return TrainConfig(**{name: _as_number(name, value, fields[name]) for name, value in values.items()})
+
+
+def _as_number(name: str, value: Any, annotation: str) -> Any:
+    """YAML reads 3e-4 (no dot) as a string: numbers for the numeric options, whatever the spelling."""
+    if not isinstance(value, str) or not annotation.startswith(("float", "int")):
+        return value
+    try:
+        return float(value) if annotation.startswith("float") else int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {value!r}.") from None

@@ -14,6 +14,7 @@ again, and leave in ``output_dir``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -108,9 +109,11 @@ def run(config: TrainConfig) -> TrainResult:
         "hardware": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
         "command_config": {k: v for k, v in config.as_dict().items() if k != "noise_key"},
     }
+    with _whole_parameters(accelerator, unwrapped):  # ZeRO-3: gathered on every rank, saved by one
+        if accelerator.is_main_process:
+            output.mkdir(parents=True, exist_ok=True)
+            save_model(unwrapped, tokenizer, output / "model", base_model=name, labels=labels)
     if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        save_model(unwrapped, tokenizer, output / "model", base_model=name, labels=labels)
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         _plot_training(history, output / "training.png")
         _print_summary(accelerator, metrics)
@@ -197,7 +200,7 @@ def _train_private(config, task, model, optimizer, accelerator, state, checkpoin
     from dpscale.integrations.accelerate import make_data_loader, make_private
 
     dataset_size = len(task.train.dataset)
-    length = dict(steps=config.max_steps) if config.max_steps else dict(epochs=config.epochs)
+    length = dict(epochs=config.epochs) if config.epochs else dict(steps=config.max_steps)
     dp = DPConfig(max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
                   dataset_size=dataset_size, target_epsilon=config.epsilon, target_delta=config.delta,
                   clip_fn=config.clip_fn, **length)
@@ -207,7 +210,10 @@ def _train_private(config, task, model, optimizer, accelerator, state, checkpoin
     history = list(state["history"]) if state else []
     if state:
         engine.load_checkpoint(checkpoint / "privacy.pt")
-    total = engine.budget_steps or engine.planned_steps
+    total = min(engine.budget_steps, config.max_steps or engine.budget_steps)
+    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, {dataset_size} training "
+                      f"examples, sigma {engine.noise_multiplier:.4g} for epsilon {config.epsilon:g} at delta "
+                      f"{engine.delta:.3g}, {engine.planned_steps} steps planned (budget {engine.budget_steps})")
     progress = _progress(accelerator, total, engine.steps_taken)
 
     def losses_of(micro):
@@ -255,7 +261,7 @@ def _train_non_private(config, task, model, optimizer, accelerator, state, check
     dataset = task.train.dataset
     size = len(dataset)
     batch = max(1, min(size, round(config.batch_size)))
-    steps = config.max_steps or steps_for_epochs(config.epochs, batch / size)
+    steps = min(config.max_steps or 2**62, steps_for_epochs(config.epochs, batch / size) if config.epochs else 2**62)
     generator = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     history = list(state["history"]) if state else []
@@ -299,8 +305,14 @@ def _next_batch(order: list[int], size: int, batch: int, generator: torch.Genera
 
 def _save_checkpoint(folder: Path, accelerator, model, optimizer, engine, history, before, step=None) -> None:
     """Trainable parameters, optimizer and privacy state, written by the main process (all ranks
-    hold the same after a step); the privacy state last, so a checkpoint without it is incomplete."""
+    hold the same after a step); the privacy state last, so a checkpoint without it is incomplete.
+    Under DeepSpeed (partitioned parameters and optimizer state) only the privacy state is written,
+    and a rerun refuses to resume from it."""
     if not accelerator.is_main_process:
+        return
+    if _is_deepspeed(accelerator):
+        if engine is not None:
+            engine.save_checkpoint(folder / "privacy.pt")
         return
     unwrapped = accelerator.unwrap_model(model)
     params = {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
@@ -313,6 +325,11 @@ def _save_checkpoint(folder: Path, accelerator, model, optimizer, engine, histor
 
 
 def _load_checkpoint(folder: Path, config: TrainConfig, accelerator) -> dict | None:
+    if config.resume and _is_deepspeed(accelerator) and (folder / "privacy.pt").is_file():
+        raise ConfigError(
+            f"{folder} holds a checkpoint, but resuming under DeepSpeed is not supported yet (its parameters and "
+            "optimizer state are partitioned); rerun with another --output-dir or --no-resume to start over."
+        )
     if not config.resume or not (folder / "state.pt").is_file():
         return None
     if not config.non_private and not (folder / "privacy.pt").is_file():
@@ -364,6 +381,20 @@ def _placement_kwargs(config: TrainConfig) -> dict:
     if config.cpu or not torch.cuda.is_available():
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     return kwargs
+
+
+def _is_deepspeed(accelerator) -> bool:
+    return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)) == "DEEPSPEED"
+
+
+def _whole_parameters(accelerator, module):
+    """Under DeepSpeed ZeRO-3, every parameter gathered whole for the duration (a collective: all
+    ranks enter); otherwise nothing to do."""
+    if _is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(module.parameters()))
+    return contextlib.nullcontext()
 
 
 def _to_device(batch, device):
