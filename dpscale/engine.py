@@ -652,8 +652,11 @@ def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: Ru
 
 
 def _refuse_example_mixing(model: nn.Module) -> None:
-    checkpointing = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    if getattr(model, checkpointing, False):
+    # transformers 5 renamed the flag (the old name warns); PEFT wrappers forward either name.
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
         raise UnsupportedModuleError(
             "Gradient checkpointing re-runs forward hooks inside the backward pass; disable it "
             "(model.gradient_checkpointing_disable()) to train with dpscale."
