@@ -319,7 +319,7 @@ def test_accelerate_deepspeed_default_clipping_is_refused(tiny_job, tmp_path):
     path.write_text(json.dumps(config))
     launcher, extra = _launcher("accelerate", str(path))
     output = run_train(tiny_job, tmp_path, launcher, "refused", *extra, expect_failure=True)
-    assert '"gradient_clipping": 0.0' in output and "ConfigError" in output
+    assert '"gradient_clipping": 0.0' in output and "dpscale train: error:" in output
 
 
 class _StubDeepSpeed:
