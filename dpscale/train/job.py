@@ -74,7 +74,8 @@ def run(config: TrainConfig) -> TrainResult:
     torch.manual_seed(config.seed)
     train_rows, eval_rows, labels = _rows(config)
     name = resolve_model_name(config.model)
-    model, tokenizer = load_model(name, task=config.task, num_labels=len(labels) if labels else 2)
+    model, tokenizer = load_model(name, task=config.task, num_labels=len(labels) if labels else None,
+                                  labels=[str(label) for label in labels] if labels else None)
     task = _task(config, train_rows, eval_rows, tokenizer, labels)
     model = select_trainable(model, config.trainable, task=config.task, lora_r=config.lora_r,
                              lora_alpha=config.lora_alpha, lora_dropout=0.0)
