@@ -205,19 +205,20 @@ class _StepSampler(Sampler[list[int]]):
     def _epoch_end(self) -> int:
         return (self._next_step // self.steps + 1) * self.steps
 
-    def _iter_global(self, admit: Callable[[int, np.ndarray], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(step, global batch) up to the end of the current epoch-equivalent.
+    def _iter_global(self, make: Callable[[int, np.ndarray], Any] | None = None) -> Iterator[Any]:
+        """(step, global batch), or what ``make(step, global batch)`` builds of it, up to the end of
+        the current epoch-equivalent.
 
         The position moves past a batch as it is handed out, so a state_dict saved after the
-        consumer finished with batch t resumes at t + 1. Steps count on across epochs: a later epoch
+        consumer finished with batch t resumes at t + 1; ``make`` runs before that, so a batch it
+        refuses (it raises) leaves the position at it. Steps count on across epochs: a later epoch
         never repeats an earlier one's batches.
         """
         for step in range(self._next_step, self._epoch_end()):
             batch = self._draw(step)
-            if admit is not None:
-                admit(step, batch)  # may refuse the batch: the position stays at it
+            item = (step, batch) if make is None else make(step, batch)
             self._next_step = step + 1
-            yield step, batch
+            yield item
 
     def __iter__(self) -> Iterator[list[int]]:
         for _, batch in self._iter_global():
@@ -626,28 +627,24 @@ class DPDataLoader:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[LogicalBatch]:
-        sampler = self.batch_sampler
-        size = self.max_physical_batch_size
-        for step, global_batch in sampler._iter_global(admit=self._admit):
-            local = global_batch[sampler.rank :: sampler.world_size].tolist()
-            yield self._logical_batch(step, global_batch, local, size)
+        return self.batch_sampler._iter_global(make=self._logical_batch)
 
-    def _logical_batch(self, step: int, global_batch: np.ndarray, local: list[int], size: int) -> LogicalBatch:
+    def _logical_batch(self, step: int, global_batch: np.ndarray) -> LogicalBatch:
+        """This rank's part of one draw, micro-batched; the bound engine (``on_draw``) sees it before
+        the loader's position moves past it, and may refuse it (budget spent, the previous batch
+        never stepped), leaving the loader where a checkpoint expects it."""
+        sampler, size = self.batch_sampler, self.max_physical_batch_size
+        local = global_batch[sampler.rank :: sampler.world_size].tolist()
         chunks = [local[start : start + size] for start in range(0, len(local), size)]
-        return LogicalBatch(
+        batch = LogicalBatch(
             step=step,
             indices=tuple(local),
             global_size=int(global_batch.size),
             micro_batches=MicroBatches(self.dataset, self.collate_fn, chunks),
         )
-
-    def _admit(self, step: int, global_batch: np.ndarray) -> None:
-        """Before the position moves past a batch: the bound engine may refuse it (budget spent,
-        previous batch never stepped), and the loader then stays where a checkpoint expects it."""
         if self.on_draw is not None:
-            sampler = self.batch_sampler
-            local = global_batch[sampler.rank :: sampler.world_size].tolist()
-            self.on_draw(self._logical_batch(step, global_batch, local, self.max_physical_batch_size))
+            self.on_draw(batch)
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's state; it holds the secret seed (see PoissonBatchSampler.state_dict)."""
