@@ -141,6 +141,6 @@ def run(spec: dict) -> None:
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         run(json.load(f))
-    import torch.distributed as dist
+    from worker_exit import finish
 
-    dist.destroy_process_group()
+    finish()

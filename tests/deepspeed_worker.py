@@ -236,6 +236,6 @@ if __name__ == "__main__":
     # whose results are written as {out}/{name}{clipping}.pt.
     for sub in spec.pop("runs", [{}]):
         run({**spec, **sub})
-    import torch.distributed as dist
+    from worker_exit import finish
 
-    dist.destroy_process_group()  # before interpreter teardown, which would leave gloo's threads running
+    finish()
