@@ -142,7 +142,7 @@ class PrivacyEngine:
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_versions: tuple[int, ...] | None = None  # clipped sums written, not yet stepped
         self._drawn_step: int | None = None  # the logical batch the bound loader handed out for this step
-        self._tape = Tape(model, owners, self.rules.default)
+        self._tape = Tape(model, owners, self.rules.default, self.rules.batch_dim_inside)
         self._handles: list = [
             module.register_forward_pre_hook(_refuse_training_batch_norm)
             for module in model.modules()
@@ -620,8 +620,13 @@ def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: Ru
 
     A parameter registered on a module and on one of its descendants (BERT's MLM head registers
     its bias on the head and on the decoder) is used through the descendant: the ancestor's claim
-    is dropped, so it is never counted twice."""
+    is dropped, so it is never counted twice.
+
+    A child whose parameters its parent's forward reads directly, without calling it (the rule's
+    ``children``: nn.MultiheadAttention's ``out_proj``), owns nothing: its parameters are the
+    parent's, under names such as ``out_proj.weight``."""
     canonical = {id(p): name for name, p in parameters.items()}
+    absorbed = _children_read_by_parent(model, rules)
     claims: dict[int, list[tuple[str, nn.Module, str]]] = defaultdict(list)
     for qualname, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
@@ -630,7 +635,11 @@ def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: Ru
             continue
         for local, p in module._parameters.items():
             if p is not None and id(p) in canonical:
-                claims[id(p)].append((qualname, module, local))
+                if id(module) in absorbed:
+                    parent_name, parent, attribute = absorbed[id(module)]
+                    claims[id(p)].append((parent_name, parent, f"{attribute}.{local}"))
+                else:
+                    claims[id(p)].append((qualname, module, local))
     by_module: dict[int, tuple[nn.Module, str, list[tuple[str, str]]]] = {}
     for pid, owners in claims.items():
         for qualname, module, local in owners:
@@ -649,6 +658,21 @@ def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: Ru
             logger.info("No rule for %s ('%s'): its parameters use the fallback, rule '%s'.", type(module).__name__, qualname, rule.name)
         owners.append(Owner(module, qualname, rule, tuple(n for n, _ in names), tuple(g for _, g in names), through_parent))
     return owners
+
+
+def _children_read_by_parent(model: nn.Module, rules: RuleRegistry) -> dict[int, tuple[str, nn.Module, str]]:
+    """{id(child): (parent's qualified name, parent, attribute)} for the children named by their
+    parent's rule (``Rule.children``)."""
+    absorbed = {}
+    for qualname, module in model.named_modules():
+        if next(module.children(), None) is None:
+            continue
+        rule = rules.default if rules.through_parent(qualname) else rules.rule_for(module)
+        for attribute in rule.children:
+            child = getattr(module, attribute, None)
+            if isinstance(child, nn.Module):
+                absorbed[id(child)] = (qualname, module, attribute)
+    return absorbed
 
 
 def _refuse_example_mixing(model: nn.Module) -> None:

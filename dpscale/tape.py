@@ -15,7 +15,10 @@ Batch semantics are settled here, where the shapes are seen:
 * a call whose input has no batch dimension at all (T5's relative-position bias looks up a [T, T]
   bucket table) cannot yield per-example gradients by itself: its parameters are delegated to the
   nearest enclosing module whose inputs do carry the batch, and that module's call is recorded
-  whole for the registry's default rule (the torch.func fallback), which recomputes it per example.
+  whole for the registry's default rule (the torch.func fallback), which recomputes it per example;
+* a rule that declares where its module keeps the batch (``Rule.batch_size_of``: recurrent layers
+  and attention with ``batch_first=False`` keep it in dim 1) is exempt from all of the above: its
+  call is recorded as it is, after a check that it carries the model's B examples.
 
 Every call is recorded the same way, as a ``ModuleCall`` that its rule reads; the engine calls
 each call's rule without knowing which kind of rule it is.
@@ -24,6 +27,7 @@ each call's rule without knowing which kind of rule it is.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,13 +70,14 @@ class ModuleCall:
     names: tuple[str, ...]
     global_names: tuple[str, ...]
     seq: int
+    batch_dim: int = 0  # where the recorded output keeps the batch; the rule reads it in dim 0
 
     def output_grad(self, grads: list[Tensor | None]) -> Any:
         """The gradients of ``edges`` as the rule reads them: one tensor, or for a whole-call rule
         one entry per output leaf (None where the leaf is not differentiable or not reached)."""
         per_leaf: list[Tensor | None] = [None] * self.leaf_count
         for index, grad in zip(self.leaf_indices, grads):
-            per_leaf[index] = grad
+            per_leaf[index] = grad if grad is None or not self.batch_dim else grad.transpose(0, self.batch_dim)
         return tuple(per_leaf) if self.rule.whole_call else per_leaf[0]
 
 
@@ -85,6 +90,9 @@ class _Frame:
     seq: int
     delegated: dict[str, str] = field(default_factory=dict)  # relative name -> global name
     rule: Rule | None = None  # the owner's own whole-call rule; None: the tape's default
+    batch_dim: int = 0  # where this call's tensors keep the batch (declared by an enclosing module)
+    inner_batch_dim: int = 0  # where its descendants' tensors keep it
+    declared: bool = False  # the rule reads its call's batch layout itself (Rule.batch_size_of)
 
 
 def leading_sizes(tree: Any) -> list[int]:
@@ -108,9 +116,13 @@ class Tape:
     registry's default rule, reading whole calls) differentiates the calls that carry delegated
     parameters and those their own rule cannot read."""
 
-    def __init__(self, model: nn.Module, owners: list[Owner], default: Rule) -> None:
+    def __init__(
+        self, model: nn.Module, owners: list[Owner], default: Rule,
+        batch_dim_inside: Callable[[nn.Module], int | None] = lambda module: None,
+    ) -> None:
         self._model = model
         self._default = default
+        self._batch_dim_inside = batch_dim_inside
         self._owners = {id(owner.module): owner for owner in owners}
         self._qualnames = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
         self.batch_size: int | None = None
@@ -164,7 +176,11 @@ class Tape:
         if not torch.is_grad_enabled() or self.batch_size is None:
             return changed
         self._seq += 1
-        self._stack.append(_Frame(module, self._qualnames.get(id(module), ""), args, kwargs, self._seq))
+        frame = _Frame(module, self._qualnames.get(id(module), ""), args, kwargs, self._seq)
+        frame.batch_dim = self._stack[-1].inner_batch_dim if self._stack else 0
+        declared = self._batch_dim_inside(module)
+        frame.inner_batch_dim = frame.batch_dim if declared is None else declared
+        self._stack.append(frame)
         return changed
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -186,6 +202,9 @@ class Tape:
         if owner.through_parent:
             self._delegate(owner, self._stack)
             return None
+        if owner.rule.batch_size_of is not None:
+            self._record_declared(owner, frame, args, output)
+            return None
         if owner.rule.whole_call:
             if self._carries_batch(frame):
                 frame.rule = owner.rule
@@ -200,6 +219,14 @@ class Tape:
         if not output.requires_grad:
             return None
         x = args[0]
+        if frame.batch_dim:  # an enclosing module keeps the batch in dim 1 (batch_first=False)
+            dim = frame.batch_dim
+            if x.dim() > dim and x.shape[dim] == batch and output.dim() > dim and output.shape[dim] == batch:
+                inputs = CallInputs((x.transpose(0, dim),) + tuple(args[1:]), frame.kwargs)
+                self._append(owner, inputs, output, frame.seq, batch_dim=dim)
+            else:
+                self._delegate(owner, self._stack)
+            return None
         lead = x.shape[0] if x.dim() else None
         if lead == batch and output.dim() and output.shape[0] == batch:
             self._append(owner, CallInputs(args, frame.kwargs), output, frame.seq)
@@ -212,11 +239,32 @@ class Tape:
         self._delegate(owner, self._stack)
         return None
 
-    def _append(self, owner: Owner, inputs: CallInputs, output: Tensor, seq: int) -> None:
+    def _record_declared(self, owner: Owner, frame: _Frame, args: tuple, output: Any) -> None:
+        """A rule that says where its call keeps the batch (``Rule.batch_size_of``): recorded as it
+        is, once its number of examples is the model's."""
+        inputs = CallInputs(args, frame.kwargs)
+        size = owner.rule.batch_size_of(owner.module, inputs)
+        if size != self.batch_size:
+            found = "inputs without a batch dimension" if size is None else f"a batch of {size} examples"
+            raise UnsupportedModuleError(
+                f"Module '{owner.qualname}' ({type(owner.module).__name__}) was called on {found}, but the "
+                f"model's inputs carry {self.batch_size} examples; per-example gradients need each example "
+                "to pass through it on its own row of the batch. Call it on the whole batch, or freeze its "
+                "parameters (requires_grad=False)."
+            )
+        if owner.rule.whole_call:
+            frame.rule = owner.rule
+            frame.declared = True
+            frame.delegated.update(zip(owner.local_names, owner.global_names))
+        elif isinstance(output, Tensor) and output.requires_grad:
+            self._append(owner, inputs, output, frame.seq)
+
+    def _append(self, owner: Owner, inputs: CallInputs, output: Tensor, seq: int, batch_dim: int = 0) -> None:
         self.calls.append(
             ModuleCall(
                 owner.module, owner.qualname, owner.rule, inputs, edges=(get_gradient_edge(output),),
                 leaf_indices=(0,), leaf_count=1, names=owner.local_names, global_names=owner.global_names, seq=seq,
+                batch_dim=batch_dim,
             )
         )
 
@@ -252,6 +300,10 @@ class Tape:
         changed = False
         for i, leaf in enumerate(leaves):
             if not (isinstance(leaf, Tensor) and leaf.requires_grad and leaf.is_floating_point()):
+                continue
+            if frame.declared:  # the rule reads the layout of every output leaf itself
+                indices.append(i)
+                edges.append(get_gradient_edge(leaf))
                 continue
             if leaf.dim() and leaf.shape[0] == 1 and batch > 1:
                 leaf = leaves[i] = leaf.expand(batch, *leaf.shape[1:])

@@ -18,10 +18,18 @@ from transformers.pytorch_utils import Conv1D
 import dpscale
 from dpscale import ConfigError, DPConfig, PrivacyEngine, Rule, UnsupportedModuleError
 from dpscale.layers import FALLBACK
+from dpscale.layers.attention import MULTIHEAD_ATTENTION
 from dpscale.layers.convolution import CONVOLUTION
-from dpscale.layers.embedding import EMBEDDING
+from dpscale.layers.embedding import EMBEDDING, EMBEDDING_BAG
 from dpscale.layers.linear import LINEAR, TRANSPOSED_LINEAR
-from dpscale.layers.normalization import BROADCAST_SCALE, LAYER_NORM, RMS_NORM
+from dpscale.layers.normalization import (
+    BROADCAST_SCALE,
+    GROUP_NORM,
+    INSTANCE_NORM,
+    LAYER_NORM,
+    RMS_NORM,
+)
+from dpscale.layers.rnn import RECURRENT
 from tests.oracle import check_engine
 from tests.test_models import MODELS
 
@@ -59,7 +67,15 @@ class ClampedLinear(nn.Linear):
         (nn.Conv1d(2, 3, 3), CONVOLUTION),
         (RawScale(), FALLBACK),
         (ClampedLinear(4, 3), FALLBACK),
-        (nn.GroupNorm(2, 4), FALLBACK),
+        (nn.GroupNorm(2, 4), GROUP_NORM),
+        (nn.InstanceNorm1d(4, affine=True), INSTANCE_NORM),
+        (nn.InstanceNorm2d(4, affine=True), INSTANCE_NORM),
+        (nn.EmbeddingBag(5, 3), EMBEDDING_BAG),
+        (nn.EmbeddingBag(5, 3, mode="max"), EMBEDDING_BAG),
+        (nn.LSTM(3, 4), RECURRENT),
+        (nn.GRU(3, 4, num_layers=2, bidirectional=True), RECURRENT),
+        (nn.RNN(3, 4), RECURRENT),
+        (nn.MultiheadAttention(4, 2), MULTIHEAD_ATTENTION),  # out_proj is read by its parent: no owner of its own
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, nn.Module) else value.name,
 )

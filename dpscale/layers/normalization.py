@@ -1,6 +1,11 @@
 """Normalisation layers with an elementwise affine: per-example gradients are sums over positions
 of the output gradient times d(output)/d(parameter), which is diagonal.
 
+``nn.GroupNorm`` and ``nn.InstanceNorm1d/2d/3d`` (affine) normalise each example by its own
+statistics; their affine is per channel (dim 1), so the sums run over every other dimension.
+An InstanceNorm that tracks running statistics in training mode is refused: the statistics are
+averages over the training examples, kept without noise and shipped with the model.
+
 ``nn.LayerNorm`` and ``nn.RMSNorm`` recompute the normalised input with torch's own kernels. The
 RMS norms of Hugging Face models (Llama, Mistral, Qwen, T5, Gemma...) are arbitrary Python
 (``weight * h``, ``(1 + weight) * h``, casts): for them the parameter is replaced, for one batched
@@ -36,6 +41,52 @@ def rms_norm_grads(module: nn.RMSNorm, inputs: tuple, output_grad: Tensor, names
     dtype = accumulation_dtype(x, output_grad)
     normalized = F.rms_norm(x.detach().to(dtype), module.normalized_shape, None, module.eps)
     return _reshape_to_params(module, _elementwise(normalized, output_grad, module.normalized_shape, names))
+
+
+def group_norm_grads(module: nn.GroupNorm, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+    x = inputs[0].detach()
+    dtype = accumulation_dtype(x, output_grad)
+    normalized = F.group_norm(x.to(dtype), module.num_groups, None, None, module.eps)
+    return _per_channel(normalized, output_grad, names)
+
+
+def instance_norm_grads(module: nn.modules.instancenorm._InstanceNorm, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+    _refuse_running_statistics(module)
+    x = inputs[0].detach()
+    dtype = accumulation_dtype(x, output_grad)
+    if module.track_running_stats and not module.training:  # eval mode: the frozen statistics
+        mean, var = module.running_mean.to(dtype), module.running_var.to(dtype)
+        normalized = F.instance_norm(x.to(dtype), mean, var, None, None, False, 0.0, module.eps)
+    else:
+        normalized = F.instance_norm(x.to(dtype), None, None, None, None, True, 0.0, module.eps)
+    return _per_channel(normalized, output_grad, names)
+
+
+def _per_channel(normalized: Tensor, output_grad: Tensor, names: tuple[str, ...]) -> dict:
+    """[B, C] per-example gradients of a per-channel weight (and bias) over [B, C, *]."""
+    batch, channels = normalized.shape[:2]
+    grad = output_grad.to(normalized.dtype).reshape(batch, channels, -1)
+    out = {}
+    if "weight" in names:
+        out["weight"] = Dense((grad * normalized.reshape(batch, channels, -1)).sum(2))
+    if "bias" in names:
+        out["bias"] = Dense(grad.sum(2))
+    return out
+
+
+def _refuse_running_statistics(module: nn.Module) -> None:
+    if module.track_running_stats and module.training:
+        raise UnsupportedModuleError(
+            f"{type(module).__name__}(track_running_stats=True) is in training mode: its running mean and "
+            "variance are averages over the training examples, kept without noise and saved with the model, "
+            "which would leak them. Build it with track_running_stats=False (training normalises each example "
+            "by its own statistics either way), or keep it in eval mode with frozen statistics."
+        )
+
+
+def is_plain_instance_norm(module: nn.Module) -> bool:
+    base = nn.modules.instancenorm._InstanceNorm
+    return isinstance(module, base) and type(module).forward is base.forward
 
 
 def _elementwise(normalized: Tensor, output_grad: Tensor, shape, names: tuple[str, ...]) -> dict:
@@ -111,4 +162,6 @@ def is_huggingface_rms_norm(module: nn.Module) -> bool:
 
 LAYER_NORM = Rule("layer_norm", layer_norm_grads)
 RMS_NORM = Rule("rms_norm", rms_norm_grads)
+GROUP_NORM = Rule("group_norm", group_norm_grads)
+INSTANCE_NORM = Rule("instance_norm", instance_norm_grads, _refuse_running_statistics)
 BROADCAST_SCALE = Rule("broadcast_scale_norm", broadcast_scale_grads)

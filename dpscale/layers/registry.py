@@ -5,6 +5,11 @@ Every module resolves to a rule: the last matching registration, else the regist
 with a rule whose ``validate`` refuses every module without a rule of its own). What a rule is:
 ``dpscale.layers.rule``.
 
+It also says where the batch lives inside modules that keep it elsewhere than in dim 0
+(``register_layout``): nn.TransformerEncoderLayer(batch_first=False) hands its linear layers and
+norms [T, B, d] tensors. The layout is read from the module's own configuration at each call,
+never guessed from shapes (T may equal B).
+
 The registry is built fresh for every engine (``default_registry()``), so registering a rule for a
 custom layer changes that engine only: no import-time or process-global state.
 """
@@ -31,6 +36,7 @@ class RuleRegistry:
         self._entries: list[tuple[Matcher, Rule]] = []
         self._through_parent: set[str] = set()
         self._default: Rule = FALLBACK
+        self._layouts: list[tuple[Matcher, Callable[[nn.Module], int]]] = []
 
     @property
     def default(self) -> Rule:
@@ -57,6 +63,19 @@ class RuleRegistry:
     def through_parent(self, qualname: str) -> bool:
         return qualname.rsplit(".", 1)[-1] in self._through_parent
 
+    def register_layout(self, matcher: Matcher, batch_dim: Callable[[nn.Module], int]) -> None:
+        """Inside a matching module's call, the tensors its descendants see keep the batch in
+        ``batch_dim(module)`` (0 or 1), until a descendant declares its own layout. Rules of one
+        input and one output then read the call with the batch moved to dim 0 (a view)."""
+        self._layouts.append((matcher, batch_dim))
+
+    def batch_dim_inside(self, module: nn.Module) -> int | None:
+        """The batch dimension declared for ``module``'s descendants, or None if it declares none."""
+        for matcher, batch_dim in reversed(self._layouts):
+            if (type(module) is matcher or isinstance(module, matcher)) if isinstance(matcher, type) else matcher(module):
+                return batch_dim(module)
+        return None
+
     def register(self, matcher: Matcher, rule: Rule) -> None:
         self._entries.append((matcher, rule))
 
@@ -77,4 +96,5 @@ class RuleRegistry:
         other._entries = list(self._entries)
         other._through_parent = set(self._through_parent)
         other._default = self._default
+        other._layouts = list(self._layouts)
         return other

@@ -12,6 +12,18 @@ built with ``whole_call=True`` reads any call instead: every positional and keyw
 gradient per leaf of the (possibly nested) output. The tape records such a call whole, and hands it
 the parameters of descendants that cannot be differentiated on their own (inputs without a batch
 dimension), under names relative to the module (``relative_attention_bias.weight``).
+
+Two optional declarations, for modules that break the tape's shape conventions:
+
+* ``batch_size_of(module, inputs)`` says how many examples one call carries, read where the module
+  keeps them (``nn.LSTM`` and ``nn.MultiheadAttention`` with ``batch_first=False``: dim 1; an RNN's
+  final state: dim 1 always). A rule that declares it reads the layout of its call itself: the tape
+  then never guesses the batch from leading sizes, never broadcasts nor delegates the call, and only
+  checks that the number is the model's batch size. It may raise ``UnsupportedModuleError`` for a
+  call it cannot make exact (``nn.EmbeddingBag`` with offsets).
+* ``children``: names of child modules whose parameters the module's forward reads directly,
+  without calling them (``nn.MultiheadAttention`` reads ``out_proj.weight``): their parameters
+  belong to this rule, under names relative to the module (``out_proj.weight``).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ class CallInputs(tuple):
 # output (None where the leaf is not a differentiable output or the losses do not reach it).
 GradsFn = Callable[[nn.Module, CallInputs, Any, tuple[str, ...]], Mapping[str, PerExampleGrad]]
 ValidateFn = Callable[[nn.Module], None]
+BatchSizeFn = Callable[[nn.Module, CallInputs], "int | None"]
 
 
 @dataclass(frozen=True)
@@ -49,3 +62,5 @@ class Rule:
     grads: GradsFn
     validate: ValidateFn | None = None
     whole_call: bool = False
+    batch_size_of: BatchSizeFn | None = None
+    children: tuple[str, ...] = ()
