@@ -54,7 +54,7 @@ def row(argument: str) -> str:
 
 
 def main(folders: list[str]) -> None:
-    print("| run | model | privacy | figure (before -> after) | steps | wall time | command |")
+    print("| run | model | privacy | figure (before -> after) | steps | training time | command |")
     print("|---|---|---|---|---|---|---|")
     for folder in folders:
         print(row(folder))
