@@ -583,6 +583,7 @@ class _UserIndex:
             if u == len(members):
                 members.append([])
             members[u].append(i)
+        self.names = tuple(number)  # user number -> the id the caller gave
         self.examples = [np.asarray(m, dtype=np.int64) for m in members]
         self.counts = np.asarray([len(m) for m in members], dtype=np.int64)
         self.k = examples_per_user
@@ -733,6 +734,12 @@ class DPDataLoader:
     @property
     def examples_per_user(self) -> int | None:
         return None if self._users is None else self._users.k
+
+    @property
+    def user_names(self) -> tuple[Any, ...] | None:
+        """At user level, the id given for each user number: batches name users by number (0 .. N-1,
+        in order of first appearance in ``user_ids``), so that no id collides with the padding id."""
+        return None if self._users is None else self._users.names
 
     @property
     def sample_rate(self) -> float:
