@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,3 +322,25 @@ def test_cli_refuses_user_level_shuffle(capsys):
     assert cli(["epsilon", "--sigma", "1", "-q", "0.1", "--steps", "3", "--delta", "1e-5", "--privacy-unit", "user",
                 "--sampling", "shuffle", "--accountant", "rdp"]) == 2
     assert "Poisson" in capsys.readouterr().err
+
+
+# scale-out -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_at_user_level(tmp_path):
+    """DDP over 2 gloo processes, users (not examples) split across ranks, k = 2 with users of up to
+    3 examples: after 2 noised steps the parameters equal the one-process run to 1e-5."""
+    from tests import distributed_worker as worker
+    from tests.launcher import launch_workers
+
+    spec = {"case": "ddp", "users": True, "clipping": "flat", "batches": None, "steps": 2}
+    results = launch_workers(Path(worker.__file__), spec, tmp_path, 2, 120.0)
+    for rank, (code, err) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{err[-3000:]}"
+    expected = worker.run(spec, 0, 1)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert set(ranks[0]) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
+        assert torch.allclose(ranks[0][name], value, rtol=1e-5, atol=1e-5), name
