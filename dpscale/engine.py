@@ -556,6 +556,7 @@ class PrivacyEngine:
         self.steps_taken = int(state["steps_taken"])
         self._pending_versions = None
         self._drawn_step = None
+        self._users_this_step = set()
         if "data_loader" in state:
             self.data_loader.load_state_dict({**state["data_loader"], "seed": list(self.noise_key.derive_seed("sampling"))})
 
