@@ -50,12 +50,16 @@ def _add_run_shape_arguments(parser: argparse.ArgumentParser) -> None:
     """How a run samples and how long it lasts: (q or B/N) and (steps or epochs)."""
     rate = parser.add_mutually_exclusive_group(required=True)
     rate.add_argument(
-        "--sample-rate", "-q", type=float, help="chance that one example joins a step's batch"
+        "--sample-rate",
+        "-q",
+        type=float,
+        help="chance that one example (one user with --privacy-unit user) joins a step's batch",
     )
     rate.add_argument(
         "--batch-size",
         type=int,
-        help="expected batch size B; the sample rate is B / --dataset-size",
+        help="expected batch size B (expected users per step with --privacy-unit user); "
+        "the sample rate is B / --dataset-size",
     )
     length = parser.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", "-T", type=int, help="number of optimizer steps")
@@ -66,7 +70,15 @@ def _add_run_shape_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset-size",
         "-N",
         type=int,
-        help="number of examples; refuses a delta >= 1/N and sets the default delta",
+        help="number of examples (of users with --privacy-unit user); refuses a delta >= 1/N "
+        "and sets the default delta",
+    )
+    parser.add_argument(
+        "--privacy-unit",
+        choices=("example", "user"),
+        default="example",
+        help="what epsilon protects: one example (default) or one user with all their examples "
+        "(then -N and --batch-size count users, as DPConfig(privacy_unit='user') does)",
     )
     parser.add_argument(
         "--delta",
@@ -91,18 +103,22 @@ class _RunShape:
     dataset_size: int | None
     accountant: str
     sampling: str
+    privacy_unit: str = "example"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
+        size = "" if self.dataset_size is None else f"N = {self.dataset_size} {self.privacy_unit}s, "
         return (
-            f"q = {self.sample_rate:.6g}, {self.steps} steps, {self.accountant} accountant, "
-            f"{self.sampling} sampling"
+            f"per {self.privacy_unit}: {size}q = {self.sample_rate:.6g}, {self.steps} steps, "
+            f"{self.accountant} accountant, {self.sampling} sampling"
         )
 
 
 def _run_shape(args: argparse.Namespace) -> _RunShape:
+    if args.privacy_unit == "user" and args.sampling != "poisson":
+        raise ConfigError("--privacy-unit user draws users by Poisson sampling; drop --sampling shuffle.")
     if args.batch_size is not None:
         if args.dataset_size is None:
             raise ConfigError("--batch-size needs --dataset-size to give the sample rate B / N.")
@@ -135,6 +151,7 @@ def _run_shape(args: argparse.Namespace) -> _RunShape:
         dataset_size=args.dataset_size,
         accountant=args.accountant,
         sampling=args.sampling,
+        privacy_unit=args.privacy_unit,
     )
 
 

@@ -14,6 +14,7 @@ from dpscale.errors import ConfigError
 
 CLIP_FUNCTIONS = ("abadi", "automatic")
 CLIPPING_MODES = ("flat", "per_layer")
+PRIVACY_UNITS = ("example", "user")
 
 
 @dataclass(frozen=True)
@@ -22,13 +23,15 @@ class DPConfig:
 
     max_grad_norm: R, the bound on each example's clipped gradient (its sensitivity).
     expected_batch_size: B = q * N, the expected logical batch size; the clipped sum is divided
-        by B (never by the realised Poisson batch size, which would leak it).
+        by B (never by the realised Poisson batch size, which would leak it). With
+        privacy_unit="user", the expected number of users per step.
     noise_multiplier: sigma; the noise std is sigma * R / expected_batch_size. Exactly one of
         noise_multiplier and target_epsilon.
     target_epsilon, target_delta: sigma is calibrated so that the planned run (steps, or epochs
         of dataset_size examples at rate q = B / N) spends at most this epsilon at this delta
         (default delta N^-1.1, always below 1/N).
-    dataset_size: N; needed for accounting (q = B / N).
+    dataset_size: N; needed for accounting (q = B / N). With privacy_unit="user", the number of
+        users (and expected_batch_size the expected number of users per step).
     accountant: "pld" (privacy loss distributions, tight) or "rdp" (Renyi DP, looser, faster).
     sampling: "poisson" (what DP-SGD's analysis assumes; use dpscale's data loader) or
         "shuffle" (fixed-size batches without replacement, accounted as such with RDP).
@@ -47,6 +50,16 @@ class DPConfig:
     allow_budget_overrun: with target_epsilon, False (default) refuses the step that would take
         epsilon past the target (``PrivacyBudgetExhausted``); True lets the run continue and
         report the larger epsilon.
+    privacy_unit: what one neighbouring dataset removes. "example" (default): one example (one
+        sequence). "user": one person with all their examples; the loader then draws users (Poisson
+        at q = expected_batch_size / dataset_size, both counted in users), the gradient clipped is
+        the sum of one user's examples' gradients, and epsilon is a statement about users. A
+        person with many examples is protected only at user level: example-level epsilon says
+        nothing about them as a whole.
+    examples_per_user: with privacy_unit="user", k: at most k examples of each sampled user per
+        step (a user with more contributes the next k of theirs, round-robin; with fewer, all they
+        have). Default 1 (one example per sampled user, per-example clipping is then per-user).
+        It must not exceed the micro-batch size: a user is never split across micro-batches.
     """
 
     max_grad_norm: float
@@ -65,17 +78,42 @@ class DPConfig:
     automatic_gamma: float = 0.01
     sampling_declared_by_user: bool = False
     allow_budget_overrun: bool = False
+    privacy_unit: str = "example"
+    examples_per_user: int | None = None
 
     @property
     def sample_rate(self) -> float | None:
-        """q = B / N, when the dataset size is known."""
+        """q = B / N, when the dataset size is known (both in users with privacy_unit="user")."""
         if self.dataset_size is None:
             return None
         return self.expected_batch_size / self.dataset_size
 
     def __post_init__(self) -> None:
+        self._check_unit_knobs()
         self._check_privacy_knobs()
         self._check_clipping_knobs()
+
+    def _check_unit_knobs(self) -> None:
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise ConfigError(f"privacy_unit must be one of {PRIVACY_UNITS}, got {self.privacy_unit!r}.")
+        k = self.examples_per_user
+        if self.privacy_unit == "example":
+            if k is not None:
+                raise ConfigError(
+                    f"examples_per_user={k!r} is for privacy_unit='user' (examples of one person clipped as one "
+                    "unit); with privacy_unit='example' each example is its own unit. Set privacy_unit='user' "
+                    "or drop examples_per_user."
+                )
+            return
+        if k is None:
+            object.__setattr__(self, "examples_per_user", 1)
+        elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"examples_per_user must be a positive integer, got {k!r}.")
+        if self.sampling != "poisson":
+            raise ConfigError(
+                f"privacy_unit='user' draws users by Poisson sampling; sampling={self.sampling!r} is not "
+                "supported at user level. Use sampling='poisson'."
+            )
 
     def _check_privacy_knobs(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):

@@ -68,9 +68,15 @@ def run_logical_step(engine, batch: LogicalBatch, losses_fn: LossesFn, *, close_
         for j in range(passes):
             padding = j >= local
             micro = micro_batches.padding_batch() if padding else micro_batches[j]
+            # user level: the user of each example, so that a user's examples are clipped as one
+            by_user = getattr(micro_batches, "units", None) is not None
+            users = (micro_batches.padding_units if padding else micro_batches.units_of(j)) if by_user else None
             with backend.padding() if padding else contextlib.nullcontext():
                 losses = losses_fn(micro)
-                engine.backward(losses)
+                if not by_user:
+                    engine.backward(losses)
+                else:
+                    engine.backward(losses, users=users)
             if not padding:
                 total = losses.detach().to(torch.float64).sum()
                 loss_sum = total if loss_sum is None else loss_sum + total

@@ -15,7 +15,7 @@ import math
 import os
 from collections import defaultdict
 from types import MappingProxyType
-from typing import Collection, Mapping
+from typing import Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,10 +37,16 @@ from dpscale.errors import (
 )
 from dpscale.layers import RuleRegistry, default_registry
 from dpscale.noise import NoiseKey, add_gaussian_noise_, load_noise_key
-from dpscale.per_example import GramCache, PerExampleGrad, total_squared_norm, weighted_sum
+from dpscale.per_example import (
+    GramCache,
+    PerExampleGrad,
+    UnitLayout,
+    total_squared_norm,
+    weighted_sum,
+)
 from dpscale.plan import ExecutionPlan, build_execution_plan
 from dpscale.report import write_report
-from dpscale.sampling import DPDataLoader, LogicalBatch
+from dpscale.sampling import PADDING_USER, DPDataLoader, LogicalBatch, resolve_user_ids
 from dpscale.tape import ModuleCall, Owner, Tape
 
 logger = logging.getLogger(__name__)
@@ -142,6 +148,7 @@ class PrivacyEngine:
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_versions: tuple[int, ...] | None = None  # clipped sums written, not yet stepped
         self._drawn_step: int | None = None  # the logical batch the bound loader handed out for this step
+        self._users_this_step: set = set()  # user level: users whose examples a backward of this step saw
         self._tape = Tape(model, owners, self.rules.default, self.rules.batch_dim_inside)
         self._handles: list = [
             module.register_forward_pre_hook(_refuse_training_batch_norm)
@@ -196,10 +203,17 @@ class PrivacyEngine:
 
     # the one seam -----------------------------------------------------------------------------
 
-    def backward(self, losses: Tensor) -> None:
+    def backward(self, losses: Tensor, *, users: Sequence[int] | Tensor | None = None) -> None:
         """Back-propagate one loss per example and add sum_i clip(g_i) / B to each ``p.grad``.
 
-        Several calls before the step accumulate, as ``loss.backward()`` does."""
+        Several calls before the step accumulate, as ``loss.backward()`` does.
+
+        users: with ``privacy_unit="user"``, the user of each example (what the loader's
+            ``micro_batches.units_of(j)`` gives; the step driver passes it). The examples of one user
+            are summed, then clipped as one unit: sum_u clip(sum_{i in u} g_i) / B. A user's examples
+            must all be in this one call (the same user in two calls of one step would be clipped
+            twice, doubling their sensitivity: refused). May be left out when examples_per_user is 1
+            (each example is then its own user)."""
         self._check_step_bound()
         self._check_no_unseen_step()
         self._check_budget()
@@ -213,6 +227,7 @@ class PrivacyEngine:
                 "DPConfig(sampling_declared_by_user=True) (the privacy report then says so)."
             )
         batch = self._check_losses(losses)
+        layout, drawn_users = self._unit_layout(users, batch, losses.device)
         calls = self._tape.take()
         self._check_all_uses_recorded(losses, calls)
         edges = [edge for call in calls for edge in call.edges]
@@ -225,7 +240,11 @@ class PrivacyEngine:
         with torch.no_grad(), self._tape.paused():
             uses = self._per_example_grads(calls, grads)
             del calls, grads
+            if layout is not None:  # sum each user's examples: the unit clipped is the user
+                uses = {name: [layout.per_unit(use) for use in grad_uses] for name, grad_uses in uses.items()}
+                batch = layout.units
             self._accumulate_clipped(uses, batch)
+        self._users_this_step |= drawn_users
         self._norms_this_step.append(self.last_norms)
         self._pending_versions = self._parameter_versions()
 
@@ -295,6 +314,7 @@ class PrivacyEngine:
         self.steps_taken += 1
         self._pending_versions = None
         self._drawn_step = None
+        self._users_this_step = set()
         norms, self._norms_this_step = self._norms_this_step, []
         self.step_norms = torch.cat(norms) if norms else torch.zeros(0)
 
@@ -403,6 +423,11 @@ class PrivacyEngine:
             "group_max_grad_norms": list(self.clipping.thresholds),
             "expected_batch_size": plan.noise.expected_batch_size,
             "dataset_size": plan.sampling.dataset_size,
+            "privacy_unit": plan.sampling.privacy_unit,
+            "examples_per_user": plan.sampling.examples_per_user,
+            "protects": (f"each user (all their examples; dataset_size and expected_batch_size count users, at most "
+                         f"{plan.sampling.examples_per_user} example(s) per user per step)"
+                         if plan.sampling.privacy_unit == "user" else "each example (one sequence)"),
             "noise": {"scheme": plan.noise.scheme, "key_fingerprint": plan.noise.key_fingerprint},
             "trainable_parameters": int(sum(p.numel() for p in self.parameters.values())),
         }
@@ -412,21 +437,53 @@ class PrivacyEngine:
 
     # data -------------------------------------------------------------------------------------
 
-    def make_data_loader(self, dataset, *, max_physical_batch_size: int, collate_fn=None) -> DPDataLoader:
+    def make_data_loader(self, dataset, *, max_physical_batch_size: int, collate_fn=None, user_ids=None) -> DPDataLoader:
         """The loader whose sampling the accountant assumes, bound to this engine: Poisson at
         q = B / N (or shuffled fixed-size batches when DPConfig says sampling="shuffle"), split into
         micro-batches of at most ``max_physical_batch_size``. Its randomness is derived from the
         secret noise key. This process takes its part of each global batch by its position in the
-        backend's data-parallel group (ranks holding shards of one model share their examples)."""
+        backend's data-parallel group (ranks holding shards of one model share their examples).
+
+        user_ids: with DPConfig(privacy_unit="user"), the user of every example (a sequence in
+            dataset order, or the name of a dataset column). The loader then draws users at q, each
+            bringing at most examples_per_user of their examples, kept whole in one micro-batch on
+            one rank; DPConfig.dataset_size must be the number of distinct users."""
         sampling = self.plan.sampling
         if sampling.sample_rate is None:
             raise ConfigError("make_data_loader needs DPConfig(dataset_size=N).")
-        if len(dataset) != sampling.dataset_size:
-            raise ConfigError(f"The dataset has {len(dataset)} examples but DPConfig(dataset_size={sampling.dataset_size}).")
+        if sampling.privacy_unit == "user":
+            if user_ids is None:
+                raise ConfigError(
+                    "DPConfig(privacy_unit='user') protects users, so the loader must know whose each example is: "
+                    "engine.make_data_loader(dataset, ..., user_ids=[the user of each example] or a column name)."
+                )
+            k = sampling.examples_per_user
+            if k > max_physical_batch_size:
+                raise ConfigError(
+                    f"DPConfig(examples_per_user={k}) exceeds max_physical_batch_size={max_physical_batch_size}: a "
+                    "user's examples are clipped as one unit and must fit in one micro-batch. Lower examples_per_user "
+                    f"or use max_physical_batch_size >= {k}."
+                )
+            user_ids = resolve_user_ids(dataset, user_ids)
+            users = len(set(user_ids))
+            if users != sampling.dataset_size:
+                raise ConfigError(
+                    f"The dataset's {len(dataset)} examples belong to {users} users but DPConfig(dataset_size="
+                    f"{sampling.dataset_size}); at user level dataset_size is the number of users."
+                )
+        else:
+            if user_ids is not None:
+                raise ConfigError(
+                    "user_ids= was given but DPConfig(privacy_unit='example') protects single examples; set "
+                    "DPConfig(privacy_unit='user', dataset_size=<number of users>) for user-level privacy."
+                )
+            if len(dataset) != sampling.dataset_size:
+                raise ConfigError(f"The dataset has {len(dataset)} examples but DPConfig(dataset_size={sampling.dataset_size}).")
         loader = DPDataLoader(
             dataset, sample_rate=sampling.sample_rate, max_physical_batch_size=max_physical_batch_size,
             collate_fn=collate_fn, steps=sampling.steps, seed=self.noise_key.derive_seed("sampling"),
             rank=sampling.rank, world_size=sampling.world_size, sampling=sampling.kind,
+            user_ids=user_ids, examples_per_user=sampling.examples_per_user,
         )
         self.bind_data_loader(loader)
         return loader
@@ -436,12 +493,13 @@ class PrivacyEngine:
         this). Its sampling, rate, dataset size and data-parallel position must be the plan's."""
         sampling = self.plan.sampling
         theirs = (loader.sampling, loader.sample_rate, loader.dataset_size, loader.batch_sampler.rank,
-                  loader.batch_sampler.world_size)
-        ours = (sampling.kind, sampling.sample_rate, sampling.dataset_size, sampling.rank, sampling.world_size)
+                  loader.batch_sampler.world_size, loader.privacy_unit, loader.examples_per_user)
+        ours = (sampling.kind, sampling.sample_rate, sampling.dataset_size, sampling.rank, sampling.world_size,
+                sampling.privacy_unit, sampling.examples_per_user)
         if theirs != ours:
             raise ConfigError(
-                f"The loader draws (sampling, q, N, rank, world_size) = {theirs} but the engine's plan is {ours}; "
-                "build it with engine.make_data_loader."
+                f"The loader draws (sampling, q, N, rank, world_size, privacy_unit, examples_per_user) = {theirs} but "
+                f"the engine's plan is {ours}; build it with engine.make_data_loader."
             )
         if loader.on_draw is not None and loader.on_draw != self._on_draw:
             raise ConfigError("This loader is bound to another privacy engine.")
@@ -479,8 +537,9 @@ class PrivacyEngine:
         if not isinstance(state, dict) or state.get("format") != 2:
             raise ConfigError("Not a dpscale privacy state (format 2).")
         saved, ours = state["mechanism"], self.plan.mechanism()
+        legacy = {"privacy_unit": "example"}  # checkpoints written before the field existed
         for field, value in ours.items():
-            if saved.get(field) != value:
+            if saved.get(field, legacy.get(field)) != value:
                 raise ConfigError(
                     f"The checkpoint was written with {field}={saved.get(field)!r} but this engine has "
                     f"{value!r}; resuming would change the mechanism the accountant composed."
@@ -497,6 +556,7 @@ class PrivacyEngine:
         self.steps_taken = int(state["steps_taken"])
         self._pending_versions = None
         self._drawn_step = None
+        self._users_this_step = set()
         if "data_loader" in state:
             self.data_loader.load_state_dict({**state["data_loader"], "seed": list(self.noise_key.derive_seed("sampling"))})
 
@@ -525,6 +585,48 @@ class PrivacyEngine:
         if not losses.requires_grad:
             raise LossShapeError("The losses do not require grad: were they computed under torch.no_grad()?")
         return batch
+
+    def _unit_layout(self, users, batch: int, device: torch.device) -> tuple[UnitLayout | None, set]:
+        """User level: which examples of this call form one user (None when each example is its own
+        unit), and the drawn users it brings; refuses what would clip a user in pieces."""
+        config = self.config
+        if config.privacy_unit == "example":
+            if users is not None:
+                raise ConfigError(
+                    "engine.backward got users=, but DPConfig(privacy_unit='example') protects each example on its "
+                    "own. For user-level privacy build the engine with DPConfig(privacy_unit='user', ...)."
+                )
+            return None, set()
+        k = config.examples_per_user
+        if users is None:
+            if k == 1:
+                return None, set()  # one example per user: per-example clipping is per-user clipping
+            raise ConfigError(
+                f"DPConfig(privacy_unit='user', examples_per_user={k}) clips the sum of each user's examples, so "
+                "engine.backward needs the user of each example: engine.backward(losses, "
+                "users=logical_batch.micro_batches.units_of(j)) (dpscale.run_logical_step passes it)."
+            )
+        ids = users.tolist() if isinstance(users, Tensor) else list(users)
+        if len(ids) != batch:
+            raise LossShapeError(f"users= names {len(ids)} users for a forward pass over {batch} examples: give one per example.")
+        layout = UnitLayout.from_ids(ids, device)
+        counts = torch.bincount(layout.unit, minlength=layout.units)
+        crowded = [ids[int((layout.unit == u).nonzero()[0])] for u in (counts > k).nonzero().flatten().tolist()]
+        if crowded:
+            raise SamplingError(
+                f"User(s) {crowded[:5]} have more than examples_per_user={k} examples in this backward. Draw the "
+                "batches with engine.make_data_loader(..., user_ids=...), which brings at most k per user, or raise "
+                "DPConfig(examples_per_user)."
+            )
+        drawn = {u for u in ids if u != PADDING_USER}
+        split = sorted(drawn & self._users_this_step, key=repr)
+        if split:
+            raise SamplingError(
+                f"User(s) {split[:5]} already had examples in an earlier backward of this step: a user's examples "
+                "must be clipped together, in one micro-batch on one rank, or their sensitivity doubles. Use the "
+                "micro-batches of engine.make_data_loader(..., user_ids=...), which keep each user whole."
+            )
+        return (None if layout.trivial else layout), drawn
 
     def _check_all_uses_recorded(self, losses: Tensor, calls: list) -> None:
         """Every trainable parameter that the losses depend on must have been used through a
@@ -602,9 +704,9 @@ def _log_plan(plan: ExecutionPlan) -> None:
     acc, sampling = plan.accounting, plan.sampling
     if plan.accounts:
         logger.info(
-            "dpscale: sigma %.5g, noise std %.3g, q %.4g (B %g of N %d, %s sampling), delta %.3g, %s steps planned%s.",
+            "dpscale: sigma %.5g, noise std %.3g, q %.4g (B %g of N %d %ss, %s sampling), delta %.3g, %s steps planned%s.",
             plan.noise.noise_multiplier, plan.noise.std, sampling.sample_rate, plan.noise.expected_batch_size,
-            sampling.dataset_size, sampling.kind, acc.delta, acc.planned_steps,
+            sampling.dataset_size, sampling.privacy_unit, sampling.kind, acc.delta, acc.planned_steps,
             "" if acc.target_epsilon is None else
             f", target epsilon {acc.target_epsilon:g} (budget {acc.budget_steps} steps)",
         )

@@ -211,3 +211,75 @@ def total_squared_norm(uses: list[PerExampleGrad], cache: GramCache | None = Non
         for b in merged[i + 1 :]:
             total = total + 2 * inner(a, b)
     return total
+
+
+class UnitLayout:
+    """Which privacy unit (user) each example of one backward pass belongs to, and the per-unit
+    forms built from it.
+
+    At user level the gradient clipped is a user's sum ``G_u = sum_{i in u} g_i``, whose squared
+    norm ``sum_{i, j in u} <g_i, g_j>`` needs the inner products between examples of one user.
+    Rather than a second kind of inner product, each per-example form is turned into a per-unit
+    form of the same kind, and everything downstream (norms with the cross terms of tied
+    parameters, groups, clip factors, clipped sums) runs on units unchanged:
+
+    * ``Dense``: ``G_u`` is a sum over the batch dimension (``index_add``).
+    * ``Outer``: ``g_i = sum_t left[i, t] (x) right[i, t]``, so ``G_u`` is the same outer-product
+      sum over the positions of all of u's examples laid end to end: ``[U, k * T, .]`` factors,
+      zero-padded where a user has fewer than ``k`` examples (a zero right row adds nothing; a
+      one-hot left row is padded with id 0 against a zero right row). Its Gram contraction is
+      exactly ``sum_{i, j in u} (a_i^T a_j)(b_i^T b_j)`` summed over positions.
+
+    Factors shared by several forms (the activation read by the query, key and value projections)
+    are regrouped once, so the Gram cache still finds them shared.
+    """
+
+    def __init__(self, unit: Tensor, slot: Tensor, units: int, width: int) -> None:
+        self.unit = unit  # [B] unit index of each example, 0 .. units - 1
+        self.slot = slot  # [B] position of the example among its unit's examples
+        self.units = units
+        self.width = width  # the most examples any unit has
+        self._regrouped: dict[tuple, tuple[Tensor, Tensor]] = {}  # key -> (source kept alive, result)
+
+    @classmethod
+    def from_ids(cls, ids: list[int], device: torch.device | None = None) -> UnitLayout:
+        """Units in order of first appearance; examples of a unit need not be adjacent."""
+        index: dict[int, int] = {}
+        counts: list[int] = []
+        unit, slot = [], []
+        for user in ids:
+            u = index.setdefault(user, len(index))
+            if u == len(counts):
+                counts.append(0)
+            unit.append(u)
+            slot.append(counts[u])
+            counts[u] += 1
+        unit_t = torch.tensor(unit, dtype=torch.long, device=device)
+        slot_t = torch.tensor(slot, dtype=torch.long, device=device)
+        return cls(unit_t, slot_t, len(counts), max(counts, default=1))
+
+    @property
+    def trivial(self) -> bool:
+        """Every example its own unit, in order: the per-example forms already are per-unit."""
+        return self.width == 1
+
+    def per_unit(self, grad: PerExampleGrad) -> PerExampleGrad:
+        """The form of ``G_u = sum_{i in u} g_i`` for every unit u."""
+        if isinstance(grad, Dense):
+            dtype = accumulation_dtype(grad.grad)
+            out = grad.grad.new_zeros((self.units, *grad.grad.shape[1:]), dtype=dtype)
+            out.index_add_(0, self.unit.to(grad.grad.device), grad.grad.to(dtype))
+            return Dense(out)
+        grouped = Outer(left=self._regroup(grad.left), right=self._regroup(grad.right), m=grad.m, shape=grad.shape)
+        return grouped.cheapest()
+
+    def _regroup(self, x: Tensor) -> Tensor:
+        """[B, T, ...] -> [U, width * T, ...]: each unit's examples' positions end to end."""
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+        done = self._regrouped.get(key)
+        if done is None:
+            positions = x.shape[1]
+            out = x.new_zeros((self.units, self.width, positions, *x.shape[2:]))
+            out[self.unit.to(x.device), self.slot.to(x.device)] = x
+            done = self._regrouped[key] = (x, out.reshape(self.units, self.width * positions, *x.shape[2:]))
+        return done[1]

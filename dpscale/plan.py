@@ -39,6 +39,8 @@ class SamplingPlan:
     declared_by_user: the batches do not come from a dpscale sampler; the user declared (with
         ``DPConfig(sampling_declared_by_user=True)``) that they are drawn as ``kind`` says. dpscale
         cannot check that claim; the privacy report states it.
+    privacy_unit: "example" or "user": what is drawn at ``sample_rate`` and what ``dataset_size``
+        counts; at user level each drawn user brings at most ``examples_per_user`` examples.
     """
 
     kind: str
@@ -48,6 +50,8 @@ class SamplingPlan:
     rank: int
     world_size: int
     declared_by_user: bool
+    privacy_unit: str = "example"
+    examples_per_user: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class ExecutionPlan:
             "sample_rate": self.sampling.sample_rate,
             "sampling": self.sampling.kind,
             "accountant": self.accounting.accountant,
+            "privacy_unit": self.sampling.privacy_unit,
         }
 
     def as_dict(self) -> dict:
@@ -136,7 +141,7 @@ def build_execution_plan(config: DPConfig, clipping: ClippingPlan, *, key_finger
             logger.warning("noise_multiplier is 0: the model is clipped but NOT private (epsilon is infinite).")
     plan = ExecutionPlan(
         sampling=SamplingPlan(config.sampling, q, config.dataset_size, steps, rank, world_size,
-                              config.sampling_declared_by_user),
+                              config.sampling_declared_by_user, config.privacy_unit, config.examples_per_user),
         clipping=clipping,
         noise=NoisePlan(NOISE_SCHEME, sigma, clipping.sensitivity, float(config.expected_batch_size), key_fingerprint),
         accounting=AccountingPlan(config.accountant, delta, config.target_epsilon, steps, None,

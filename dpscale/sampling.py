@@ -20,6 +20,11 @@ Randomness (part of the privacy mechanism, so stated plainly):
   checkpoints as private as the training data. The seed is never logged.
 - An example joins a batch when a 64-bit word of the stream is below floor(q * 2**64), so the real
   rate is within 2**-64 of q and never above it: the accountant's q is an upper bound.
+- User level (``user_ids``): the Poisson draw is over users, not examples; each sampled user
+  brings at most ``examples_per_user`` (k) of their examples, the next k in round-robin order over
+  the user's examples (k = 1 is dp-transformers' PoissonAuthorSampler scheme). Which examples those
+  are is a function of the draws so far, hence of the secret seed: resuming replays the draws.
+  A user's examples always travel together, in one micro-batch on one rank.
 - Not hidden here: the size of each logical batch varies and is visible to anyone who can watch
   step times or micro-batch counts. That is inherent to Poisson sampling.
 """
@@ -45,11 +50,13 @@ from dpscale.accounting import steps_for_epochs
 from dpscale.errors import ConfigError
 
 __all__ = [
+    "PADDING_USER",
     "DPDataLoader",
     "LogicalBatch",
     "MicroBatches",
     "PoissonBatchSampler",
     "ShuffleBatchSampler",
+    "resolve_user_ids",
     "shared_seed",
     "split_physical",
 ]
@@ -62,6 +69,7 @@ _STATE_VERSION = 1
 _FRESH_SEED_BYTES = 16  # 128 bits: beyond guessing, small enough to broadcast and checkpoint.
 _CHUNK = 1 << 20  # examples per keystream chunk: a draw's scratch memory stays ~8 MiB for any N.
 _KEY_DOMAIN = b"dpscale.sampling.v1\x00"
+PADDING_USER = -1  # the user id of a padding pass's example (``MicroBatches.padding_units``)
 
 
 # ----------------------------------------------------------------------------- seeds and streams
@@ -481,11 +489,28 @@ class MicroBatches(Sequence):
     """
 
     def __init__(
-        self, dataset: Any, collate_fn: Callable[[list[Any]], Any], chunks: list[list[int]]
+        self,
+        dataset: Any,
+        collate_fn: Callable[[list[Any]], Any],
+        chunks: list[list[int]],
+        units: list[tuple[int, ...]] | None = None,
     ) -> None:
         self._dataset = dataset
         self._collate_fn = collate_fn
         self._chunks = chunks
+        if units is not None and [len(u) for u in units] != [len(c) for c in chunks]:
+            raise ConfigError("units must name the user of every example of every micro-batch")
+        self.units = units
+
+    def units_of(self, i: int) -> tuple[int, ...] | None:
+        """The user of each example of micro-batch ``i`` (user level), to pass to
+        ``engine.backward(losses, users=...)``; None at example level."""
+        return None if self.units is None else self.units[i]
+
+    @property
+    def padding_units(self) -> tuple[int, ...]:
+        """The users of ``padding_batch()``: one reserved id that never counts as a drawn user."""
+        return (PADDING_USER,)
 
     @property
     def sizes(self) -> list[int]:
@@ -510,19 +535,96 @@ class MicroBatches(Sequence):
             yield self._collate_fn(_fetch(self._dataset, chunk))
 
 
+def resolve_user_ids(dataset: Any, user_ids: Any) -> list[Any]:
+    """The user of every example: a sequence of len(dataset) hashable ids, or the name of a
+    dataset column holding them (a Hugging Face ``datasets.Dataset``)."""
+    if isinstance(user_ids, str):
+        columns = getattr(dataset, "column_names", None)
+        if columns is None or user_ids not in columns:
+            raise ConfigError(
+                f"user_ids={user_ids!r} names a column, but the dataset ({type(dataset).__name__}) has "
+                f"{'no named columns' if columns is None else f'columns {list(columns)}'}; pass the column "
+                "that holds each example's user, or a list with one user id per example"
+            )
+        user_ids = dataset[user_ids]
+    if isinstance(user_ids, (torch.Tensor, np.ndarray)):
+        user_ids = user_ids.tolist()
+    try:
+        ids = list(user_ids)
+    except TypeError:
+        raise ConfigError(
+            f"user_ids must be a sequence with one user id per example or a column name, got "
+            f"{type(user_ids).__name__}"
+        ) from None
+    if len(ids) != len(dataset):
+        raise ConfigError(
+            f"user_ids has {len(ids)} entries for a dataset of {len(dataset)} examples; give exactly one "
+            "user id per example, in dataset order"
+        )
+    return ids
+
+
+class _UserIndex:
+    """Each user's examples and the round-robin cursor of each user.
+
+    Users are numbered 0 .. N-1 in order of first appearance in ``user_ids``; the Poisson draw is
+    over these numbers. Each time a user is drawn they bring min(k, n_u) examples: the next ones
+    after the cursor, cyclically, in dataset order; the cursor then moves past them.
+    """
+
+    def __init__(self, user_ids: list[Any], examples_per_user: int) -> None:
+        number: dict[Any, int] = {}
+        members: list[list[int]] = []
+        for i, user in enumerate(user_ids):
+            try:
+                u = number.setdefault(user, len(number))
+            except TypeError:
+                raise ConfigError(f"user id {user!r} of example {i} is not hashable; use ints or strings") from None
+            if u == len(members):
+                members.append([])
+            members[u].append(i)
+        self.names = tuple(number)  # user number -> the id the caller gave
+        self.examples = [np.asarray(m, dtype=np.int64) for m in members]
+        self.counts = np.asarray([len(m) for m in members], dtype=np.int64)
+        self.k = examples_per_user
+        self.cursors = np.zeros(len(members), dtype=np.int64)
+
+    @property
+    def users(self) -> int:
+        return len(self.examples)
+
+    def take(self, users: np.ndarray, local: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """(the examples each of the ``local`` users brings, every drawn user's next cursor)."""
+        counts = self.counts[users]
+        after = (self.cursors[users] + np.minimum(self.k, counts)) % counts
+        picks = []
+        for u in local.tolist():
+            n = int(self.counts[u])
+            picks.append(self.examples[u][(self.cursors[u] + np.arange(min(self.k, n))) % n])
+        return picks, after
+
+    def advance(self, users: np.ndarray, after: np.ndarray | None = None) -> None:
+        if after is None:
+            counts = self.counts[users]
+            after = (self.cursors[users] + np.minimum(self.k, counts)) % counts
+        self.cursors[users] = after  # the users of one draw are distinct
+
+
 @dataclass(frozen=True)
 class LogicalBatch:
     """One logical step's examples on this rank, as micro-batches ready for forward passes.
 
     ``indices`` are this rank's dataset indices, ``size`` their number (possibly 0: then
     ``micro_batches`` is empty), ``global_size`` the size drawn over all ranks, and ``step`` the
-    global step, the same on every rank.
+    global step, the same on every rank. At user level ``users`` are this rank's drawn users and
+    ``global_size`` counts users.
     """
 
     step: int
     indices: tuple[int, ...]
     global_size: int
     micro_batches: MicroBatches
+    users: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
@@ -556,6 +658,8 @@ class DPDataLoader:
         world_size: int = 1,
         sampling: Literal["poisson", "shuffle"] = "poisson",
         on_draw: Callable[[LogicalBatch], None] | None = None,
+        user_ids: Any = None,
+        examples_per_user: int | None = None,
     ) -> None:
         self.on_draw = on_draw
         if isinstance(dataset, IterableDataset) or not (
@@ -572,6 +676,21 @@ class DPDataLoader:
             "max_physical_batch_size", max_physical_batch_size, 1
         )
         size = len(dataset)
+        self._users: _UserIndex | None = None
+        if user_ids is not None:
+            k = 1 if examples_per_user is None else _int_arg("examples_per_user", examples_per_user, 1)
+            if k > self.max_physical_batch_size:
+                raise ConfigError(
+                    f"examples_per_user={k} exceeds max_physical_batch_size={self.max_physical_batch_size}: a "
+                    "user's examples must fit in one micro-batch, since they are clipped as one unit. Lower "
+                    "examples_per_user or raise the micro-batch size"
+                )
+            if sampling != "poisson":
+                raise ConfigError(f"user-level sampling draws users by Poisson sampling, not {sampling!r}")
+            self._users = _UserIndex(resolve_user_ids(dataset, user_ids), k)
+            size = self._users.users  # the draw is over users
+        elif examples_per_user is not None:
+            raise ConfigError("examples_per_user needs user_ids (the user of every example)")
         if sampling == "poisson":
             self.batch_sampler: PoissonBatchSampler | ShuffleBatchSampler = PoissonBatchSampler(
                 size, sample_rate, steps=steps, seed=seed, rank=rank, world_size=world_size
@@ -608,6 +727,21 @@ class DPDataLoader:
         return self.batch_sampler.sampling
 
     @property
+    def privacy_unit(self) -> str:
+        """"user" when the draw is over users (``user_ids``), else "example"."""
+        return "example" if self._users is None else "user"
+
+    @property
+    def examples_per_user(self) -> int | None:
+        return None if self._users is None else self._users.k
+
+    @property
+    def user_names(self) -> tuple[Any, ...] | None:
+        """At user level, the id given for each user number: batches name users by number (0 .. N-1,
+        in order of first appearance in ``user_ids``), so that no id collides with the padding id."""
+        return None if self._users is None else self._users.names
+
+    @property
     def sample_rate(self) -> float:
         return self.batch_sampler.sample_rate
 
@@ -634,6 +768,8 @@ class DPDataLoader:
         the loader's position moves past it, and may refuse it (budget spent, the previous batch
         never stepped), leaving the loader where a checkpoint expects it."""
         sampler, size = self.batch_sampler, self.max_physical_batch_size
+        if self._users is not None:
+            return self._user_batch(step, global_batch)
         local = global_batch[sampler.rank :: sampler.world_size].tolist()
         chunks = [local[start : start + size] for start in range(0, len(local), size)]
         batch = LogicalBatch(
@@ -646,9 +782,58 @@ class DPDataLoader:
             self.on_draw(batch)
         return batch
 
+    def _user_batch(self, step: int, global_users: np.ndarray) -> LogicalBatch:
+        """Users (not examples) are split over ranks; each user's examples are packed whole into
+        micro-batches of at most ``max_physical_batch_size`` (k <= that size, so one always fits).
+        The cursors move only once the draw is accepted."""
+        sampler, size, index = self.batch_sampler, self.max_physical_batch_size, self._users
+        local_users = global_users[sampler.rank :: sampler.world_size]
+        picks, after = index.take(global_users, local_users)
+        chunks: list[list[int]] = []
+        units: list[tuple[int, ...]] = []
+        chunk: list[int] = []
+        owners: list[int] = []
+        for user, examples in zip(local_users.tolist(), picks):
+            if len(chunk) + len(examples) > size:
+                chunks.append(chunk)
+                units.append(tuple(owners))
+                chunk, owners = [], []
+            chunk.extend(examples.tolist())
+            owners.extend([user] * len(examples))
+        if chunk:
+            chunks.append(chunk)
+            units.append(tuple(owners))
+        batch = LogicalBatch(
+            step=step,
+            indices=tuple(i for c in chunks for i in c),
+            global_size=int(global_users.size),
+            micro_batches=MicroBatches(self.dataset, self.collate_fn, chunks, units),
+            users=tuple(local_users.tolist()),
+        )
+        if self.on_draw is not None:
+            self.on_draw(batch)
+        index.advance(global_users, after)
+        return batch
+
     def state_dict(self) -> dict[str, Any]:
-        """The sampler's state; it holds the secret seed (see PoissonBatchSampler.state_dict)."""
-        return self.batch_sampler.state_dict()
+        """The sampler's state; it holds the secret seed (see PoissonBatchSampler.state_dict).
+        At user level also the unit and k (the cursors are replayed from the draws on load)."""
+        state = self.batch_sampler.state_dict()
+        if self._users is not None:
+            state = {**state, "privacy_unit": "user", "examples_per_user": self._users.k}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        unit = state.get("privacy_unit", "example")
+        k = state.get("examples_per_user")
+        if (unit, k) != (self.privacy_unit, self.examples_per_user):
+            raise ConfigError(
+                f"loader state was saved with privacy_unit={unit!r}, examples_per_user={k!r} but this loader has "
+                f"{self.privacy_unit!r}, {self.examples_per_user!r}; build it with the settings the run began with"
+            )
         self.batch_sampler.load_state_dict(state)
+        if self._users is not None:
+            # Which examples a drawn user brings depends on every earlier draw: replay them.
+            self._users.cursors[:] = 0
+            for step in range(self.batch_sampler.next_step):
+                self._users.advance(self.batch_sampler._draw(step))

@@ -10,7 +10,8 @@ writes its final trainable parameters to ``{out}/rank{r}.pt``.
 spec keys: case ("ddp", "accelerate", "model_parallel"), model ("gpt2", "mlp"), subset ("full",
 "bias", "lora"), clipping, batches (explicit global index lists, or null for the engine's Poisson
 loader), steps, die_at_step (a rank that exits before that step's optimizer.step), timeout_s,
-own_keys (plain DDP with noise_key=None: each rank generates its own key).
+own_keys (plain DDP with noise_key=None: each rank generates its own key), users (user-level DP:
+the engine's loader draws the users of USERS, examples_per_user=2).
 """
 
 from __future__ import annotations
@@ -36,14 +37,18 @@ from dpscale.noise import NoiseKey  # noqa: E402
 KEY = NoiseKey(bytes(range(32)))
 N, T, VOCAB, MICRO = 24, 6, 32, 2
 HIDDEN, OUT = 8, 4
+# the user of each example: 10 users with 1 to 3 examples, not adjacent
+USERS = [i % 7 for i in range(20)] + [7, 7, 8, 9]
 
 
 def config(spec: dict) -> DPConfig:
     # Explicit batches (spec["batches"]) are the test's own draw, declared as such.
+    by_user = {"privacy_unit": "user", "examples_per_user": 2} if spec.get("users") else {}
     return DPConfig(max_grad_norm=spec.get("max_grad_norm", 0.5), expected_batch_size=6,
-                    noise_multiplier=spec.get("noise_multiplier", 1.0), dataset_size=N,
+                    noise_multiplier=spec.get("noise_multiplier", 1.0),
+                    dataset_size=len(set(USERS)) if spec.get("users") else N,
                     clipping=spec.get("clipping", "flat"),
-                    sampling_declared_by_user=spec.get("batches") is not None)
+                    sampling_declared_by_user=spec.get("batches") is not None, **by_user)
 
 
 # models ------------------------------------------------------------------------------------------
@@ -220,7 +225,8 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tenso
         else:
             # The engine's default split is the backend's data-parallel position: (rank, world) under
             # DDP, (0, 1) for the model-parallel ranks, which share every example.
-            loader = engine.make_data_loader(data, max_physical_batch_size=MICRO)
+            users = {"user_ids": USERS} if spec.get("users") else {}
+            loader = engine.make_data_loader(data, max_physical_batch_size=MICRO, **users)
             split = (loader.batch_sampler.rank, loader.batch_sampler.world_size)
             assert split == share, (split, share)
         logical_batches = (batch for _, batch in zip(range(spec.get("steps", 2)), loader))

@@ -107,11 +107,14 @@ def make_private(
 
 
 def make_data_loader(accelerator, engine: PrivacyEngine, dataset, *, max_physical_batch_size: int,
-                     collate_fn=None) -> DPDataLoader:
+                     collate_fn=None, user_ids=None) -> DPDataLoader:
     """This rank's part of each global Poisson batch (positions rank::world_size of the draw every
     rank makes from the shared key; rank and world size within the data-parallel group, which the
     engine's backend knows: under DeepSpeed AutoTP the tensor-parallel ranks of one replica share
     its examples, so Accelerate's process_index would be wrong). Do not pass it through
     ``accelerator.prepare``: that would re-shard it. Micro-batches are moved to
-    ``accelerator.device`` by the collator given here, or by the user's losses function."""
-    return engine.make_data_loader(dataset, max_physical_batch_size=max_physical_batch_size, collate_fn=collate_fn)
+    ``accelerator.device`` by the collator given here, or by the user's losses function.
+    user_ids: with DPConfig(privacy_unit="user"), as in ``engine.make_data_loader`` (users, not
+    examples, are split across ranks)."""
+    return engine.make_data_loader(dataset, max_physical_batch_size=max_physical_batch_size, collate_fn=collate_fn,
+                                   user_ids=user_ids)
