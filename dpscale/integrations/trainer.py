@@ -9,6 +9,11 @@
                         noise_key="noise.key")
     trainer.train()                                   # trainer.train(resume_from_checkpoint=True) resumes
 
+User-level privacy (one user with all their examples is the unit):
+``DPConfig(privacy_unit="user", dataset_size=<number of users>, expected_batch_size=<users per step>,
+examples_per_user=k)`` and ``DPTrainer(..., user_ids=[the user of each example] or "column")``; the
+loader draws users and the step driver clips each user's examples as one (docs/GUARANTEES.md).
+
 The same script runs on one process, under ``torchrun`` / ``accelerate launch`` with N processes
 (the Trainer wraps the model in DDP) and with ``TrainingArguments(deepspeed="ds_configs/zero2.json")``
 (the Trainer calls ``deepspeed.initialize``). What changes in the Trainer's step, and only through
@@ -62,7 +67,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -82,7 +87,7 @@ from dpscale.losses import causal_lm_losses, sequence_classification_losses, tok
 from dpscale.noise import NoiseKey
 from dpscale.per_example import accumulation_dtype
 from dpscale.plan import planned_steps
-from dpscale.sampling import LogicalBatch
+from dpscale.sampling import LogicalBatch, resolve_user_ids
 
 __all__ = ["PRIVACY_STATE_NAME", "DPTrainer", "LogicalStep", "check_training_arguments"]
 
@@ -231,6 +236,10 @@ class DPTrainer(Trainer):
         ``fn(outputs, labels) -> [B]``.
     log_train_loss: also log and return the training loss (a non-private statistic of the sampled
         examples); otherwise ``train()`` returns NaN as its training loss.
+    user_ids: with ``DPConfig(privacy_unit="user")``, the user of every training example: a sequence
+        in dataset order, or the name of a column of ``train_dataset`` (a ``datasets.Dataset``; read
+        once here, before the Trainer drops columns the model does not take). Required at user level,
+        refused at example level; ``dp_config.dataset_size`` must be the number of distinct users.
 
     Once training starts, ``trainer.privacy_engine`` is the PrivacyEngine (epsilon, privacy report,
     last norms).
@@ -238,7 +247,8 @@ class DPTrainer(Trainer):
 
     def __init__(self, *args, dp_config: DPConfig, noise_key: NoiseKey | str | os.PathLike | None = None,
                  fresh_noise_key: bool = False, rules: RuleRegistry | None = None,
-                 per_example_loss: str | PerExampleLoss = "auto", log_train_loss: bool = False, **kwargs) -> None:
+                 per_example_loss: str | PerExampleLoss = "auto", log_train_loss: bool = False,
+                 user_ids: Sequence | str | None = None, **kwargs) -> None:
         if not isinstance(dp_config, DPConfig):
             raise TypeError("dp_config must be a dpscale.DPConfig")
         if dp_config.dataset_size is None:
@@ -267,7 +277,8 @@ class DPTrainer(Trainer):
                 "compute_loss_func returns one loss for the batch; DPTrainer needs one loss per example: pass "
                 "per_example_loss=fn(outputs, labels) -> [B] instead."
             )
-        if self.train_dataset is not None and len(self.train_dataset) != dp_config.dataset_size:
+        self.user_ids = self._check_units(dp_config, user_ids)
+        if self.user_ids is None and self.train_dataset is not None and len(self.train_dataset) != dp_config.dataset_size:
             raise ConfigError(
                 f"The train dataset has {len(self.train_dataset)} examples but DPConfig(dataset_size="
                 f"{dp_config.dataset_size}); the accountant's q = B / N would be wrong."
@@ -286,6 +297,41 @@ class DPTrainer(Trainer):
 
     # data ---------------------------------------------------------------------------------------
 
+    def _check_units(self, dp_config: DPConfig, user_ids) -> list | None:
+        """At user level the users of the train dataset, read now (a column name resolved before the
+        Trainer drops unused columns) and checked against the config: their number is N, and k
+        fits in a micro-batch. Refused: user ids at example level, none at user level."""
+        if dp_config.privacy_unit != "user":
+            if user_ids is not None:
+                raise ConfigError(
+                    "DPTrainer(user_ids=...) was given but DPConfig(privacy_unit='example') protects single "
+                    "examples; for user-level privacy use DPConfig(privacy_unit='user', dataset_size=<number of "
+                    "users>, expected_batch_size=<users per step>)."
+                )
+            return None
+        if user_ids is None:
+            raise ConfigError(
+                "DPConfig(privacy_unit='user') protects users, so DPTrainer must know whose each example is: pass "
+                "user_ids=[the user of each training example] or the name of a train_dataset column."
+            )
+        if self.train_dataset is None:
+            raise ConfigError("DPTrainer(user_ids=...) names the users of the train_dataset: pass train_dataset too.")
+        ids = resolve_user_ids(self.train_dataset, user_ids)
+        users = len(set(ids))
+        if users != dp_config.dataset_size:
+            raise ConfigError(
+                f"The train dataset's {len(ids)} examples belong to {users} users but DPConfig(dataset_size="
+                f"{dp_config.dataset_size}); at user level dataset_size is the number of users."
+            )
+        k, micro = dp_config.examples_per_user, self.args.per_device_train_batch_size
+        if k > micro:
+            raise ConfigError(
+                f"DPConfig(examples_per_user={k}) exceeds per_device_train_batch_size={micro}, the micro-batch: a "
+                f"user's examples are clipped as one unit and must fit in one micro-batch. Raise "
+                f"per_device_train_batch_size to at least {k} or lower examples_per_user."
+            )
+        return ids
+
     def get_train_dataloader(self) -> _LogicalBatches:
         """The engine's Poisson logical batches for this rank, micro-batched at
         ``per_device_train_batch_size``. One loader per trainer: a second ``train()`` continues the
@@ -295,7 +341,8 @@ class DPTrainer(Trainer):
         return _LogicalBatches(self)
 
     def get_total_train_batch_size(self, args) -> int:
-        """The expected logical batch B (the Trainer's throughput counts the examples of each step)."""
+        """The expected logical batch B (the Trainer's throughput counts the examples of each step;
+        at user level, the users)."""
         return max(1, round(self.dp_config.expected_batch_size))
 
     # the step -----------------------------------------------------------------------------------
@@ -420,7 +467,7 @@ class DPTrainer(Trainer):
                               rules=self.rules)
         collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
         engine.make_data_loader(self.train_dataset, max_physical_batch_size=self.args.per_device_train_batch_size,
-                                collate_fn=collator)
+                                collate_fn=collator, user_ids=self.user_ids)
         budget = engine.budget_steps
         if budget is not None and self.state.max_steps > budget:
             logger.warning(

@@ -21,6 +21,7 @@ __all__ = ["TrainConfig", "load_config"]
 
 TASKS = ("causal-lm", "classification")
 TRAINABLE = ("all", "bias", "lora")
+PRIVACY_UNITS = ("example", "user")
 
 
 @dataclass
@@ -36,9 +37,21 @@ class TrainConfig:
     stop_after: end this invocation after so many steps (a quick look, a CI smoke run); the plan,
         and so sigma, stay those of the whole run, which a rerun resumes.
     batch_size: the expected logical batch B (Poisson: q = B / N); micro_batch: the physical one.
-    max_train_examples, max_eval_examples: use the first n rows only (quick runs; N is then n).
+    max_train_examples, max_eval_examples: use the first n rows only (quick runs; N is then n, or
+        at user level the number of users among those rows).
+    privacy_unit: "example" (default: epsilon protects one row) or "user": epsilon protects one user
+        with all their rows, the user named by ``user_column``. Then N is the number of distinct
+        users in the training rows, batch_size the expected number of users per step (each bringing
+        at most ``examples_per_user`` of their rows, default 1), and an epoch is N users drawn in
+        expectation (ceil(epochs / q) steps; with fewer than all of a user's rows per draw, an epoch
+        need not visit every row).
+    user_column: the training data's column naming each row's user (E2E: "mr", each meaning
+        representation with its several references is one user). Only with privacy_unit "user".
     non_private: the baseline with the same everything else: no clipping, no noise, shuffled
-        fixed batches of batch_size.
+        fixed batches of batch_size. At user level the privacy unit protects nothing there; the
+        batches hold as many rows as a private step's expected count (batch_size users times the
+        mean rows a drawn user brings) and the run as many steps, so the two runs see the same
+        amount of data.
     report_to: Accelerate trackers ("tensorboard", "wandb", ...); none by default.
     cpu: Accelerator(cpu=True): gloo, even where GPUs exist.
     deepspeed: a DeepSpeed config file (ds_configs/zero*.json), for the deepspeed launcher or
@@ -73,6 +86,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
     noise_key: str | None = None
     seed: int = 0
+    privacy_unit: str = "example"
+    user_column: str | None = None
+    examples_per_user: int | None = None
     non_private: bool = False
     output_dir: str = "runs/dpscale-train"
     report_to: list[str] = field(default_factory=list)
@@ -95,6 +111,7 @@ class TrainConfig:
             raise ConfigError("task classification needs --data (a CSV, TSV, JSON lines file or datasets folder).")
         if self.task == "classification" and self.text_column is None:
             self.text_column = "sentence"
+        self._check_privacy_unit()
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("Give epochs or max_steps: the length of the run the noise is calibrated for.")
         for name in ("batch_size", "lr", "max_grad_norm", "epsilon"):
@@ -109,6 +126,35 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value > 0):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+    def _check_privacy_unit(self) -> None:
+        """The unit's knobs go together: a user column or k without the user unit would be silently
+        ignored (an example-level epsilon mistaken for a user-level one), the user unit without a
+        column cannot know whose each row is."""
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise ConfigError(f"privacy_unit must be one of {PRIVACY_UNITS}, got {self.privacy_unit!r}.")
+        if self.privacy_unit == "user":
+            if not self.user_column:
+                raise ConfigError(
+                    "privacy_unit user protects each user with all their rows: name the column that holds each "
+                    "training row's user with --user-column (user_column: in the YAML; for E2E, mr)."
+                )
+            k = self.examples_per_user
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise ConfigError(f"examples_per_user must be a positive integer, got {k!r}.")
+            if k is not None and k > self.micro_batch:
+                raise ConfigError(
+                    f"examples_per_user {k} exceeds micro_batch {self.micro_batch}: a user's rows are clipped as one "
+                    f"unit and must fit in one micro-batch. Raise --micro-batch to at least {k} or lower "
+                    "--examples-per-user."
+                )
+            return
+        for name, flag in (("user_column", "--user-column"), ("examples_per_user", "--examples-per-user")):
+            if getattr(self, name) is not None:
+                raise ConfigError(
+                    f"{flag} ({name}) is for --privacy-unit user; with privacy_unit example each row is its own "
+                    f"unit and {name} would be ignored. Add --privacy-unit user, or drop {flag}."
+                )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

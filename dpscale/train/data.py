@@ -3,10 +3,12 @@
     read_table(path)          rows from CSV, TSV, JSON lines or a folder saved with datasets
     default_e2e()             the packaged E2E development split, divided by meaning representation
     split_by_column(rows, c)  a deterministic train / eval split with no value of c in both parts
+    user_ids(rows, c)         the user of every row (user-level privacy), checked
     ClassificationData        one text (or text pair) -> one label; items are unpadded
     CausalLMData              prompt + separator + target + EOS, loss on the target only
 
-Every item is one example (one sequence): the privacy unit. Items are unpadded; ``collate``
+Every item is one example (one sequence), one row: the privacy unit, unless a user column makes
+all the rows of one user the unit (``user_ids``; the datasets keep one item per row). Items are unpadded; ``collate``
 pads a batch on the right to its longest item. The datasets are plain map-style datasets, so
 any sampler (Poisson sampling included) can draw from them.
 """
@@ -162,6 +164,31 @@ def require_columns(rows: Sequence[Row], columns: Iterable[str | None], what: st
                 f"{what} has no column {', '.join(repr(c) for c in missing)}{where}; "
                 f"its columns are {', '.join(repr(c) for c in row)}."
             )
+
+
+def user_ids(rows: Sequence[Row], column: str) -> list:
+    """The value of ``column`` in every row, in row order: the user each row belongs to, for
+    user-level privacy. Refused, naming the row: a missing column, an empty value (a row without a
+    user would be its own user, an unprotected person), a value that cannot key a table (a list)."""
+    try:
+        require_columns(rows, [column], "The training data")
+    except ConfigError as error:
+        raise ConfigError(f"{error} The user column (--user-column, user_column:) must be one of them.") from None
+    users = [row[column] for row in rows]
+    for index, user in enumerate(users):
+        if user is None or user == "":
+            raise ConfigError(
+                f"Training row {index} has no user in column {column!r}: at user level every row must name its "
+                "user; fill it in or drop the row."
+            )
+        try:
+            hash(user)
+        except TypeError:
+            raise ConfigError(
+                f"Training row {index} names its user with a {type(user).__name__} ({user!r}) in column {column!r}; "
+                "user ids must be strings or numbers."
+            ) from None
+    return users
 
 
 def split_by_column(rows: Sequence[Row], column: str, eval_fraction: float = 0.1) -> tuple[list[Row], list[Row]]:

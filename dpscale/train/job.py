@@ -6,7 +6,8 @@ again, and leave in ``output_dir``:
     model/               save_pretrained folder with its tokenizer (LoRA: the PEFT adapter)
     privacy_report.json  what was spent and how (epsilon.png beside it)
     metrics.json         eval loss and accuracy (classification) or BLEU (causal LM), before and
-                         after; the run's length, wall time and hardware
+                         after; the run's length, wall time and hardware; the privacy unit
+                         (example or user; at user level the number of users)
     training.png         loss and epsilon against steps
     checkpoint/          the trainable parameters, optimizer and privacy state: a rerun with the
                          same output_dir and key file resumes here
@@ -20,6 +21,7 @@ import logging
 import os
 import platform
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +56,7 @@ class _Task:
     eval: object | None
     labels: list | None
     classification: bool
+    users: list | None = None  # privacy_unit user: the user of each training row, in row order
 
     def losses(self, model, batch) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -73,10 +76,12 @@ def run(config: TrainConfig) -> TrainResult:
                               **_placement_kwargs(config))
     torch.manual_seed(config.seed)
     train_rows, eval_rows, labels = _rows(config)
+    users = _user_ids(config, train_rows)  # checked before the model loads
     name = resolve_model_name(config.model)
     model, tokenizer = load_model(name, task=config.task, num_labels=len(labels) if labels else None,
                                   labels=[str(label) for label in labels] if labels else None)
     task = _task(config, train_rows, eval_rows, tokenizer, labels)
+    task.users = users
     model = select_trainable(model, config.trainable, task=config.task, lora_r=config.lora_r,
                              lora_alpha=config.lora_alpha, lora_dropout=0.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -106,6 +111,8 @@ def run(config: TrainConfig) -> TrainResult:
         "task": config.task, "model": config.model, "trainable": config.trainable,
         "non_private": config.non_private, "before": before, "after": after, "privacy": privacy,
         "steps": outcome.steps_total, "stopped": outcome.stopped, "train_examples": len(task.train.dataset),
+        "privacy_unit": None if config.non_private else config.privacy_unit,
+        **({"train_users": len(set(task.users))} if task.users is not None else {}),
         "wall_seconds_this_run": round(seconds, 1), "processes": accelerator.num_processes,
         "hardware": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
         "command_config": {k: v for k, v in config.as_dict().items() if k != "noise_key"},
@@ -149,6 +156,23 @@ def _rows(config: TrainConfig):
             raise ConfigError(f"The training data has no column {config.label_column!r} (--label-column).")
         labels = sorted({row[config.label_column] for row in train_rows}, key=str)
     return train_rows, eval_rows, labels
+
+
+def _user_ids(config: TrainConfig, rows) -> list | None:
+    """At user level the user of every training row, and a batch size no larger than the users."""
+    from dpscale.train.data import user_ids
+
+    if config.privacy_unit != "user":
+        return None
+    users = user_ids(rows, config.user_column)
+    count = len(set(users))
+    if config.batch_size > count:
+        raise ConfigError(
+            f"--batch-size {config.batch_size:g} is the expected number of users per step at user level, but the "
+            f"training data has {count} users (distinct values of {config.user_column!r}); lower --batch-size to at "
+            f"most {count}."
+        )
+    return users
 
 
 def _task(config: TrainConfig, train_rows, eval_rows, tokenizer, labels) -> _Task:
@@ -200,21 +224,29 @@ def _evaluate(config: TrainConfig, task: _Task, model, tokenizer) -> dict:
 def _train_private(config, task, model, optimizer, accelerator, state, checkpoint, before):
     from dpscale.integrations.accelerate import make_data_loader, make_private
 
-    dataset_size = len(task.train.dataset)
+    examples = len(task.train.dataset)
+    # at user level N counts users and the batch size users per step (DPConfig(privacy_unit="user"))
+    dataset_size = examples if task.users is None else len(set(task.users))
     length = dict(epochs=config.epochs) if config.epochs else dict(steps=config.max_steps)
+    unit = {"privacy_unit": "user", "examples_per_user": config.examples_per_user} if task.users is not None else {}
     dp = DPConfig(max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
                   dataset_size=dataset_size, target_epsilon=config.epsilon, target_delta=config.delta,
-                  clip_fn=config.clip_fn, **length)
+                  clip_fn=config.clip_fn, **length, **unit)
     engine = make_private(accelerator, model, optimizer, dp, noise_key=_shared_key(config, accelerator))
     loader = make_data_loader(accelerator, engine, task.train.dataset, max_physical_batch_size=config.micro_batch,
-                              collate_fn=task.train.collate)
+                              collate_fn=task.train.collate, user_ids=task.users)
     history = list(state["history"]) if state else []
     if state:
         engine.load_checkpoint(checkpoint / "privacy.pt")
     total = min(engine.budget_steps, config.max_steps or engine.budget_steps)
-    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, {dataset_size} training "
-                      f"examples, sigma {engine.noise_multiplier:.4g} for epsilon {config.epsilon:g} at delta "
-                      f"{engine.delta:.3g}, {engine.planned_steps} steps planned (budget {engine.budget_steps})")
+    if task.users is None:
+        data = f"{examples} training examples, expected batch {config.batch_size:g} examples"
+    else:
+        data = (f"{dataset_size} users ({config.user_column!r}) over {examples} training examples, expected batch "
+                f"{config.batch_size:g} users of at most {dp.examples_per_user} example(s) each; epsilon per user")
+    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, {data}, sigma "
+                      f"{engine.noise_multiplier:.4g} for epsilon {config.epsilon:g} at delta {engine.delta:.3g}, "
+                      f"{engine.planned_steps} steps planned (budget {engine.budget_steps})")
     progress = _progress(accelerator, total, engine.steps_taken)
 
     def losses_of(micro):
@@ -227,7 +259,7 @@ def _train_private(config, task, model, optimizer, accelerator, state, checkpoin
             "epsilon": engine.epsilon(), "sigma": engine.noise_multiplier, "sample_rate": engine.sample_rate,
             "clip_fraction": float((norms > config.max_grad_norm).float().mean()) if norms.numel() else 0.0,
             "mean_norm": float(norms.mean()) if norms.numel() else 0.0, "step_seconds": outcome.seconds,
-            "batch": outcome.global_size,
+            "batch": outcome.global_size,  # users at user level
         }
         history.append(record)
         _log(accelerator, progress, record)
@@ -248,7 +280,8 @@ def _train_private(config, task, model, optimizer, accelerator, state, checkpoin
     report = engine.privacy_report(config.output_dir if accelerator.is_main_process else None)
     privacy = {k: report[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "planned_steps",
                                       "budget_steps", "target_epsilon", "accountant", "sampling", "sampling_source",
-                                      "clip_fn", "max_grad_norm", "expected_batch_size", "dataset_size")}
+                                      "clip_fn", "max_grad_norm", "expected_batch_size", "dataset_size",
+                                      "privacy_unit", "examples_per_user", "protects")}
     engine.detach()
     return history, _Outcome(engine.steps_taken, outcome.stopped), privacy
 
@@ -258,11 +291,22 @@ def _train_private(config, task, model, optimizer, accelerator, state, checkpoin
 
 def _train_non_private(config, task, model, optimizer, accelerator, state, checkpoint, before):
     """The same model, data, batch size, steps, learning rate and optimizer, with no clipping and no
-    noise: shuffled batches of ``batch_size``, the mean loss over each batch."""
+    noise: shuffled batches of ``batch_size``, the mean loss over each batch. At user level (a
+    user-level config run as its baseline) nothing is protected; each batch holds the rows a private
+    step brings in expectation (batch_size users times the mean rows a drawn user brings) and the
+    length is the private run's (epochs of N users), so both runs see as much data."""
     dataset = task.train.dataset
     size = len(dataset)
-    batch = max(1, min(size, round(config.batch_size)))
-    steps = min(config.max_steps or 2**62, steps_for_epochs(config.epochs, batch / size) if config.epochs else 2**62)
+    if task.users is None:
+        batch = max(1, min(size, round(config.batch_size)))
+        rate = batch / size
+    else:
+        counts = Counter(task.users).values()
+        k = config.examples_per_user or 1
+        brought = sum(min(k, n) for n in counts) / len(counts)
+        batch = max(1, min(size, round(config.batch_size * brought)))
+        rate = config.batch_size / len(counts)
+    steps = min(config.max_steps or 2**62, steps_for_epochs(config.epochs, rate) if config.epochs else 2**62)
     generator = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     history = list(state["history"]) if state else []
@@ -442,7 +486,8 @@ def _plot_training(history: list[dict], path: Path) -> None:
 def _print_summary(accelerator, metrics: dict) -> None:
     privacy = metrics["privacy"]
     if privacy.get("epsilon") is not None:
-        accelerator.print(f"epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:.2e} "
+        unit = "per user" if privacy.get("privacy_unit") == "user" else "per example"
+        accelerator.print(f"epsilon {privacy['epsilon']:.3f} {unit} at delta {privacy['delta']:.2e} "
                           f"(sigma {privacy['noise_multiplier']:.3f}, q {privacy['sample_rate']:.4g}, "
                           f"{privacy['steps']} steps)")
     else:
