@@ -48,7 +48,7 @@ def row(argument: str) -> str:
     method = "non-private " + METHODS[config["trainable"]] if metrics["non_private"] else "DP " + METHODS[config["trainable"]]
     minutes, seconds = divmod(round(metrics["wall_seconds_this_run"]), 60)
     processes = metrics.get("processes", 1)
-    where = f"{processes} processes" + (", ZeRO" if config.get("deepspeed") else "") if processes > 1 else "1 process"
+    where = f"{processes} processes" + (f", DeepSpeed {Path(config['deepspeed']).stem}" if config.get("deepspeed") else "") if processes > 1 else "1 process"
     users = " users" if config.get("privacy_unit") == "user" else ""
     steps = f"{metrics['steps']} x B {config['batch_size']:g}{users}"
     return (f"| {'SST-2' if metrics['task'] == 'classification' else 'E2E'} {method} ({recipe(config)}) "
