@@ -40,6 +40,9 @@ _LAZY = {
     "PoissonBatchSampler": "dpscale.sampling",
     "LocalBackend": "dpscale.backends",
     "DataParallelBackend": "dpscale.backends",
+    "bitfit": "dpscale.subsets",
+    "lora": "dpscale.subsets",
+    "train_only": "dpscale.subsets",
 }
 
 __all__ = [

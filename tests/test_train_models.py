@@ -206,7 +206,7 @@ def test_bias_mode_gpt2_causal_trains_biases_only():
                                        (transformers.LlamaForSequenceClassification, "classification")])
 def test_bias_mode_refused_without_biases(cls, task):
     model = tiny_llama(cls)
-    with pytest.raises(ConfigError, match="has none.*use trainable='lora'"):
+    with pytest.raises(ConfigError, match="has none.*--trainable lora"):
         select_trainable(model, "bias", task=task)
 
 

@@ -43,6 +43,7 @@ import torch
 import transformers
 from torch import nn
 
+from dpscale import subsets
 from dpscale.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -280,35 +281,6 @@ def _count(parameters) -> int:
 # Trainable subsets
 
 
-def _is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-def head_module_names(model: nn.Module) -> list[str]:
-    """The top-level modules of a task model that hold parameters outside its backbone
-    (`model.base_model`): the classifier of a sequence classifier (BERT: classifier; RoBERTa:
-    classifier with dense and out_proj; DistilBERT: pre_classifier and classifier)."""
-    base = getattr(model, "base_model", model)
-    if base is model:
-        raise ConfigError(
-            f"{type(model).__name__} has no separate backbone (base_model), so its task head "
-            "cannot be told apart; give a transformers task model (AutoModelFor...)"
-        )
-    return [
-        child_name
-        for child_name, child in model.named_children()
-        if child is not base and any(True for _ in child.parameters())
-    ]
-
-
-def _is_bias(parameter_name: str) -> bool:
-    return parameter_name.rsplit(".", 1)[-1] == "bias"
-
-
 def select_trainable(
     model: nn.Module,
     mode: str,
@@ -319,89 +291,18 @@ def select_trainable(
     lora_dropout: float = 0.0,
     target_modules: str | Sequence[str] = "all-linear",
 ) -> nn.Module:
-    """Set requires_grad on every parameter for the trainable subset `mode`, and return the model
-    (wrapped by PEFT for "lora").
-
-    "all": every parameter (a tied embedding and output head stay one parameter).
-    "bias": DP-BiTFiT, every bias (linear and normalisation layers); for classification also the
-        whole task head (weights and biases: a fresh head must learn). A model without biases in
-        its backbone (Llama, SmolLM2) is refused: use "lora".
-    "lora": PEFT LoRA (rank `lora_r`, scale `lora_alpha` / `lora_r`, dropout `lora_dropout`) on
-        `target_modules` ("all-linear": every linear layer but the output head); only lora_A and
-        lora_B train, plus, for classification, a trainable copy of the head (modules_to_save).
-    """
+    """The subset `mode` of `dpscale train --trainable`, chosen by the library's helpers
+    (dpscale.subsets): "all", "bias" (DP-BiTFiT: biases, and for classification the whole task
+    head) or "lora" (PEFT LoRA, plus for classification a trainable copy of the head)."""
     _check_task(task)
     if mode not in TRAINABLE_MODES:
         raise ConfigError(f"trainable must be one of {TRAINABLE_MODES}, got {mode!r}")
-    if _is_peft(model):
-        raise ConfigError("the model is already wrapped by PEFT; select_trainable takes the bare model")
     if mode == "lora":
-        model = _wrap_lora(model, task, lora_r, lora_alpha, lora_dropout, target_modules)
-    else:
-        chosen = _full_or_bias(model, mode, task)
-        for parameter_name, parameter in model.named_parameters():
-            parameter.requires_grad_(parameter_name in chosen)
-    _log_trainable(model, mode)
-    return model
-
-
-def _full_or_bias(model: nn.Module, mode: str, task: str) -> set[str]:
-    names = [parameter_name for parameter_name, _ in model.named_parameters()]
-    if mode == "all":
-        return set(names)
-    head = head_module_names(model) if task == "classification" else []
-    in_head = {n for n in names if n.split(".", 1)[0] in head}
-    biases = {n for n in names if _is_bias(n) and n not in in_head}
-    if not biases:
-        raise ConfigError(
-            f"trainable='bias' (DP-BiTFiT) trains bias terms, and {type(model).__name__} has none "
-            "outside its head (Llama-style models, SmolLM2 among them, use no biases); use "
-            "trainable='lora' (or 'all')"
-        )
-    return biases | in_head
-
-
-def _wrap_lora(model, task, r, alpha, dropout, target_modules):
-    try:
-        from peft import LoraConfig, TaskType, get_peft_model
-    except ImportError as err:
-        raise ConfigError(f"trainable='lora' needs PEFT: pip install 'dpscale[peft]' ({err})") from err
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ConfigError(f"lora_r must be a positive integer, got {r!r}")
-    if not alpha > 0:
-        raise ConfigError(f"lora_alpha must be positive, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"lora_dropout must be in [0, 1), got {dropout!r}")
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        if not target_modules:
-            raise ConfigError("target_modules is empty: LoRA would train nothing")
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    config = LoraConfig(
-        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        bias="none",
-        # The whole head, found from the model itself (PEFT's default knows the names
-        # "classifier" and "score" only; DistilBERT's pre_classifier is fresh too).
-        modules_to_save=head_module_names(model) if task == "classification" else None,
-    )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as err:  # target modules that match nothing
-        raise ConfigError(f"LoRA could not be applied to {type(model).__name__}: {err}") from err
-
-
-def _log_trainable(model: nn.Module, mode: str) -> None:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    total = _count(model.parameters())
-    logger.info(
-        "trainable=%s: %d of %d parameters (%.3f%%) in %d tensors",
-        mode, _count(trainable), total, 100.0 * _count(trainable) / max(total, 1), len(trainable),
-    )
+        return subsets.lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                            target_modules=target_modules, task=task)
+    if mode == "bias":
+        return subsets.bitfit(model, include_head=task == "classification")
+    return subsets.full(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,7 +381,7 @@ def save_model(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    is_lora = _is_peft(model)
+    is_lora = subsets.is_peft_model(model)
     inner = model.get_base_model() if is_lora else model
     task = task if task is not None else _task_of(inner)
     if task is not None:
@@ -550,7 +451,7 @@ def load_saved(
         model, tokenizer = load_model(str(folder), task=task, dtype=dtype, labels=labels)
     if not is_trainable:
         model.eval()
-        inner = model.get_base_model() if _is_peft(model) else model
+        inner = model.get_base_model() if subsets.is_peft_model(model) else model
         if task == "causal-lm":
             inner.config.use_cache = True
     return model, tokenizer
