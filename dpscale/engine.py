@@ -213,7 +213,12 @@ class PrivacyEngine:
             are summed, then clipped as one unit: sum_u clip(sum_{i in u} g_i) / B. A user's examples
             must all be in this one call (the same user in two calls of one step would be clipped
             twice, doubling their sensitivity: refused). May be left out when examples_per_user is 1
-            (each example is then its own user)."""
+            (each example is then its own user).
+
+        Non-reentrant activation checkpointing re-runs the checkpointed forwards inside this call;
+        what the hooks record there is discarded (``Tape.replaying``), and the layer inputs the rules
+        read were kept from the forward (memory: see ``dpscale.tape``). Reentrant checkpointing is
+        refused here, before any gradient is computed."""
         self._check_step_bound()
         self._check_no_unseen_step()
         self._check_budget()
@@ -231,7 +236,8 @@ class PrivacyEngine:
         calls = self._tape.take()
         self._check_all_uses_recorded(losses, calls)
         edges = [edge for call in calls for edge in call.edges]
-        grads = list(torch.autograd.grad(losses.sum(), edges, allow_unused=True)) if edges else []
+        with self._tape.replaying():  # checkpointed regions re-run their forward in here
+            grads = list(torch.autograd.grad(losses.sum(), edges, allow_unused=True)) if edges else []
         if grads and all(g is None for g in grads):
             raise TapeError(
                 "The losses do not depend on any module call of the last forward pass: compute them "
@@ -573,6 +579,8 @@ class PrivacyEngine:
             raise LossShapeError(f"engine.backward expects a tensor of per-example losses, got {type(losses).__name__}.")
         batch = self._tape.batch_size
         if batch is None:
+            if _walk_graph(losses)[1]:  # the whole model checkpointed: its forward ran without autograd
+                raise UnsupportedModuleError(_REENTRANT_CHECKPOINTING)
             raise TapeError("No forward pass with gradients enabled was recorded; run the model before engine.backward.")
         if losses.dim() != 1:
             raise LossShapeError(
@@ -633,7 +641,9 @@ class PrivacyEngine:
         recorded module call; a parameter used directly by another module's forward would
         otherwise lose its gradient silently."""
         recorded = {name for call in calls for name in call.global_names}
-        reached = _parameters_reached(losses)
+        reached, reentrant = _walk_graph(losses)
+        if reentrant:
+            raise UnsupportedModuleError(_REENTRANT_CHECKPOINTING)
         missing = [name for name, p in self.parameters.items() if id(p) in reached and name not in recorded]
         if missing:
             raise UnsupportedModuleError(
@@ -778,15 +788,6 @@ def _children_read_by_parent(model: nn.Module, rules: RuleRegistry) -> dict[int,
 
 
 def _refuse_example_mixing(model: nn.Module) -> None:
-    # transformers 5 renamed the flag (the old name warns); PEFT wrappers forward either name.
-    checkpointing = getattr(model, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    if checkpointing:
-        raise UnsupportedModuleError(
-            "Gradient checkpointing re-runs forward hooks inside the backward pass; disable it "
-            "(model.gradient_checkpointing_disable()) to train with dpscale."
-        )
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise UnsupportedModuleError(
@@ -804,12 +805,29 @@ def _refuse_training_batch_norm(module: nn.Module, args: tuple) -> None:
         )
 
 
-def _parameters_reached(losses: Tensor) -> set[int]:
-    """ids of the leaf tensors whose AccumulateGrad nodes the losses' graph reaches."""
+# The backward node of torch.utils.checkpoint's reentrant Function, named as autograd names the
+# nodes of every custom Function (no public handle on the class). Should torch rename it, torch's
+# own error (reentrant checkpointing refuses torch.autograd.grad) still stops the backward.
+_REENTRANT_CHECKPOINT_NODE = "CheckpointFunctionBackward"
+
+_REENTRANT_CHECKPOINTING = (
+    "The losses pass through reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True, "
+    "or without use_reentrant). It runs the checkpointed forward without autograd, so dpscale sees no module call "
+    "inside it, and back-propagates it in a nested backward that writes non-private weight gradients. Use the "
+    "non-reentrant kind, which dpscale supports exactly: model.gradient_checkpointing_enable("
+    "gradient_checkpointing_kwargs={'use_reentrant': False}) (the default when no kwargs are given), or "
+    "torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)."
+)
+
+
+def _walk_graph(losses: Tensor) -> tuple[set[int], bool]:
+    """(ids of the leaf tensors whose AccumulateGrad nodes the losses' graph reaches, whether it
+    passes through reentrant activation checkpointing)."""
     reached: set[int] = set()
+    reentrant = False
     root = losses.grad_fn
     if root is None:
-        return reached
+        return reached, reentrant
     seen = {root}
     stack = [root]
     while stack:
@@ -817,8 +835,9 @@ def _parameters_reached(losses: Tensor) -> set[int]:
         variable = getattr(node, "variable", None)
         if variable is not None:
             reached.add(id(variable))
+        reentrant = reentrant or type(node).__name__ == _REENTRANT_CHECKPOINT_NODE
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
-    return reached
+    return reached, reentrant

@@ -22,11 +22,24 @@ Batch semantics are settled here, where the shapes are seen:
 
 Every call is recorded the same way, as a ``ModuleCall`` that its rule reads; the engine calls
 each call's rule without knowing which kind of rule it is.
+
+Activation checkpointing (``torch.utils.checkpoint`` with ``use_reentrant=False``, which Hugging
+Face's ``gradient_checkpointing_enable()`` uses by default) runs the forward once with autograd on:
+the calls inside a checkpointed region are recorded then, like any other, and their output edges
+are the ones the backward differentiates. What this keeps is the price of exactness: the inputs of
+every trainable module inside a region (a linear layer's input, a norm's input: what autograd would
+have saved for that module's weight gradient without checkpointing) stay referenced from the
+forward until the engine's rules have run, since book-keeping needs every trainable module's input
+and output gradient at once after the backward. Checkpointing still drops and recomputes the rest
+of each region (attention scores and probabilities, activation-function inputs, frozen modules'
+inputs, norm statistics). The recomputation inside the backward fires the hooks again; the engine
+runs its backward under ``replaying()``, which throws those records away.
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -127,7 +140,8 @@ class Tape:
         self._qualnames = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
         self.batch_size: int | None = None
         self.calls: list[ModuleCall] = []
-        self._stack: list[_Frame] = []
+        self._frames: list[_Frame] = []
+        self._replays: dict[int, list[_Frame]] | None = None  # per thread, while replaying
         self._seq = 0
         self._paused = False
         self._takes_use_cache = "use_cache" in inspect.signature(model.forward).parameters
@@ -142,7 +156,35 @@ class Tape:
             handle.remove()
         self._handles.clear()
         self.calls = []
-        self._stack.clear()
+        self._frames.clear()
+
+    @property
+    def _stack(self) -> list[_Frame]:
+        """The open calls: the forward's, or while replaying, the replaying thread's own (on GPUs
+        autograd runs each device's backward, and so its recomputations, on a thread of its own)."""
+        if self._replays is None:
+            return self._frames
+        return self._replays.setdefault(threading.get_ident(), [])
+
+    @contextmanager
+    def replaying(self):
+        """Around the engine's backward. Non-reentrant activation checkpointing re-runs the forward
+        of each checkpointed region inside the backward, to rebuild the tensors it did not keep, and
+        that fires these hooks again. The re-run must compute what the first run computed (a
+        broadcast output expanded to the batch is expanded again, or the rebuilt tensors would not
+        match the ones they replace), so the hooks run as in the forward, but on their own frames,
+        and what they record is thrown away: the backward differentiates the calls of the first
+        forward, each once. (Without checkpointing nothing runs forward in there.) A replay starts
+        with no enclosing frames: a region cut inside a module whose calls need their enclosing
+        call (batch-less calls differentiated through a parent, a parent keeping the batch in dim
+        1) replays without it, and fails loudly (our error, or torch's check of the recomputed
+        shapes) rather than differentiating anything else."""
+        calls, replays = self.calls, self._replays
+        self.calls, self._replays = [], {}
+        try:
+            yield
+        finally:
+            self.calls, self._replays = calls, replays
 
     @contextmanager
     def paused(self):

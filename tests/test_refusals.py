@@ -166,12 +166,28 @@ def test_random_ops_in_a_fallback_module_are_refused():
         engine.backward(model(torch.randn(4, 4)).sum(1))
 
 
-def test_gradient_checkpointing_is_refused():
-    cfg = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2)
-    model = transformers.GPT2LMHeadModel(cfg)
-    model.gradient_checkpointing_enable()
-    with pytest.raises(UnsupportedModuleError, match="checkpointing"):
-        PrivacyEngine(model, CONFIG)
+@pytest.mark.parametrize("where", ["hugging_face", "user_code"])
+def test_reentrant_checkpointing_is_refused_before_any_gradient(where):
+    """Non-reentrant checkpointing is exact (tests/test_checkpointing.py); the reentrant kind
+    back-propagates in a nested backward of its own, which would write non-private gradients."""
+    if where == "hugging_face":
+        cfg = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+        model = transformers.GPT2LMHeadModel(cfg).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        engine = bound(model)  # only the backward sees which kind the layers use
+
+        def forward():
+            return model(input_ids=torch.randint(0, 20, (4, 5))).logits.sum((1, 2))
+    else:
+        model = mlp()
+        engine = bound(model)
+
+        def forward():
+            hidden = torch.tanh(model[0](torch.randn(4, 4)))
+            return torch.utils.checkpoint.checkpoint(model[2], hidden, use_reentrant=True).sum(1)
+    with pytest.raises(UnsupportedModuleError, match="use_reentrant=False"):
+        engine.backward(forward())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_frozen_parameters_cost_nothing():

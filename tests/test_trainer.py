@@ -46,6 +46,17 @@ def test_trainer_equals_the_hand_written_loop(tmp_path):
     assert metrics["eval_loss"] > 0 and t.privacy_engine.steps_taken == 2
 
 
+def test_trainer_with_gradient_checkpointing_equals_the_hand_written_loop(tmp_path):
+    spec = {"dtype": "float64", "steps": 2}
+    expected, _, _ = worker.hand_loop(spec)  # without checkpointing
+    t = worker.trainer(spec, str(tmp_path), gradient_checkpointing=True)
+    t.train()
+    assert t.model.is_activation_checkpointing and t.privacy_engine.steps_taken == 2
+    assert_params_close(worker.trainable(t.model), expected, 1e-6)
+    t.args.activation_checkpointing_kwargs = {"use_reentrant": False, "every_n_layers": 2}
+    check_training_arguments(t.args)  # the non-reentrant kind, asked for by name: accepted too
+
+
 def test_an_empty_poisson_batch_still_steps(tmp_path):
     # B = 1 over N = 24: about a third of the draws are empty. Run through the first empty one.
     probe = {"dtype": "float64", "steps": 12, "expected_batch_size": 1}
@@ -130,8 +141,10 @@ def test_the_trainers_default_clipping_is_refused(tmp_path):
     ({"max_grad_norm": 1.0}, "max_grad_norm"),
     ({"fp16": True}, "fp16"),
     ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
-    ({"activation_checkpointing": True}, "activation_checkpointing"),
-    ({"gradient_checkpointing": True}, "gradient_checkpointing"),
+    ({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}},
+     "activation_checkpointing_kwargs"),
+    ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"preserve_rng_state": True}},
+     "gradient_checkpointing_kwargs"),  # torch's default without use_reentrant: reentrant
     ({"train_sampling_strategy": "group_by_length"}, "train_sampling_strategy"),
     ({"train_sampling_strategy": "sequential"}, "train_sampling_strategy"),
     ({"torch_compile": True}, "torch_compile"),

@@ -45,7 +45,8 @@ its public methods:
 Refused when the trainer is built, naming the argument: ``max_grad_norm`` other than 0 (the
 Trainer clips the summed gradient at 1.0 by default), ``fp16`` (loss scaling, skipped steps),
 ``gradient_accumulation_steps != 1`` (dpscale accumulates the micro-batches of each Poisson batch),
-activation/gradient checkpointing, samplers other than the Poisson one (``train_sampling_strategy``),
+reentrant activation checkpointing (``use_reentrant=True``; the non-reentrant kind, transformers'
+default, is supported), samplers other than the Poisson one (``train_sampling_strategy``),
 ``torch_compile``, ``auto_find_batch_size``, token counting in the logs, LOMO optimizers, FSDP,
 ``compute_loss_func`` (it reduces over the batch: give ``per_example_loss`` instead), a DeepSpeed
 config the Trainer is not running (``use_cpu=True`` silently falls back to DDP), and a Trainer whose
@@ -118,10 +119,15 @@ def check_training_arguments(args) -> None:
             "per_device_train_batch_size is the micro-batch and DPConfig.expected_batch_size the logical batch."
         )
     for name in ("activation_checkpointing", "gradient_checkpointing"):
-        if getattr(args, name, None):
+        kwargs = dict(getattr(args, f"{name}_kwargs", None) or {})
+        kwargs.pop("every_n_layers", None)  # the Trainer takes these two out before torch sees the rest
+        kwargs.pop("offload", None)
+        # No kwargs: transformers passes use_reentrant=False. Kwargs without it: torch's default, True.
+        if getattr(args, name, None) and kwargs and kwargs.get("use_reentrant", True):
             raise ConfigError(
-                f"TrainingArguments({name}=True) re-runs forward hooks inside the backward pass; dpscale "
-                "records activations in the forward. Turn it off."
+                f"TrainingArguments({name}_kwargs={kwargs}) asks for reentrant checkpointing, which back-propagates "
+                "each checkpointed layer in a nested backward that writes non-private weight gradients. Pass "
+                f"{name}_kwargs={{'use_reentrant': False}} (or none): dpscale supports that kind exactly."
             )
     strategy = getattr(args, "train_sampling_strategy", "random")
     if strategy != "random" or getattr(args, "group_by_length", False):
