@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from dpscale.errors import (
+    CheckpointError,
     ConfigError,
     DPScaleError,
     LossShapeError,
@@ -47,6 +48,7 @@ _LAZY = {
 
 __all__ = [
     *_LAZY,
+    "CheckpointError",
     "ConfigError",
     "DPScaleError",
     "LossShapeError",

@@ -26,6 +26,7 @@ from dpscale.checkpoint import load_state, save_atomic
 from dpscale.clipping import ClippingPlan, build_plan
 from dpscale.config import DPConfig
 from dpscale.errors import (
+    CheckpointError,
     ConfigError,
     LossShapeError,
     NoTrainableParametersError,
@@ -527,6 +528,7 @@ class PrivacyEngine:
             "mechanism": self.plan.mechanism(),
             "key_fingerprint": self.noise_key.fingerprint,
             "plan": self.plan.as_dict(),
+            "resume_check": self._resume_check(),
         }
         if self.data_loader is not None:
             loader_state = dict(self.data_loader.state_dict())
@@ -534,43 +536,87 @@ class PrivacyEngine:
             state["data_loader"] = loader_state
         return state
 
+    def _resume_check(self) -> dict:
+        """What a resumed run must share with the run it continues beyond the accounted mechanism:
+        the trainable parameters (names and shapes: the noise of each coordinate is keyed by them)
+        and the clipping (function, groups, thresholds, gamma) and the examples a user may bring."""
+        clipping = self.clipping
+        return {
+            "parameters": [[name, list(getattr(p, "ds_shape", None) or p.shape)]
+                           for name, p in self.parameters.items()],
+            "clip_fn": clipping.clip_fn,
+            "clip_gamma": clipping.gamma if clipping.clip_fn != "abadi" else None,
+            "clip_groups": [list(group) for group in clipping.groups],
+            "clip_thresholds": list(clipping.thresholds),
+            "examples_per_user": self.plan.sampling.examples_per_user,
+        }
+
     def load_state_dict(self, state: dict, *, fresh_key: bool = False) -> None:
         """Resume: the step counter continues, so no (key, step) pair is ever used twice.
 
         The key must be the one the run started with (its fingerprint is checked), so that the
         batches and the noise continue the same draw; ``fresh_key=True`` resumes with another key
-        on purpose (the rest of the run draws fresh batches and noise)."""
+        on purpose (the rest of the run draws fresh batches and noise). A state of another mechanism
+        or model is refused, and a refused state leaves the engine (and its loader) as they were:
+        everything is checked first, and a part that fails to load rolls the others back."""
         if not isinstance(state, dict) or state.get("format") != 2:
-            raise ConfigError("Not a dpscale privacy state (format 2).")
+            raise CheckpointError("Not a dpscale privacy state (format 2): point to the privacy.pt the run wrote.")
+        missing = sorted({"steps_taken", "accountant", "mechanism", "key_fingerprint"} - set(state))
+        if missing or not isinstance(state["mechanism"], dict):
+            raise CheckpointError(f"The privacy state lacks {missing or ['mechanism']}: it is damaged; start over.")
         saved, ours = state["mechanism"], self.plan.mechanism()
         legacy = {"privacy_unit": "example"}  # checkpoints written before the field existed
         for field, value in ours.items():
             if saved.get(field, legacy.get(field)) != value:
-                raise ConfigError(
+                raise CheckpointError(
                     f"The checkpoint was written with {field}={saved.get(field)!r} but this engine has "
                     f"{value!r}; resuming would change the mechanism the accountant composed."
                 )
+        # absent from states written before it existed; those resume as they did
+        for field, value in self._resume_check().items():
+            recorded = state.get("resume_check", {}).get(field, value)
+            if recorded != value:
+                shown = _first_difference(recorded, value) if field in ("parameters", "clip_groups") else \
+                    f"{recorded!r} but this engine has {value!r}"
+                raise CheckpointError(
+                    f"The checkpoint was written with another {field}: {shown}. Resume with the model, trainable "
+                    "parameters and DPConfig the run began with, or start a new run in another folder."
+                )
         if state["key_fingerprint"] != self.noise_key.fingerprint and not fresh_key:
-            raise ConfigError(
+            raise CheckpointError(
                 f"The checkpoint was written with noise key {state['key_fingerprint']} but this engine holds "
                 f"{self.noise_key.fingerprint}: resume with the key file the run started with (noise_key=path). "
                 "To continue with a new key on purpose (fresh batches and noise from here on), pass fresh_key=True."
             )
         if "data_loader" in state and self.data_loader is None:
             raise ConfigError("The checkpoint has a data loader position: build it with engine.make_data_loader first.")
-        self.accountant.load_state_dict(state["accountant"])
-        self.steps_taken = int(state["steps_taken"])
+        before = (self.accountant.state_dict(), self.steps_taken,
+                  None if self.data_loader is None else self.data_loader.state_dict())
+        try:
+            self.accountant.load_state_dict(state["accountant"])
+            self.steps_taken = int(state["steps_taken"])
+            if "data_loader" in state:
+                self.data_loader.load_state_dict(
+                    {**state["data_loader"], "seed": list(self.noise_key.derive_seed("sampling"))})
+        except BaseException:
+            self.accountant.load_state_dict(before[0])
+            self.steps_taken = before[1]
+            if before[2] is not None:
+                self.data_loader.load_state_dict(before[2])
+            raise
         self._pending_versions = None
         self._drawn_step = None
         self._users_this_step = set()
-        if "data_loader" in state:
-            self.data_loader.load_state_dict({**state["data_loader"], "seed": list(self.noise_key.derive_seed("sampling"))})
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        save_atomic(self.state_dict(), path)
+        """The privacy state (``state_dict``), written atomically and sealed with its SHA-256
+        (dpscale.checkpoint); never the key."""
+        save_atomic(self.state_dict(), path, kind="privacy")
 
     def load_checkpoint(self, path: str | os.PathLike, *, fresh_key: bool = False) -> None:
-        self.load_state_dict(load_state(path), fresh_key=fresh_key)
+        """Resume from ``save_checkpoint``'s file: a torn, altered or foreign file, or one of another
+        model or mechanism, raises CheckpointError and leaves the engine as it was."""
+        self.load_state_dict(load_state(path, kind="privacy"), fresh_key=fresh_key)
 
     # steps of backward --------------------------------------------------------------------------
 
@@ -785,6 +831,14 @@ def _children_read_by_parent(model: nn.Module, rules: RuleRegistry) -> dict[int,
             if isinstance(child, nn.Module):
                 absorbed[id(child)] = (qualname, module, attribute)
     return absorbed
+
+
+def _first_difference(recorded: list, ours: list) -> str:
+    """Where two lists (of parameters or clipping groups) part, in words short enough for a message."""
+    for index, (theirs, mine) in enumerate(zip(recorded, ours)):
+        if theirs != mine:
+            return f"entry {index} is {theirs!r} in the checkpoint, {mine!r} here"
+    return f"the checkpoint has {len(recorded)} entries, this engine {len(ours)}"
 
 
 def _refuse_example_mixing(model: nn.Module) -> None:

@@ -42,3 +42,8 @@ class StepBoundaryError(DPScaleError, RuntimeError):
 
 class SamplingError(DPScaleError, RuntimeError):
     """A step's batch did not come from a sampler the accountant's assumption covers."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from as it is: missing, torn, altered, not dpscale's, or
+    written by another model or mechanism. Nothing of it was loaded."""

@@ -25,6 +25,7 @@ from dpscale import (
     run_steps,
 )
 from dpscale.accounting import compute_epsilon
+from dpscale.checkpoint import load_state
 from dpscale.noise import NoiseKey
 
 KEY = NoiseKey(bytes(range(32)))
@@ -229,7 +230,7 @@ def test_the_loop_helper_stops_cleanly_at_the_budget_and_saves(tmp_path, caplog)
         outcome = run_steps(engine, loader, losses_of(net), max_steps=20, on_stop=save)
     assert outcome.stopped == "budget" and outcome.steps == engine.budget_steps and stops == [outcome]
     assert "Privacy budget reached" in caplog.text
-    state = torch.load(tmp_path / "privacy.pt", weights_only=True)
+    state = load_state(tmp_path / "privacy.pt")
     assert state["steps_taken"] == engine.budget_steps
 
 
@@ -253,7 +254,7 @@ def test_launch_train_stops_at_the_budget_and_saves(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Privacy budget reached" in done.stdout, done.stdout[-2000:]
-    state = torch.load(tmp_path / "out" / "checkpoint" / "privacy.pt", weights_only=True)
+    state = load_state(tmp_path / "out" / "checkpoint" / "privacy.pt")
     report = json.loads((tmp_path / "out" / "privacy_report.json").read_text())
     assert 4 <= state["steps_taken"] == report["steps"] == report["budget_steps"] < 100
     assert report["epsilon"] <= 3.0

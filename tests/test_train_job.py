@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from dpscale.checkpoint import load_state
 from dpscale.cli import main as cli
 from dpscale.noise import NoiseKey
 from tests.tiny_models import (
@@ -118,7 +119,7 @@ def test_a_rerun_resumes_to_the_parameters_of_an_uninterrupted_run(folders, tmp_
     flags = shape(folders, "--trainable", "all", "--checkpoint-every", "1", "--max-steps", "4")
     train(folders, tmp_path / "whole", *flags)
     train(folders, tmp_path / "parts", *flags, "--stop-after", "2")  # the same plan, cut short
-    state = torch.load(tmp_path / "parts" / "checkpoint" / "privacy.pt", weights_only=True)
+    state = load_state(tmp_path / "parts" / "checkpoint" / "privacy.pt")
     assert state["steps_taken"] == 2
     metrics = train(folders, tmp_path / "parts", *flags)
     assert metrics["steps"] == 4 and metrics["privacy"]["steps"] == 4
@@ -196,7 +197,7 @@ def test_the_non_private_baseline_of_a_user_level_config_sees_as_many_rows_per_s
                                                 "--non-private", "--max-steps", "2"))
     assert metrics["non_private"] and metrics["privacy"]["epsilon"] is None and metrics["privacy_unit"] is None
     assert metrics["steps"] == 2 and not (tmp_path / "privacy_report.json").exists()
-    state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)
+    state = load_state(tmp_path / "checkpoint" / "state.pt", kind="train-state")
     assert [record["batch"] for record in state["history"]] == [12, 12]
 
 

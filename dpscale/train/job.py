@@ -31,7 +31,7 @@ from dpscale.accounting import steps_for_epochs
 from dpscale.checkpoint import load_state, save_atomic
 from dpscale.config import DPConfig
 from dpscale.driver import RunOutcome, StepOutcome, run_steps
-from dpscale.errors import ConfigError
+from dpscale.errors import CheckpointError, ConfigError
 from dpscale.losses import causal_lm_losses, sequence_classification_losses
 from dpscale.noise import NoiseKey
 from dpscale.train.config import TrainConfig
@@ -364,7 +364,7 @@ def _save_checkpoint(folder: Path, accelerator, model, optimizer, engine, histor
     save_atomic({"params": params, "optimizer": optimizer.state_dict(), "history": history, "before": before,
                  "step": step if step is not None else engine.steps_taken,
                  "rng": torch.get_rng_state()},  # dropout masks continue as in an uninterrupted run
-                folder / "state.pt")
+                folder / "state.pt", kind="train-state")
     if engine is not None:
         engine.save_checkpoint(folder / "privacy.pt")
 
@@ -379,18 +379,52 @@ def _load_checkpoint(folder: Path, config: TrainConfig, accelerator) -> dict | N
         return None
     if not config.non_private and not (folder / "privacy.pt").is_file():
         raise ConfigError(f"{folder} has no privacy.pt: the run died mid-checkpoint; remove {folder} to start over.")
-    state = load_state(folder / "state.pt")
+    state = load_state(folder / "state.pt", kind="train-state")
+    missing = sorted({"params", "optimizer", "history", "before", "step", "rng"} - set(state))
+    if missing:
+        raise CheckpointError(f"{folder / 'state.pt'} lacks {missing}: it is not a dpscale train state; remove "
+                              f"{folder} to start over.")
+    if not config.non_private:
+        # both files or neither: parameters at step k with a privacy state at another step would resume with
+        # steps the accountant never saw (or batches drawn twice)
+        privacy = load_state(folder / "privacy.pt", kind="privacy")
+        if privacy.get("steps_taken") != state["step"]:
+            raise CheckpointError(
+                f"{folder} holds parameters of step {state['step']} but a privacy state of step "
+                f"{privacy.get('steps_taken')}: the run died between the two writes. Remove {folder} to start over."
+            )
     accelerator.print(f"Resuming from {folder} (step {state['step']}).")
     return state
 
 
 def _restore(model, optimizer, state, accelerator) -> None:
+    """Parameters, optimizer and RNG from ``state``, after checking that it was written for these
+    trainable parameters (names and shapes): a state of another model or --trainable is refused
+    before anything is copied, never half-loaded."""
     unwrapped = accelerator.unwrap_model(model)
-    params = dict(unwrapped.named_parameters())
+    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    saved = state["params"]
+    if set(saved) != set(trainable):
+        extra, absent = sorted(set(saved) - set(trainable)), sorted(set(trainable) - set(saved))
+        raise CheckpointError(
+            f"The checkpoint was written for other trainable parameters (only in the checkpoint: {extra[:3]}, only "
+            f"here: {absent[:3]}); resume with the --model and --trainable the run began with, or use another "
+            "--output-dir."
+        )
+    for name, value in saved.items():
+        if tuple(value.shape) != tuple(trainable[name].shape):
+            raise CheckpointError(
+                f"The checkpoint's {name} has shape {tuple(value.shape)}, this model's {tuple(trainable[name].shape)}; "
+                "resume with the --model the run began with, or use another --output-dir."
+            )
+    try:
+        optimizer.load_state_dict(state["optimizer"])  # checks its groups before it changes anything
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"The checkpoint's optimizer state does not fit this optimizer ({error}); resume "
+                              "with the settings the run began with, or use another --output-dir.") from error
     with torch.no_grad():
-        for name, value in state["params"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+        for name, value in saved.items():
+            trainable[name].copy_(value)
     torch.set_rng_state(state["rng"])
 
 
