@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpscale import CheckpointError, ConfigError, DPConfig, PrivacyEngine
+from dpscale import CheckpointError, ConfigError, PrivacyEngine
 from dpscale.checkpoint import load_state, save_atomic
 from dpscale.driver import run_steps
 from tests.test_step_boundary import KEY, config, data, losses_of, model
@@ -102,7 +102,7 @@ def test_foreign_and_mismatched_kinds_are_refused(tmp_path):
 
 
 def test_a_checkpoint_written_before_the_seal_is_still_read(tmp_path, caplog):
-    engine, path = trained(tmp_path)
+    engine, _ = trained(tmp_path)
     torch.save(engine.state_dict(), tmp_path / "old.pt")  # what save_checkpoint wrote before
     other = fresh()
     with caplog.at_level(logging.WARNING, logger="dpscale.checkpoint"):
@@ -176,3 +176,51 @@ def test_the_seal_covers_the_kind(tmp_path):
         load_state(tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="kind"):
         save_atomic({}, tmp_path / "y.pt", kind="model")
+
+
+class _Accelerator:
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+
+@pytest.mark.parametrize("other", [
+    lambda: nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3)),
+    lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7), nn.Linear(7, 3)),
+])
+def test_the_job_refuses_a_train_state_of_another_model_before_copying(other):
+    from dpscale.train.job import _restore
+
+    net = model()
+    optimizer = torch.optim.AdamW(net.parameters())
+    state = {"params": {n: p.detach().clone() + 1 for n, p in net.named_parameters()},
+             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    target = other()
+    before = [p.detach().clone() for p in target.parameters()]
+    with pytest.raises(CheckpointError, match="--model"):
+        _restore(target, torch.optim.AdamW(target.parameters()), state, _Accelerator())
+    assert all(torch.equal(a, b) for a, b in zip(before, target.parameters()))
+    _restore(net, optimizer, state, _Accelerator())  # the right model takes it
+    assert all(torch.equal(p, state["params"][n]) for n, p in net.named_parameters())
+
+
+def test_the_job_refuses_a_damaged_state_and_a_torn_pair(tmp_path, capsys):
+    from dpscale.cli import main as cli
+    from dpscale.noise import NoiseKey
+    from tests.tiny_models import save_tiny_causal_lm, write_e2e_csv
+
+    NoiseKey.write_new(tmp_path / "noise.key")
+    flags = ["train", "--model", str(save_tiny_causal_lm(tmp_path / "gpt2")), "--data",
+             str(write_e2e_csv(tmp_path / "e2e.csv")), "--noise-key", str(tmp_path / "noise.key"), "--output-dir",
+             str(tmp_path / "out"), "--trainable", "all", "--batch-size", "16", "--micro-batch", "8", "--max-steps",
+             "3", "--stop-after", "2", "--checkpoint-every", "1", "--generations", "0"]
+    assert cli(flags) == 0
+    folder = tmp_path / "out" / "checkpoint"
+    good = (folder / "state.pt").read_bytes()
+    (folder / "state.pt").write_bytes(_flipped(good))
+    capsys.readouterr()
+    assert cli(flags) == 2 and "damaged" in capsys.readouterr().err
+    (folder / "state.pt").write_bytes(good)
+    privacy = load_state(folder / "privacy.pt")
+    save_atomic({**privacy, "steps_taken": privacy["steps_taken"] - 1}, folder / "privacy.pt")
+    assert cli(flags) == 2 and "died between the two writes" in capsys.readouterr().err
