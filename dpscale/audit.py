@@ -208,7 +208,7 @@ def audit_one_run(
     steps: int = 100,
     canaries: int = 1000,
     guesses: int | tuple[int, int] = 100,
-    examples: int = 1000,
+    examples: int = 5000,
     sample_rate: float = 0.05,
     max_grad_norm: float = 1.0,
     canary_norm: float = 10.0,

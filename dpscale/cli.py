@@ -320,7 +320,7 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guesses", type=int, default=100,
                         help="k: guess 'member' for the k highest scores and 'non-member' for the k lowest "
                         "(default %(default)d)")
-    parser.add_argument("--examples", type=int, default=1000,
+    parser.add_argument("--examples", type=int, default=5000,
                         help="ordinary (non-canary) training examples (default %(default)d)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm R (default %(default)g)")
     parser.add_argument("--canary-norm", type=float, default=10.0,
