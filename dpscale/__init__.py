@@ -44,6 +44,8 @@ _LAZY = {
     "bitfit": "dpscale.subsets",
     "lora": "dpscale.subsets",
     "train_only": "dpscale.subsets",
+    "audit_one_run": "dpscale.audit",
+    "AuditResult": "dpscale.audit",
 }
 
 __all__ = [

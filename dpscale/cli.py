@@ -305,6 +305,46 @@ def _run_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sigma", "--noise-multiplier", dest="sigma", type=float, default=1.0,
+                        help="noise multiplier of the audited run; 0 runs without noise (deliberately "
+                        "broken: epsilon is infinite) (default %(default)g)")
+    parser.add_argument("--claim-sigma", type=float, default=None,
+                        help="deliberately mis-stated run: train with --sigma but test the epsilon that "
+                        "this sigma would give (default: the accountant's epsilon of the run)")
+    parser.add_argument("--steps", "-T", type=int, default=100, help="logical steps (default %(default)d)")
+    parser.add_argument("--sample-rate", "-q", type=float, default=0.05,
+                        help="Poisson sampling rate over examples and included canaries (default %(default)g)")
+    parser.add_argument("--canaries", "-m", type=int, default=1000,
+                        help="canaries, each in the training set with probability 1/2 (default %(default)d)")
+    parser.add_argument("--guesses", type=int, default=100,
+                        help="k: guess 'member' for the k highest scores and 'non-member' for the k lowest "
+                        "(default %(default)d)")
+    parser.add_argument("--examples", type=int, default=5000,
+                        help="ordinary (non-canary) training examples (default %(default)d)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm R (default %(default)g)")
+    parser.add_argument("--canary-norm", type=float, default=10.0,
+                        help="canaries' raw gradient norm over R; the engine must clip them (default %(default)g)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default %(default)g)")
+    parser.add_argument("--seed", type=int, default=0, help="the canaries' coins, data and initial model")
+    parser.add_argument("--noise-key", default=None, help="noise key file (default: a fresh key)")
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from dpscale.audit import audit_one_run
+
+    result = audit_one_run(
+        noise_multiplier=args.sigma, claimed_noise_multiplier=args.claim_sigma, steps=args.steps,
+        sample_rate=args.sample_rate, canaries=args.canaries, guesses=args.guesses, examples=args.examples,
+        max_grad_norm=args.max_grad_norm, canary_norm=args.canary_norm, confidence=args.confidence,
+        seed=args.seed, noise_key=args.noise_key, accountant=args.accountant,
+    )
+    _emit(args, result.describe(), result.as_dict())  # an infinite epsilon (no noise) is JSON's Infinity
+    return EXIT_OK
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "epsilon",
@@ -323,6 +363,12 @@ COMMANDS: tuple[Command, ...] = (
         "privately fine-tune a pretrained model (default: DP-LoRA of SmolLM2-135M on E2E at epsilon 8)",
         _add_train_arguments,
         _run_train,
+    ),
+    Command(
+        "audit",
+        "empirical lower bound on epsilon from one run with canaries (Steinke, Nasr, Jagielski 2023)",
+        _add_audit_arguments,
+        _run_audit,
     ),
 )
 

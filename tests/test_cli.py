@@ -95,7 +95,7 @@ def test_argument_errors_exit_2(capsys):
 
 
 def test_subcommands_come_from_the_table():
-    assert [command.name for command in COMMANDS] == ["epsilon", "calibrate", "train"]
+    assert [command.name for command in COMMANDS] == ["epsilon", "calibrate", "train", "audit"]
 
 
 def test_module_entry_point_runs_in_a_fresh_process():
