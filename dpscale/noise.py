@@ -174,12 +174,10 @@ class NoiseKey:
                 f"no noise key file at {path!r}; create one once with NoiseKey.write_new(path) "
                 "and give every rank the same file."
             ) from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            logger.warning(
-                "noise key file %s is readable by other users (mode %o); chmod 600 it: whoever "
-                "reads the key can subtract the noise.",
-                path,
-                stat.S_IMODE(mode),
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):  # as ssh does with private keys
+            raise ConfigError(
+                f"noise key file {path!r} can be read by other users (mode {stat.S_IMODE(mode):o}): "
+                f"whoever reads the key can subtract the noise. Run `chmod 600 {path}` and start again."
             )
         if len(data) == _KEY_BYTES:
             return cls(data)

@@ -85,14 +85,16 @@ def test_errors_on_a_malformed_key_file_do_not_echo_it(tmp_path, content):
     assert not search({"error": told.encode()}, {"key": secret, "half": secret[:16], "tail": secret[16:]})
 
 
-def test_key_files_are_written_private_and_loose_ones_are_flagged(tmp_path, caplog):
+def test_key_files_are_written_private_and_loose_ones_are_refused(tmp_path, caplog):
     key = NoiseKey.write_new(tmp_path / "run.key")
     assert stat.S_IMODE(os.stat(tmp_path / "run.key").st_mode) == 0o600
-    (tmp_path / "run.key").chmod(0o640)
-    with caplog.at_level(logging.DEBUG):
-        assert NoiseKey.from_file(tmp_path / "run.key") == key
-    assert "chmod 600" in caplog.text  # a warning, not a refusal (see docs/RELIABILITY.md, Secrets)
-    assert not search({"log": caplog.text.encode()}, {"key": key._secret})
+    for mode in (0o640, 0o604):
+        (tmp_path / "run.key").chmod(mode)
+        with caplog.at_level(logging.DEBUG), pytest.raises(ConfigError, match="chmod 600") as refused:
+            NoiseKey.from_file(tmp_path / "run.key")
+        assert not search({"log": caplog.text.encode(), "error": str(refused.value).encode()}, {"key": key._secret})
+    (tmp_path / "run.key").chmod(0o600)
+    assert NoiseKey.from_file(tmp_path / "run.key") == key
 
 
 # a whole run ------------------------------------------------------------------------------------
