@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("transformers")
 
 from dpscale import ConfigError, DPConfig  # noqa: E402
+from dpscale.checkpoint import load_state  # noqa: E402
 from dpscale.integrations.trainer import PRIVACY_STATE_NAME, DPTrainer, check_training_arguments  # noqa: E402
 from tests import trainer_worker as worker  # noqa: E402
 from tests.launcher import launch_workers  # noqa: E402
@@ -79,7 +80,7 @@ def test_checkpoint_and_resume_give_the_same_parameters_and_epsilon(tmp_path):
     first = worker.trainer(spec, str(saved), save_strategy="steps", save_steps=1)
     first.train()
     checkpoint = saved / "checkpoint-1"
-    state = torch.load(checkpoint / PRIVACY_STATE_NAME, weights_only=True)
+    state = load_state(checkpoint / PRIVACY_STATE_NAME, kind="privacy")  # sealed: checked, then read
     assert state["steps_taken"] == 1 and state["data_loader"]["next_step"] == 1
     raw = (checkpoint / PRIVACY_STATE_NAME).read_bytes()
     assert bytes(range(32)) not in raw and "seed" not in state["data_loader"]  # never the key nor the seed
