@@ -76,14 +76,14 @@ def bitfit(model: nn.Module, *, include_norms: bool = False, include_head: bool 
     _refuse_peft(model, "bitfit")
     head = head_module_names(model) if include_head else []
     chosen = set()
+    biases_outside_head = 0
     for module_name, module in model.named_modules():
         in_head = module_name.split(".", 1)[0] in head
         for local, parameter in module.named_parameters(recurse=False):
             if in_head or local == "bias" or (include_norms and isinstance(module, _NORMS)):
                 chosen.add(id(parameter))
-    biases = [name for name, p in model.named_parameters() if id(p) in chosen and name.rsplit(".", 1)[-1] == "bias"
-              and name.split(".", 1)[0] not in head]
-    if not biases:
+            biases_outside_head += local == "bias" and not in_head
+    if not biases_outside_head:
         raise ConfigError(
             f"bitfit trains bias terms, and {type(model).__name__} has none outside its head "
             "(Llama-style models, SmolLM2 among them, use no biases); use LoRA (dpscale.lora, --trainable lora) or full fine-tuning"
@@ -114,7 +114,7 @@ def lora(
     except ImportError as err:
         raise ConfigError(f"dpscale.lora needs PEFT: pip install 'dpscale[train]' ({err})") from err
     _refuse_peft(model, "lora")
-    task = task or _task_of(model)
+    task = task or task_of(model)
     if task not in ("classification", "causal-lm"):
         raise ConfigError(f"dpscale.lora: give task='classification' or 'causal-lm' for {type(model).__name__}")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -165,11 +165,22 @@ def train_only(model: nn.Module, patterns: Sequence[str]) -> nn.Module:
     return model
 
 
-def _task_of(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    if name.endswith("ForSequenceClassification"):
+def task_of(model: nn.Module) -> str | None:
+    """"classification" or "causal-lm" for a transformers task model, read from transformers' own
+    auto-model mappings (so a new architecture is known as soon as transformers knows it); None
+    for anything else, where callers ask for the task explicitly."""
+    from transformers.models.auto import modeling_auto
+
+    def class_names(mapping) -> set[str]:
+        out: set[str] = set()
+        for value in mapping.values():
+            out.update((value,) if isinstance(value, str) else value)
+        return out
+
+    class_name = type(model).__name__
+    if class_name in class_names(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
         return "classification"
-    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+    if class_name in class_names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         return "causal-lm"
     return None
 

@@ -309,23 +309,6 @@ def select_trainable(
 # Saving and loading again
 
 
-def _task_of(model: nn.Module) -> str | None:
-    from transformers.models.auto import modeling_auto
-
-    def class_names(mapping) -> set[str]:
-        out: set[str] = set()
-        for value in mapping.values():
-            out.update((value,) if isinstance(value, str) else value)
-        return out
-
-    class_name = type(model).__name__
-    if class_name in class_names(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
-        return "classification"
-    if class_name in class_names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        return "causal-lm"
-    return None
-
-
 def _set_labels(config, labels: Sequence[str]) -> None:
     labels = [str(label) for label in labels]
     if len(labels) != config.num_labels:
@@ -383,7 +366,7 @@ def save_model(
     folder.mkdir(parents=True, exist_ok=True)
     is_lora = subsets.is_peft_model(model)
     inner = model.get_base_model() if is_lora else model
-    task = task if task is not None else _task_of(inner)
+    task = task if task is not None else subsets.task_of(inner)
     if task is not None:
         _check_task(task)
     if labels is not None:
