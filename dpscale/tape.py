@@ -302,6 +302,8 @@ class Tape:
             self._append(owner, inputs, output, frame.seq)
 
     def _append(self, owner: Owner, inputs: CallInputs, output: Tensor, seq: int, batch_dim: int = 0) -> None:
+        if owner.rule.input_free.issuperset(owner.local_names):
+            inputs = CallInputs()  # its gradients need the output gradient alone: keep no activation
         self.calls.append(
             ModuleCall(
                 owner.module, owner.qualname, owner.rule, inputs, edges=(get_gradient_edge(output),),

@@ -289,7 +289,7 @@ class DeepSpeedBackend:
         Other stages need no padding: the local count is returned."""
         if self.stage != 3 or self.world_size == 1:
             return local
-        count = torch.tensor([local], dtype=torch.int64)
+        count = torch.tensor([local], dtype=torch.int64, device=self.ds_engine.device)  # nccl: on the device
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.group)
         return int(count)
 
@@ -308,7 +308,7 @@ class DeepSpeedBackend:
         return optimizer
 
     def _check_every_element_owned_once(self) -> None:
-        owned = torch.zeros(len(self._parameters), dtype=torch.float64)
+        owned = torch.zeros(len(self._parameters), dtype=torch.float64, device=self.ds_engine.device)
         index = {name: i for i, name in enumerate(self._parameters)}
         for group in self._slices.values():
             for s in group:

@@ -21,6 +21,8 @@ def _as_2d(module: nn.Module, x: Tensor, output_grad: Tensor):
 
 
 def convolution_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+    if "weight" not in names:  # bias only: recorded without its input; sum over every position
+        return {"bias": Dense(output_grad.reshape(output_grad.shape[0], output_grad.shape[1], -1).sum(2))}
     x, grad, kernel, dilation, stride, padding = _as_2d(module, inputs[0], output_grad)
     if isinstance(padding, str):
         if padding == "valid":
@@ -51,4 +53,4 @@ def is_plain_convolution(module: nn.Module) -> bool:
     )
 
 
-CONVOLUTION = Rule("convolution", convolution_grads)
+CONVOLUTION = Rule("convolution", convolution_grads, input_free=frozenset({"bias"}))

@@ -14,6 +14,8 @@ def _positions(x: Tensor) -> Tensor:
 
 
 def _grads(module: nn.Module, inputs: tuple, output_grad: Tensor, names: tuple[str, ...], transposed: bool):
+    if "weight" not in names:  # bias only: recorded without its input
+        return {"bias": Dense(_positions(output_grad).sum(1))}
     activations, grads = _positions(inputs[0]), _positions(output_grad)
     left, right = (activations, grads) if transposed else (grads, activations)
     out = {}
@@ -34,5 +36,5 @@ def transposed_linear_grads(module: nn.Module, inputs: tuple, output_grad: Tenso
     return _grads(module, inputs, output_grad, names, transposed=True)
 
 
-LINEAR = Rule("linear", linear_grads)
-TRANSPOSED_LINEAR = Rule("transposed_linear", transposed_linear_grads)
+LINEAR = Rule("linear", linear_grads, input_free=frozenset({"bias"}))
+TRANSPOSED_LINEAR = Rule("transposed_linear", transposed_linear_grads, input_free=frozenset({"bias"}))

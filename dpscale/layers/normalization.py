@@ -30,6 +30,9 @@ from dpscale.per_example import Dense, accumulation_dtype, param_shape
 
 
 def layer_norm_grads(module: nn.LayerNorm, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+    if "weight" not in names:  # bias only: recorded without its input
+        grad = output_grad.to(accumulation_dtype(output_grad))
+        return _reshape_to_params(module, _elementwise(grad, grad, module.normalized_shape, names))
     x = inputs[0]
     dtype = accumulation_dtype(x, output_grad)
     normalized = F.layer_norm(x.detach().to(dtype), module.normalized_shape, None, None, module.eps)
@@ -44,6 +47,8 @@ def rms_norm_grads(module: nn.RMSNorm, inputs: tuple, output_grad: Tensor, names
 
 
 def group_norm_grads(module: nn.GroupNorm, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+    if "weight" not in names:  # bias only: recorded without its input
+        return _per_channel(output_grad.to(accumulation_dtype(output_grad)), output_grad, names)
     x = inputs[0].detach()
     dtype = accumulation_dtype(x, output_grad)
     normalized = F.group_norm(x.to(dtype), module.num_groups, None, None, module.eps)
@@ -52,6 +57,8 @@ def group_norm_grads(module: nn.GroupNorm, inputs: tuple, output_grad: Tensor, n
 
 def instance_norm_grads(module: nn.modules.instancenorm._InstanceNorm, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
     _refuse_running_statistics(module)
+    if "weight" not in names:  # bias only: recorded without its input
+        return _per_channel(output_grad.to(accumulation_dtype(output_grad)), output_grad, names)
     x = inputs[0].detach()
     dtype = accumulation_dtype(x, output_grad)
     if module.track_running_stats and not module.training:  # eval mode: the frozen statistics
@@ -160,8 +167,8 @@ def is_huggingface_rms_norm(module: nn.Module) -> bool:
     return set(params) == {"weight"} and params["weight"].dim() == 1
 
 
-LAYER_NORM = Rule("layer_norm", layer_norm_grads)
+LAYER_NORM = Rule("layer_norm", layer_norm_grads, input_free=frozenset({"bias"}))
 RMS_NORM = Rule("rms_norm", rms_norm_grads)
-GROUP_NORM = Rule("group_norm", group_norm_grads)
-INSTANCE_NORM = Rule("instance_norm", instance_norm_grads, _refuse_running_statistics)
+GROUP_NORM = Rule("group_norm", group_norm_grads, input_free=frozenset({"bias"}))
+INSTANCE_NORM = Rule("instance_norm", instance_norm_grads, _refuse_running_statistics, input_free=frozenset({"bias"}))
 BROADCAST_SCALE = Rule("broadcast_scale_norm", broadcast_scale_grads)

@@ -21,6 +21,10 @@ Two optional declarations, for modules that break the tape's shape conventions:
   then never guesses the batch from leading sizes, never broadcasts nor delegates the call, and only
   checks that the number is the model's batch size. It may raise ``UnsupportedModuleError`` for a
   call it cannot make exact (``nn.EmbeddingBag`` with offsets).
+* ``input_free``: names of parameters whose per-example gradient needs the output gradient alone
+  (a bias: the output gradient summed over positions). A call that trains only these is recorded
+  without its inputs, so a bias-only model (DP-BiTFiT) keeps no activation that non-private
+  training would free; the rule is then called with empty ``inputs`` and must not read them.
 * ``children``: names of child modules whose parameters the module's forward reads directly,
   without calling them (``nn.MultiheadAttention`` reads ``out_proj.weight``): their parameters
   belong to this rule, under names relative to the module (``out_proj.weight``).
@@ -64,3 +68,4 @@ class Rule:
     whole_call: bool = False
     batch_size_of: BatchSizeFn | None = None
     children: tuple[str, ...] = ()
+    input_free: frozenset[str] = frozenset()
