@@ -1,5 +1,15 @@
-"""Step time and peak memory of DP-SGD training on a tiny Llama: dpscale against non-private
-training and Opacus 1.6 (ghost clipping and per-sample-gradient hooks).
+"""Step time and peak memory of DP-SGD training: dpscale against non-private training and
+Opacus 1.6 (ghost clipping and per-sample-gradient hooks), on the same model, the same trainable
+subset and the same batches.
+
+Models (``--model``): ``llama`` and ``gpt2`` (4 layers, hidden 512, vocab 8192, random init),
+``minilm`` (the packaged MiniLM-L6, sequence classification, 2 labels) and ``smollm2`` (the
+packaged SmolLM2-135M). Subsets (``--trainable``): ``all``, ``bias`` (DP-BiTFiT: every bias, and
+for a classifier its head) or ``lora`` (PEFT LoRA r=8 on every linear layer). ``--checkpointing``
+turns on the model's non-reentrant gradient checkpointing in every mode; ``--device cuda`` moves
+everything to the accelerator (memory then reads the allocator's peak instead of RSS).
+Mode ``nonprivate_full`` trains every parameter whatever ``--trainable`` says: the reference the
+subset tables in BENCHMARKS.md divide by.
 
 Time: every mode's model lives in this process; paired rounds run each mode for
 ``--steps-per-round`` steps (mode order rotated every round), and the report gives the median
@@ -39,7 +49,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-MODES = ("nonprivate", "dpscale", "opacus_ghost", "opacus_hooks")
+MODES = ("nonprivate", "dpscale", "opacus_ghost", "opacus_hooks", "nonprivate_full")
+MODELS = ("llama", "gpt2", "minilm", "smollm2")
+SUBSETS = ("all", "bias", "lora")
 
 # The model under test: a tiny Llama, random init from this config, fp32.
 LLAMA_CONFIG = dict(
@@ -51,6 +63,8 @@ LLAMA_CONFIG = dict(
     num_key_value_heads=8,
     max_position_embeddings=1024,
 )
+GPT2_CONFIG = dict(vocab_size=8192, n_embd=512, n_layer=4, n_head=8, n_positions=1024,
+                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 CHILD_MARKER = "BENCH_CHILD_RESULT "
 IGNORE_INDEX = -100
@@ -67,15 +81,15 @@ class ModeUnavailable(Exception):
 
 @dataclass
 class Runner:
-    """One mode ready to train: ``backward(ids)`` runs forward and the mode's backward, leaving
+    """One mode ready to train: ``backward(batch)`` runs forward and the mode's backward, leaving
     the (clipped) gradients where ``optimizer`` reads them."""
 
     backward: Callable[[torch.Tensor], None]
     optimizer: torch.optim.Optimizer
     notes: list[str] = field(default_factory=list)
 
-    def step(self, ids: torch.Tensor) -> None:
-        self.backward(ids)
+    def step(self, batch: dict) -> None:
+        self.backward(batch)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -83,13 +97,41 @@ class Runner:
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """Same seed, same init: every mode trains an identical copy."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def is_classifier(args: argparse.Namespace) -> bool:
+    return args.model == "minilm"
+
+
+def vocab_size(args: argparse.Namespace) -> int:
+    return {"llama": LLAMA_CONFIG["vocab_size"], "gpt2": GPT2_CONFIG["vocab_size"]}.get(args.model, 1000)
+
+
+def build_model(args: argparse.Namespace, trainable: str | None = None) -> torch.nn.Module:
+    """Same seed, same init, same subset: every mode trains an identical copy."""
+    import transformers
 
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA_CONFIG, use_cache=False))
-    return model.float().train()
+    if args.model == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_CONFIG, use_cache=False))
+    elif args.model == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_CONFIG, use_cache=False))
+    else:
+        from dpscale.train.models import load_model
+
+        task = "classification" if is_classifier(args) else "causal-lm"
+        model, _ = load_model({"minilm": "minilm-l6", "smollm2": "smollm2-135m"}[args.model], task)
+    model = model.float().train()
+    subset = args.trainable if trainable is None else trainable
+    if subset != "all":
+        import dpscale
+
+        task = "classification" if is_classifier(args) else "causal-lm"
+        if subset == "bias":
+            model = dpscale.bitfit(model, include_head=is_classifier(args))
+        else:
+            model = dpscale.lora(model, r=8, alpha=16, task=task)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(args.device)
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -106,6 +148,15 @@ def shifted_logits_and_labels(logits: torch.Tensor, ids: torch.Tensor):
     return logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), logits.shape
 
 
+def model_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """[B] per-example losses of ``model`` on ``batch``: the mean shifted token loss of a causal
+    LM, the cross entropy of a classifier."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    if "labels" in batch:
+        return F.cross_entropy(logits, batch["labels"], reduction="none")
+    return per_example_losses(logits, batch["input_ids"])
+
+
 def per_example_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """[B] per-example mean token loss, shifted, -100 ignored (the loss every mode trains on)."""
     flat_logits, flat_labels, shape = shifted_logits_and_labels(logits, ids)
@@ -116,20 +167,25 @@ def per_example_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return token_loss.sum(dim=1) / counts
 
 
-def make_batches(args: argparse.Namespace, count: int) -> list[torch.Tensor]:
+def make_batches(args: argparse.Namespace, count: int) -> list[dict]:
     gen = torch.Generator().manual_seed(args.seed + 1)
-    vocab = LLAMA_CONFIG["vocab_size"]
-    return [torch.randint(0, vocab, (args.batch, args.seq), generator=gen) for _ in range(count)]
+    batches = []
+    for _ in range(count):
+        batch = {"input_ids": torch.randint(0, vocab_size(args), (args.batch, args.seq), generator=gen)}
+        if is_classifier(args):
+            batch["labels"] = torch.randint(0, 2, (args.batch,), generator=gen)
+        batches.append({k: v.to(args.device) for k, v in batch.items()})
+    return batches
 
 
 # ----------------------------------------------------------------------------- the modes
 
 
-def build_nonprivate(args: argparse.Namespace) -> Runner:
-    model = build_model(args)
+def build_nonprivate(args: argparse.Namespace, trainable: str | None = None) -> Runner:
+    model = build_model(args, trainable)
 
-    def backward(ids: torch.Tensor) -> None:
-        per_example_losses(model(input_ids=ids).logits, ids).mean().backward()
+    def backward(batch: dict) -> None:
+        model_losses(model, batch).mean().backward()
 
     return Runner(backward, make_optimizer(model, args))
 
@@ -137,7 +193,6 @@ def build_nonprivate(args: argparse.Namespace) -> Runner:
 def build_dpscale(args: argparse.Namespace) -> Runner:
     try:
         import dpscale
-        from dpscale.losses import causal_lm_losses
 
         engine_cls, config_cls = dpscale.PrivacyEngine, dpscale.DPConfig
     except (ImportError, AttributeError) as exc:
@@ -157,8 +212,8 @@ def build_dpscale(args: argparse.Namespace) -> Runner:
         optimizer=optimizer,  # attached: its step closes the DP step (noise 0 here)
     )
 
-    def backward(ids: torch.Tensor) -> None:
-        engine.backward(causal_lm_losses(model(input_ids=ids).logits, ids))
+    def backward(batch: dict) -> None:
+        engine.backward(model_losses(model, batch))
 
     return Runner(backward, optimizer)
 
@@ -175,6 +230,8 @@ def build_opacus(args: argparse.Namespace, grad_sample_mode: str) -> Runner:
     # make_private needs a loader to derive the expected batch size (N / len(loader) = batch);
     # batches themselves come from make_batches, the same ones every mode sees.
     loader = DataLoader(TensorDataset(torch.zeros(args.batch, dtype=torch.long)), args.batch)
+    if args.trainable == "lora":  # Opacus wraps the PEFT model's inner module, which it can hook
+        model = model.base_model.model
     made = opacus.PrivacyEngine().make_private(
         module=model,
         optimizer=optimizer,
@@ -190,18 +247,20 @@ def build_opacus(args: argparse.Namespace, grad_sample_mode: str) -> Runner:
     if grad_sample_mode == "ghost":
         dp_criterion = made[2]
 
-        def backward(ids: torch.Tensor) -> None:
+        def backward(batch: dict) -> None:
             # The wrapper evaluates the criterion with reduction="none" on [B*(T-1)] tokens,
             # averages per sequence (shape=...), and its .backward() runs Opacus' two passes.
-            flat_logits, flat_labels, shape = shifted_logits_and_labels(
-                gsm(input_ids=ids).logits, ids
-            )
+            logits = gsm(input_ids=batch["input_ids"]).logits
+            if "labels" in batch:
+                dp_criterion(logits, batch["labels"]).backward()
+                return
+            flat_logits, flat_labels, shape = shifted_logits_and_labels(logits, batch["input_ids"])
             dp_criterion(flat_logits, flat_labels, shape=shape).backward()
 
     else:
 
-        def backward(ids: torch.Tensor) -> None:
-            per_example_losses(gsm(input_ids=ids).logits, ids).mean().backward()
+        def backward(batch: dict) -> None:
+            model_losses(gsm, batch).mean().backward()
 
     return Runner(backward, dp_optimizer, opacus_layer_report(model, gsm, grad_sample_mode))
 
@@ -235,6 +294,7 @@ BUILDERS: dict[str, Callable[[argparse.Namespace], Runner]] = {
     "dpscale": build_dpscale,
     "opacus_ghost": lambda args: build_opacus(args, "ghost"),
     "opacus_hooks": lambda args: build_opacus(args, "hooks"),
+    "nonprivate_full": lambda args: build_nonprivate(args, trainable="all"),
 }
 
 
@@ -270,8 +330,8 @@ def time_modes(args, runners: dict[str, Runner]) -> dict[str, dict]:
         for mode in order:
             runner = runners[mode]
             start = time.perf_counter()
-            for ids in batches:
-                runner.step(ids)
+            for batch in batches:
+                runner.step(batch)
             elapsed = time.perf_counter() - start
             if rnd >= args.warmup:
                 per_step[mode].append(elapsed / len(batches))
@@ -279,10 +339,11 @@ def time_modes(args, runners: dict[str, Runner]) -> dict[str, dict]:
     for mode in modes:
         steps = per_step[mode]
         entry = {"step_s_rounds": steps, "median_step_s": statistics.median(steps)}
-        if "nonprivate" in per_step:
-            ratios = [t / b for t, b in zip(per_step[mode], per_step["nonprivate"])]
-            entry["time_ratio_rounds"] = ratios
-            entry["median_time_ratio"] = statistics.median(ratios)
+        for base, key in (("nonprivate", ""), ("nonprivate_full", "_to_full")):
+            if base in per_step:
+                ratios = [t / b for t, b in zip(per_step[mode], per_step[base])]
+                entry[f"time_ratio{key}_rounds"] = ratios
+                entry[f"median_time_ratio{key}"] = statistics.median(ratios)
         results[mode] = entry
     return results
 
@@ -321,11 +382,21 @@ def child_main(args) -> int:
         return 0
     batches = make_batches(args, args.mem_steps)
     gc.collect()
-    baseline = current_rss_bytes()
-    peak_at_baseline = peak_rss_bytes()
-    for ids in batches:
-        runner.step(ids)
-    peak = peak_rss_bytes()
+    on_device = torch.device(args.device).type != "cpu"
+    if on_device:  # the allocator's own counters: RSS does not see device memory
+        accelerator = getattr(torch, torch.device(args.device).type)
+        accelerator.synchronize()
+        accelerator.reset_peak_memory_stats()
+        read_now, read_peak = accelerator.memory_allocated, accelerator.max_memory_allocated
+    else:
+        read_now, read_peak = current_rss_bytes, peak_rss_bytes
+    baseline = read_now()
+    peak_at_baseline = read_peak()
+    for batch in batches:
+        runner.step(batch)
+    if on_device:
+        accelerator.synchronize()
+    peak = read_peak()
     result = {
         "status": "ok",
         "baseline_rss_bytes": baseline,
@@ -346,6 +417,8 @@ def child_argv(args, mode: str) -> list[str]:
         "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
         "--optimizer", args.optimizer, "--lr", repr(args.lr), "--seed", str(args.seed),
         "--max-grad-norm", repr(args.max_grad_norm), "--mem-steps", str(args.mem_steps),
+        "--model", args.model, "--trainable", args.trainable, "--device", args.device,
+        *(["--checkpointing"] if args.checkpointing else []),
     ]  # fmt: skip
 
 
@@ -393,6 +466,8 @@ def library_versions() -> dict[str, str]:
 def model_facts(args) -> dict:
     model = build_model(args)
     return {"n_params": sum(p.numel() for p in model.parameters()),
+            "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "model_class": type(model).__name__,
             "attn_implementation": model.config._attn_implementation}  # fmt: skip
 
 
@@ -406,37 +481,47 @@ def fmt(value, spec: str) -> str:
 
 def render(args, meta, modes, status, timing, memory) -> str:
     base_mem = memory.get("nonprivate", {}).get("peak_above_baseline_bytes")
+    full_mem = memory.get("nonprivate_full", {}).get("peak_above_baseline_bytes")
+    with_full = "nonprivate_full" in modes
     rows = [
         "| mode | median step s | time ratio | peak MiB above baseline | mem ratio | "
-        "whole-process peak MiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        + ("time / full | mem / full | " if with_full else "") + "whole-process peak MiB |",
+        "|---|---:|---:|---:|---:|" + ("---:|---:|" if with_full else "") + "---:|",
     ]
     for mode in modes:
         if mode in status:
-            rows.append(f"| {mode} | {status[mode]['status']} | – | – | – | – |")
+            rows.append(f"| {mode} | {status[mode]['status']} | – | – | – | " + ("– | – | " if with_full else "") + "– |")
             continue
         t = timing.get(mode, {})
         m = memory.get(mode, {})
         above = m.get("peak_above_baseline_bytes")
         mem_ratio = above / base_mem if above is not None and base_mem else None
         flag = " (upper bound)" if m.get("peak_set_before_training") else ""
+        to_full = ""
+        if with_full:
+            mem_full = above / full_mem if above is not None and full_mem else None
+            to_full = f"| {fmt(t.get('median_time_ratio_to_full'), '.2f')} | {fmt(mem_full, '.2f')} "
         rows.append(
             f"| {mode} | {fmt(t.get('median_step_s'), '.3f')} "
             f"| {fmt(t.get('median_time_ratio'), '.2f')} "
             f"| {fmt(None if above is None else mib(above), '.0f')}{flag} "
-            f"| {fmt(mem_ratio, '.2f')} "
+            f"| {fmt(mem_ratio, '.2f')} {to_full}"
             f"| {fmt(None if 'peak_rss_bytes' not in m else mib(m['peak_rss_bytes']), '.0f')} |"
         )
 
+    where = "fp32" if args.device == "cpu" else f"fp32 on {args.device}"
     lines = [
-        f"### Tiny Llama, batch {args.batch} x seq {args.seq}, fp32, {args.threads} threads",
+        f"### {meta['model_class']}, trainable {args.trainable}"
+        f"{', gradient checkpointing' if args.checkpointing else ''}, batch {args.batch} x seq {args.seq}, "
+        f"{where}, {args.threads} threads",
         "",
         *rows,
         "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; CPU: {meta['cpu']}; threads: {meta['threads']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- model: LlamaForCausalLM {LLAMA_CONFIG}, {meta['n_params']:,} parameters, "
+        f"- model: {meta['model_class']} ({args.model}), {meta['n_params']:,} parameters, "
+        f"{meta['n_trainable']:,} trainable ({args.trainable}), "
         f"attention `{meta['attn_implementation']}`; optimizer {args.optimizer} lr {args.lr}; "
         f"DP modes: max_grad_norm {args.max_grad_norm}, noise 0, flat clipping",
         f"- time: {args.rounds} paired rounds after {args.warmup} warmup rounds, "
@@ -480,6 +565,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-time", action="store_true", help="skip the timing rounds")
     p.add_argument("--no-memory", action="store_true", help="skip the memory children")
     p.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    p.add_argument("--model", choices=MODELS, default="llama")
+    p.add_argument("--trainable", choices=SUBSETS, default="all")
+    p.add_argument("--checkpointing", action="store_true", help="non-reentrant gradient checkpointing, every mode")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--child-mode", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -488,6 +577,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown modes {unknown}; choose from {MODES}")
     if args.seq < 2 or args.batch < 1 or args.rounds < 1 or args.steps_per_round < 1:
         p.error("need --seq >= 2, --batch >= 1, --rounds >= 1, --steps-per-round >= 1")
+    if args.mode_list and "nonprivate" not in args.mode_list:
+        p.error("the ratios divide by mode nonprivate: keep it in --modes")
     if args.seq > LLAMA_CONFIG["max_position_embeddings"]:
         p.error(f"--seq exceeds max_position_embeddings {LLAMA_CONFIG['max_position_embeddings']}")
     return args
