@@ -302,10 +302,11 @@ def _subkey(key: NoiseKey, step: int, name: str) -> bytes:
 def _counter_words(block):
     """ChaCha20 state words 12..15 of keystream block `block` (an int, or an int64 tensor of
     them): the one counter layout both generators use. Word 12 is RFC 8439's 32-bit block counter,
-    words 13..15 its 12-byte nonce holding the 64-bit little-endian range number; block k is
-    block (k mod 2^32) of range (k div 2^32). Requests end below 2^63 elements, so k < 2^60 and the
-    range fits word 13: words 12 and 13 together are a 64-bit counter, as in the original ChaCha."""
-    return block & 0xFFFFFFFF, block >> 32, 0, 0
+    words 13..15 its 12-byte nonce, holding the 64-bit little-endian range number (k div 2^32) and
+    4 zero bytes; block k is block (k mod 2^32) of that range. Requests end below 2^63 elements, so
+    k < 2^60, words 14 and 15 are zero, and words 12 and 13 act as one 64-bit counter."""
+    range_index = block >> 32
+    return block & 0xFFFFFFFF, range_index & 0xFFFFFFFF, range_index >> 32, 0
 
 
 def _keystream_into(subkey: bytes, first_block: int, zeros: bytes, out: bytearray) -> None:
