@@ -90,6 +90,9 @@ What is not claimed
   family: transcendental functions may differ in the last float64 ulp between libm or SIMD
   implementations, which changes a float32 result with probability about 2^-28 per element. Each
   coordinate is still drawn once, by whoever owns it, so this affects reproducibility, not privacy.
+  The same holds between this host generator and dpscale/noise_torch.py, which computes the scheme
+  in torch operations on a tensor's own device (`select_generator`): only the logarithm may differ,
+  by 1 ulp (float64 outputs within 2 ulps, float32 equal; docs/DEVICE_NOISE.md).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def test_split_requests_compose():
 
 def test_values_do_not_depend_on_the_chunk(monkeypatch):
     whole = device(3, "q", 900, offset=5)
-    monkeypatch.setattr(noise_torch, "_CHUNK_BLOCKS", 3)
+    monkeypatch.setattr(noise_torch, "_CHUNK_BLOCKS_CPU", 3)
     assert torch.equal(device(3, "q", 900, offset=5), whole)
 
 
