@@ -49,14 +49,15 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
 from dpscale import noise
 from dpscale.errors import ConfigError
 
-__all__ = ["gaussian", "add_gaussian_noise_"]
+__all__ = ["add_gaussian_noise_", "gaussian"]
 
 _MASK = 0xFFFFFFFF
 _SIGMA = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)  # "expand 32-byte k"
@@ -82,16 +83,17 @@ def _rotl_(x: torch.Tensor, bits: int) -> None:
 
 
 def _quarter_rounds_(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> None:
-    """RFC 8439's quarter round on rows a[i], b[i], c[i], d[i] for every i and block at once."""
-    for x, y, z, bits_z, bits_y in ((a, b, d, 16, 12), (a, b, d, 8, 7)):
-        x += y
-        x &= _MASK
-        z ^= x
-        _rotl_(z, bits_z)
-        c += z
+    """RFC 8439's quarter round on rows a[i], b[i], c[i], d[i] for every i and block at once, in
+    place (the caller's tensors are the state)."""
+    for rotate_d, rotate_b in ((16, 12), (8, 7)):
+        a += b
+        a &= _MASK
+        d ^= a
+        _rotl_(d, rotate_d)
+        c += d
         c &= _MASK
-        y ^= c
-        _rotl_(y, bits_y)
+        b ^= c
+        _rotl_(b, rotate_b)
 
 
 def _keystream_words(subkey: bytes, first_block: int, nblocks: int, device: torch.device) -> torch.Tensor:

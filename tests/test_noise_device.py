@@ -4,6 +4,8 @@ float64 bit, the same composition of split requests, and the choice of generator
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -93,7 +95,7 @@ def test_keystream_is_openssl_chacha20(block):
 def test_split_requests_compose():
     whole = device(2, "p", 2000, offset=13)
     cuts = [0, 1, 8, 9, 333, 1000, 1001, 1999, 2000]
-    spans = list(zip(cuts, cuts[1:]))[::-1]  # generated last piece first
+    spans = list(itertools.pairwise(cuts))[::-1]  # generated last piece first
     pieces = [device(2, "p", b - a, offset=13 + a) for a, b in spans]
     assert torch.equal(torch.cat(pieces[::-1]), whole)
 
@@ -188,7 +190,7 @@ def test_a_device_that_cannot_run_it_is_refused(monkeypatch):
 
 
 def test_bad_requests_are_refused_before_either_generator_runs():
-    for kwargs in (dict(step=-1), dict(name=""), dict(offset=LAST - 2, numel=3), dict(dtype=torch.int64)):
+    for kwargs in ({"step": -1}, {"name": ""}, {"offset": LAST - 2, "numel": 3}, {"dtype": torch.int64}):
         args = {"key": KEY, "step": 0, "name": "w", "numel": 4, **kwargs}
         with pytest.raises(ConfigError):
             gaussian(**args, generator="torch")
