@@ -194,3 +194,12 @@ def test_bad_requests_are_refused_before_either_generator_runs():
         args = {"key": KEY, "step": 0, "name": "w", "numel": 4, **kwargs}
         with pytest.raises(ConfigError):
             gaussian(**args, generator="torch")
+
+
+def test_the_torch_generator_never_needs_host_data():
+    """The meta device has shapes and no data: any .item(), .numpy() or copy to the CPU inside the
+    generator would fail here, as it would cost a synchronisation on a GPU."""
+    z = gaussian(KEY, 0, "w", 100, offset=5, device="meta")
+    assert z.device.type == "meta" and z.shape == (100,) and z.dtype == torch.float32
+    grad = torch.empty(7, 9, device="meta").t()
+    assert add_gaussian_noise_(grad, KEY, 0, "w", std=1.0, offset=3) is grad
