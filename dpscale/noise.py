@@ -90,6 +90,9 @@ What is not claimed
   family: transcendental functions may differ in the last float64 ulp between libm or SIMD
   implementations, which changes a float32 result with probability about 2^-28 per element. Each
   coordinate is still drawn once, by whoever owns it, so this affects reproducibility, not privacy.
+  The same holds between this host generator and dpscale/noise_torch.py, which computes the scheme
+  in torch operations on a tensor's own device (`select_generator`): only the logarithm may differ,
+  by 1 ulp (float64 outputs within 2 ulps, float32 equal; docs/DEVICE_NOISE.md).
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from dpscale.errors import ConfigError
 
-__all__ = ["SCHEME", "NoiseKey", "gaussian", "add_gaussian_noise_", "load_noise_key"]
+__all__ = ["SCHEME", "NoiseKey", "gaussian", "add_gaussian_noise_", "load_noise_key", "select_generator"]
 
 logger = logging.getLogger(__name__)
 
@@ -299,16 +302,25 @@ def _subkey(key: NoiseKey, step: int, name: str) -> bytes:
     return hmac.digest(key._secret, message, "sha256")
 
 
+def _counter_words(block):
+    """ChaCha20 state words 12..15 of keystream block `block` (an int, or an int64 tensor of
+    them): the one counter layout both generators use. Word 12 is RFC 8439's 32-bit block counter,
+    words 13..15 its 12-byte nonce, holding the 64-bit little-endian range number (k div 2^32) and
+    4 zero bytes; block k is block (k mod 2^32) of that range. Requests end below 2^63 elements, so
+    k < 2^60, words 14 and 15 are zero, and words 12 and 13 act as one 64-bit counter."""
+    range_index = block >> 32
+    return block & 0xFFFFFFFF, range_index & 0xFFFFFFFF, range_index >> 32, 0
+
+
 def _keystream_into(subkey: bytes, first_block: int, zeros: bytes, out: bytearray) -> None:
     """Fill `out` with the keystream from the start of block `first_block` on, splitting where
-    the 32-bit counter of one nonce would wrap. The keystream is the encryption of `zeros` (at
-    least as long as `out`)."""
+    the 32-bit counter of one nonce would wrap (`cryptography` refuses to wrap it). The keystream
+    is the encryption of `zeros` (at least as long as `out`)."""
     source, target = memoryview(zeros), memoryview(out)
     block, done = first_block, 0
     while done < len(out):
-        range_index, counter = divmod(block, _BLOCKS_PER_RANGE)
-        nblocks = min(-(-(len(out) - done) // 64), _BLOCKS_PER_RANGE - counter)
-        nonce = counter.to_bytes(4, "little") + range_index.to_bytes(8, "little") + bytes(4)
+        nblocks = min(-(-(len(out) - done) // 64), _BLOCKS_PER_RANGE - block % _BLOCKS_PER_RANGE)
+        nonce = b"".join(word.to_bytes(4, "little") for word in _counter_words(block))
         size = min(64 * nblocks, len(out) - done)
         encryptor = Cipher(algorithms.ChaCha20(subkey, nonce), mode=None).encryptor()
         encryptor.update_into(source[:size], target[done : done + size])
@@ -460,44 +472,14 @@ def _standard_normal_pieces(
         yield first - offset, z[first - start : last - start]
 
 
-def gaussian(
-    key: NoiseKey,
-    step: int,
-    name: str,
-    numel: int,
-    offset: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Elements offset..offset+numel-1 of the flattened N(0, 1) noise of parameter `name` at
-    `step`, as a 1-D CPU tensor of `dtype` (computed in float64, then rounded).
-
-    Any split of a parameter into slices gives the same values as one call over the whole. To add
-    noise to a gradient, prefer `add_gaussian_noise_`, which rounds only after the addition.
-    """
-    step, numel, offset = _check_request(key, step, name, numel, offset)
+def _check_dtype(dtype: object) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"gaussian dtype must be a floating torch.dtype, got {dtype!r}.")
-    out = torch.empty(numel, dtype=dtype)
-    for position, z in _standard_normal_pieces(key, step, name, numel, offset):
-        out[position : position + z.shape[0]] = torch.from_numpy(z)
-    return out
+    return dtype
 
 
-def add_gaussian_noise_(
-    tensor: torch.Tensor,
-    key: NoiseKey,
-    step: int,
-    name: str,
-    std: float,
-    offset: int = 0,
-) -> torch.Tensor:
-    """Add std * N(0, 1) noise in place to `tensor` viewed flat (row-major), its element i taking
-    element offset + i of parameter `name`'s noise at `step`; returns `tensor`.
-
-    Each element becomes round(x + std * z), computed in float64 and rounded once to the tensor's
-    dtype, so the released bits are a post-processing of a Gaussian mechanism's output (see the
-    module docstring). `std` is the caller's (noise multiplier times clipping norm).
-    """
+def _check_target(tensor: object, std: object) -> float:
+    """The checks of add_gaussian_noise_ that both generators share; returns std as a float."""
     if not isinstance(tensor, torch.Tensor) or not tensor.dtype.is_floating_point:
         raise ConfigError(
             f"add_gaussian_noise_ needs a floating-point tensor, got "
@@ -508,8 +490,81 @@ def add_gaussian_noise_(
             f"noise std must be a finite float >= 0, got {std!r}; compute it as noise multiplier "
             "times clipping norm."
         )
+    return float(std)
+
+
+def select_generator(device: torch.device | str, generator: str = "auto") -> str:
+    """Which generator makes the noise of a tensor on `device`: "host" (OpenSSL's ChaCha20 and
+    numpy on the CPU, the fastest there) or "torch" (dpscale.noise_torch, the same values computed
+    by tensor operations where the tensor lives, so a GPU gradient is never copied to the host and
+    back). "auto" takes "host" for CPU tensors and "torch" for every other device; either can be
+    forced. There is no third choice: nothing ever falls back to a non-keyed generator."""
+    if generator not in _GENERATORS:
+        raise ConfigError(
+            f"noise generator must be one of {', '.join(map(repr, _GENERATORS))}, got {generator!r}."
+        )
+    if generator != "auto":
+        return generator
+    return "host" if torch.device(device).type == "cpu" else "torch"
+
+
+_GENERATORS = ("auto", "host", "torch")
+
+
+def gaussian(
+    key: NoiseKey,
+    step: int,
+    name: str,
+    numel: int,
+    offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    *,
+    device: torch.device | str = "cpu",
+    generator: str = "auto",
+) -> torch.Tensor:
+    """Elements offset..offset+numel-1 of the flattened N(0, 1) noise of parameter `name` at
+    `step`, as a 1-D tensor of `dtype` on `device` (computed in float64, then rounded).
+
+    Any split of a parameter into slices gives the same values as one call over the whole. To add
+    noise to a gradient, prefer `add_gaussian_noise_`, which rounds only after the addition.
+    `generator` is as in `select_generator`.
+    """
+    step, numel, offset = _check_request(key, step, name, numel, offset)
+    dtype = _check_dtype(dtype)
+    if select_generator(device, generator) == "torch":
+        from dpscale import noise_torch  # it builds on this module's layout and checks
+
+        return noise_torch.gaussian(key, step, name, numel, offset, dtype, device)
+    out = torch.empty(numel, dtype=dtype)
+    for position, z in _standard_normal_pieces(key, step, name, numel, offset):
+        out[position : position + z.shape[0]] = torch.from_numpy(z)
+    return out.to(device)
+
+
+def add_gaussian_noise_(
+    tensor: torch.Tensor,
+    key: NoiseKey,
+    step: int,
+    name: str,
+    std: float,
+    offset: int = 0,
+    *,
+    generator: str = "auto",
+) -> torch.Tensor:
+    """Add std * N(0, 1) noise in place to `tensor` viewed flat (row-major), its element i taking
+    element offset + i of parameter `name`'s noise at `step`; returns `tensor`.
+
+    Each element becomes round(x + std * z), computed in float64 and rounded once to the tensor's
+    dtype, so the released bits are a post-processing of a Gaussian mechanism's output (see the
+    module docstring). `std` is the caller's (noise multiplier times clipping norm). A tensor on
+    an accelerator is noised where it lives, by dpscale.noise_torch (`select_generator`).
+    """
+    std = _check_target(tensor, std)
     step, numel, offset = _check_request(key, step, name, tensor.numel(), offset)
-    std = float(std)
+    if select_generator(tensor.device, generator) == "torch":
+        from dpscale import noise_torch
+
+        return noise_torch.add_gaussian_noise_(tensor, key, step, name, std, offset)
     target = tensor.detach()  # shares storage: in-place writes reach `tensor`, autograd stays out
     on_cpu_flat = target.device.type == "cpu" and target.is_contiguous()
     flat = target.view(-1) if on_cpu_flat else target.reshape(-1).to("cpu", copy=True)
