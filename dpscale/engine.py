@@ -48,6 +48,7 @@ from dpscale.per_example import (
 from dpscale.plan import ExecutionPlan, build_execution_plan
 from dpscale.report import write_report
 from dpscale.sampling import PADDING_USER, DPDataLoader, LogicalBatch, resolve_user_ids
+from dpscale.layers.rule import CallInputs
 from dpscale.tape import ModuleCall, Owner, Tape
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class PrivacyEngine:
         self._pending_versions: tuple[int, ...] | None = None  # clipped sums written, not yet stepped
         self._drawn_step: int | None = None  # the logical batch the bound loader handed out for this step
         self._users_this_step: set = set()  # user level: users whose examples a backward of this step saw
-        self._tape = Tape(model, owners, self.rules.default, self.rules.batch_dim_inside)
+        self._tape = Tape(model, owners, self.rules.default, self.rules.batch_dim_inside, self._run_rule_now)
         self._handles: list = [
             module.register_forward_pre_hook(_refuse_training_batch_norm)
             for module in model.modules()
@@ -237,9 +238,13 @@ class PrivacyEngine:
         calls = self._tape.take()
         self._check_all_uses_recorded(losses, calls)
         edges = [edge for call in calls for edge in call.edges]
+        eager = [call for call in calls if call.eager]
+        targets = edges + [self._tape.anchor] if eager else edges
         with self._tape.replaying():  # checkpointed regions re-run their forward in here
-            grads = list(torch.autograd.grad(losses.sum(), edges, allow_unused=True)) if edges else []
-        if grads and all(g is None for g in grads):
+            grads = list(torch.autograd.grad(losses.sum(), targets, allow_unused=True)) if targets else []
+        del grads[len(edges):]  # the anchor's: always None (see dpscale.tape)
+        reached = any(g is not None for g in grads) or any(call.result is not None for call in eager)
+        if calls and not reached:
             raise TapeError(
                 "The losses do not depend on any module call of the last forward pass: compute them "
                 "from the most recent forward, and call engine.backward before the next one."
@@ -703,24 +708,44 @@ class PrivacyEngine:
         uses: dict[str, list[PerExampleGrad]] = defaultdict(list)
         position = 0
         for call in calls:
-            count = len(call.edges)
-            call_grads = grads[position : position + count]
-            grads[position : position + count] = [None] * count  # free as we go
-            position += count
-            if all(g is None for g in call_grads):
-                continue
-            try:
-                local = call.rule.grads(call.module, call.inputs, call.output_grad(call_grads), call.names)
-            except UnsupportedModuleError as error:
-                raise UnsupportedModuleError(f"Module '{call.qualname}', rule '{call.rule.name}': {error}") from error
-            if set(local) != set(call.names):
-                raise UnsupportedModuleError(
-                    f"Rule '{call.rule.name}' for '{call.qualname}' returned gradients for {sorted(local)} "
-                    f"but the module's trainable parameters are {sorted(call.names)}."
-                )
+            if call.eager:  # its rule ran inside the backward
+                local, call.result = call.result, None
+                if local is None:
+                    continue
+            else:
+                count = len(call.edges)
+                call_grads = grads[position : position + count]
+                grads[position : position + count] = [None] * count  # free as we go
+                position += count
+                if all(g is None for g in call_grads):
+                    continue
+                local = self._rule_grads(call, call.inputs, call.output_grad(call_grads))
             for name, global_name in zip(call.names, call.global_names):
                 uses[global_name].append(local[name])
         return uses
+
+    def _run_rule_now(self, call: ModuleCall, output_grad: Tensor, saved: tuple) -> None:
+        """An eager call's rule, inside the backward, as soon as its output's gradient exists: what
+        it returns is kept and its input released (see ``dpscale.tape``)."""
+        inputs = call.inputs
+        if saved:
+            inputs = CallInputs(saved[:1] + tuple(inputs[1:]), inputs.kwargs)
+        with torch.no_grad(), self._tape.paused():
+            call.result = self._rule_grads(call, inputs, call.output_grad([output_grad]))
+        call.inputs = CallInputs()
+
+    @staticmethod
+    def _rule_grads(call: ModuleCall, inputs: CallInputs, output_grad) -> dict:
+        try:
+            local = call.rule.grads(call.module, inputs, output_grad, call.names)
+        except UnsupportedModuleError as error:
+            raise UnsupportedModuleError(f"Module '{call.qualname}', rule '{call.rule.name}': {error}") from error
+        if set(local) != set(call.names):
+            raise UnsupportedModuleError(
+                f"Rule '{call.rule.name}' for '{call.qualname}' returned gradients for {sorted(local)} "
+                f"but the module's trainable parameters are {sorted(call.names)}."
+            )
+        return local
 
     def _accumulate_clipped(self, uses: dict[str, list[PerExampleGrad]], batch: int) -> None:
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.parameters.values()) else torch.float32

@@ -23,17 +23,26 @@ Batch semantics are settled here, where the shapes are seen:
 Every call is recorded the same way, as a ``ModuleCall`` that its rule reads; the engine calls
 each call's rule without knowing which kind of rule it is.
 
+A call read by a rule of its first input (every built-in rule but the whole-call ones) is run
+*eagerly*: its output passes through ``_RuleOnGradient``, an identity whose backward hands the
+output's gradient, as soon as autograd computes it, to the engine, which runs the rule there and
+keeps only what the rule returns (the cheapest exact form: per-example gradients where they are
+small, as for LoRA factors and biases, or the input and output gradient for ghost norms). The
+input is held as that identity's saved tensor, not by the tape, so it is released as soon as the
+rule has run, and under activation checkpointing it is dropped after the forward and rebuilt in the
+backward like every other saved tensor. The identity returns an alias of the output, not a view, so
+the model may still modify the output in place (autograd's version counter guards the values,
+as without DP). The gradient reaches the anchor, a scalar of each forward that every such identity
+takes as an input; the engine asks autograd for the anchor's gradient (always None) and for the
+output edges of the other calls, so autograd runs every identity without keeping their gradients.
+
 Activation checkpointing (``torch.utils.checkpoint`` with ``use_reentrant=False``, which Hugging
 Face's ``gradient_checkpointing_enable()`` uses by default) runs the forward once with autograd on:
 the calls inside a checkpointed region are recorded then, like any other, and their output edges
-are the ones the backward differentiates. What this keeps is the price of exactness: the inputs of
-every trainable module inside a region (a linear layer's input, a norm's input: what autograd would
-have saved for that module's weight gradient without checkpointing) stay referenced from the
-forward until the engine's rules have run, since book-keeping needs every trainable module's input
-and output gradient at once after the backward. Checkpointing still drops and recomputes the rest
-of each region (attention scores and probabilities, activation-function inputs, frozen modules'
-inputs, norm statistics). The recomputation inside the backward fires the hooks again; the engine
-runs its backward under ``replaying()``, which throws those records away.
+are the ones the backward differentiates. The recomputation inside the backward fires the hooks
+again; the engine runs its backward under ``replaying()``, which throws those records away. What
+stays referenced from the forward are the inputs of whole-call rules (the torch.func fallback,
+recurrent and attention modules) inside checkpointed regions.
 """
 
 from __future__ import annotations
@@ -71,7 +80,11 @@ class ModuleCall:
     """One recorded call, as its rule reads it: ``rule.grads(module, inputs, output_grad(grads),
     names)`` gives per-example gradients of ``names`` (relative to ``module``), which are the
     model's ``global_names``. ``edges`` are the gradient edges of the output leaves the rule
-    reads, at positions ``leaf_indices`` among the ``leaf_count`` leaves of the flattened output."""
+    reads, at positions ``leaf_indices`` among the ``leaf_count`` leaves of the flattened output.
+
+    An eager call has no edges: its rule runs inside the backward (``result``: what it returned,
+    None while its gradient has not arrived), and ``inputs`` holds ``SAVED_INPUT`` where the
+    first input, kept as a saved tensor, goes."""
 
     module: nn.Module
     qualname: str
@@ -84,6 +97,9 @@ class ModuleCall:
     global_names: tuple[str, ...]
     seq: int
     batch_dim: int = 0  # where the recorded output keeps the batch; the rule reads it in dim 0
+    eager: bool = False
+    result: dict | None = None
+    dropped: bool = False  # covered by an enclosing whole call: its gradient is not needed
 
     def output_grad(self, grads: list[Tensor | None]) -> Any:
         """The gradients of ``edges`` as the rule reads them: one tensor, or for a whole-call rule
@@ -92,6 +108,30 @@ class ModuleCall:
         for index, grad in zip(self.leaf_indices, grads):
             per_leaf[index] = grad if grad is None or not self.batch_dim else grad.transpose(0, self.batch_dim)
         return tuple(per_leaf) if self.rule.whole_call else per_leaf[0]
+
+
+SAVED_INPUT = object()  # stands for an eager call's first input until the backward unpacks it
+
+OnOutputGrad = Callable[[ModuleCall, Tensor, tuple], None]
+
+
+class _RuleOnGradient(torch.autograd.Function):
+    """Identity on a recorded output; its backward passes the output's gradient and the saved
+    first input to the tape's ``on_output_grad`` (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, target: tuple, output: Tensor, *saved: Tensor) -> Tensor:
+        ctx.target = target
+        ctx.save_for_backward(*saved)
+        return output.detach()  # an alias, not a view: in-place use of the output stays allowed
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        on_output_grad, call = ctx.target
+        saved = ctx.saved_tensors  # once: checkpointing lets each saved tensor be unpacked once
+        if not call.dropped:
+            on_output_grad(call, grad, saved)
+        return (None, None, grad) + (None,) * len(saved)
 
 
 @dataclass
@@ -132,10 +172,13 @@ class Tape:
     def __init__(
         self, model: nn.Module, owners: list[Owner], default: Rule,
         batch_dim_inside: Callable[[nn.Module], int | None] = lambda module: None,
+        on_output_grad: OnOutputGrad | None = None,
     ) -> None:
         self._model = model
         self._default = default
         self._batch_dim_inside = batch_dim_inside
+        self._on_output_grad = on_output_grad
+        self.anchor: Tensor | None = None  # this forward's; see the module docstring
         self._owners = {id(owner.module): owner for owner in owners}
         self._qualnames = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
         self.batch_size: int | None = None
@@ -210,6 +253,8 @@ class Tape:
             self._stack.clear()
             self.calls = []
             self.batch_size = infer_batch_size(args, kwargs) if torch.is_grad_enabled() else None
+            if self._replays is None:  # a replayed whole-model forward keeps the forward's anchor
+                self.anchor = torch.zeros((), requires_grad=True)
             if self.batch_size is not None and self._takes_use_cache and kwargs.get("use_cache") is not False:
                 # A KV cache means nothing in a training step, and recomputing a module per example
                 # (torch.func fallback) would write into it: training forwards run without one.
@@ -234,7 +279,8 @@ class Tape:
         if owner is not None:
             new_output = self._record_owner(owner, frame, args, output)
         if frame.delegated:
-            new_output = self._record_whole(frame, output if new_output is None else new_output)
+            whole = self._record_whole(frame, output if new_output is None else new_output)
+            new_output = new_output if whole is None else whole
         return new_output
 
     # recording ----------------------------------------------------------------------------------
@@ -245,8 +291,7 @@ class Tape:
             self._delegate(owner, self._stack)
             return None
         if owner.rule.batch_size_of is not None:
-            self._record_declared(owner, frame, args, output)
-            return None
+            return self._record_declared(owner, frame, args, output)
         if owner.rule.whole_call:
             if self._carries_batch(frame):
                 frame.rule = owner.rule
@@ -265,23 +310,21 @@ class Tape:
             dim = frame.batch_dim
             if x.dim() > dim and x.shape[dim] == batch and output.dim() > dim and output.shape[dim] == batch:
                 inputs = CallInputs((x.transpose(0, dim),) + tuple(args[1:]), frame.kwargs)
-                self._append(owner, inputs, output, frame.seq, batch_dim=dim)
+                return self._append(owner, inputs, output, frame.seq, batch_dim=dim)
             else:
                 self._delegate(owner, self._stack)
             return None
         lead = x.shape[0] if x.dim() else None
         if lead == batch and output.dim() and output.shape[0] == batch:
-            self._append(owner, CallInputs(args, frame.kwargs), output, frame.seq)
-            return None
+            return self._append(owner, CallInputs(args, frame.kwargs), output, frame.seq)
         if lead == 1 and batch > 1 and output.dim() and output.shape[0] == 1:
             output = output.expand(batch, *output.shape[1:])
             inputs = (x.expand(batch, *x.shape[1:]),) + tuple(args[1:])
-            self._append(owner, CallInputs(inputs, frame.kwargs), output, frame.seq)
-            return output
+            return self._append(owner, CallInputs(inputs, frame.kwargs), output, frame.seq)
         self._delegate(owner, self._stack)
         return None
 
-    def _record_declared(self, owner: Owner, frame: _Frame, args: tuple, output: Any) -> None:
+    def _record_declared(self, owner: Owner, frame: _Frame, args: tuple, output: Any) -> Any:
         """A rule that says where its call keeps the batch (``Rule.batch_size_of``): recorded as it
         is, once its number of examples is the model's."""
         inputs = CallInputs(args, frame.kwargs)
@@ -299,18 +342,27 @@ class Tape:
             frame.declared = True
             frame.delegated.update(zip(owner.local_names, owner.global_names))
         elif isinstance(output, Tensor) and output.requires_grad:
-            self._append(owner, inputs, output, frame.seq)
+            return self._append(owner, inputs, output, frame.seq)
+        return None
 
-    def _append(self, owner: Owner, inputs: CallInputs, output: Tensor, seq: int, batch_dim: int = 0) -> None:
+    def _append(self, owner: Owner, inputs: CallInputs, output: Tensor, seq: int, batch_dim: int = 0) -> Tensor:
+        """Record the call; returns the output the model goes on with (the eager identity's)."""
         if owner.rule.input_free.issuperset(owner.local_names):
             inputs = CallInputs()  # its gradients need the output gradient alone: keep no activation
-        self.calls.append(
-            ModuleCall(
-                owner.module, owner.qualname, owner.rule, inputs, edges=(get_gradient_edge(output),),
-                leaf_indices=(0,), leaf_count=1, names=owner.local_names, global_names=owner.global_names, seq=seq,
-                batch_dim=batch_dim,
-            )
+        eager = self._on_output_grad is not None and self.anchor is not None
+        saved: tuple = ()
+        if eager and inputs and isinstance(inputs[0], Tensor):
+            saved = (inputs[0],)
+            inputs = CallInputs((SAVED_INPUT,) + tuple(inputs[1:]), inputs.kwargs)
+        call = ModuleCall(
+            owner.module, owner.qualname, owner.rule, inputs, edges=() if eager else (get_gradient_edge(output),),
+            leaf_indices=(0,), leaf_count=1, names=owner.local_names, global_names=owner.global_names, seq=seq,
+            batch_dim=batch_dim, eager=eager,
         )
+        self.calls.append(call)
+        if eager:
+            return _RuleOnGradient.apply(self.anchor, (self._on_output_grad, call), output, *saved)
+        return output
 
     def _carries_batch(self, frame: _Frame) -> bool:
         return self.batch_size in leading_sizes((frame.args, frame.kwargs))
@@ -371,6 +423,7 @@ class Tape:
                         "and other parameters; dpscale cannot split this call. Register a rule for "
                         f"{type(frame.module).__name__}."
                     )
+                call.dropped = True
                 continue
             kept.append(call)
         self.calls = kept
