@@ -38,11 +38,15 @@ How it maps onto FSDP2 (torch 2.13):
 * Tied parameters (an input embedding shared with the output head) are one DTensor, one name and
   one noise draw; the engine's norm includes the cross term of its two uses.
 
+* Mixed precision (``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``
+  on fp32 parameters): forward and backward run in bf16 on the gathered bf16 parameters; the rules
+  compute norms and per-example terms in fp32 (as on one process), the clipped sums are kept,
+  reduced and noised in the sharded parameters' dtype (fp32), and the optimizer steps the fp32
+  shards. ``reduce_dtype`` is not used: dpscale reduces in the sharded parameters' dtype.
+
 Refused, each with a ConfigError when the engine is built: a trainable parameter FSDP2 does not
-manage (call ``fully_shard`` on the root too), a mesh of more than one dimension (HSDP), a
-placement other than ``Shard(0)`` (``shard_placement_fn``), and a ``MixedPrecisionPolicy`` whose
-``param_dtype`` differs from the sharded parameters' (bf16 compute with fp32 master weights: the
-clipped sums would come from bf16 activations; use a bf16 or fp32 model without the policy's cast).
+manage (call ``fully_shard`` on the root too), a mesh of more than one dimension (HSDP), and a
+placement other than ``Shard(0)`` (``shard_placement_fn``).
 """
 
 from __future__ import annotations
@@ -63,11 +67,14 @@ __all__ = ["FSDP2Backend", "fsdp2_modules", "is_fsdp1", "is_fsdp2"]
 
 
 def fsdp2_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` that ``fully_shard`` was applied to (empty without torch.distributed)."""
+    """The modules of ``model`` that ``fully_shard`` was applied to (none without torch.distributed,
+    or before torch 2.6, where FSDP2 was not yet public and is not supported)."""
     if not dist.is_available():
         return []
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -114,7 +121,6 @@ class FSDP2Backend:
         self.process_group = self.mesh.get_group()
         self.rank = dist.get_rank(self.process_group)
         self.world_size = dist.get_world_size(self.process_group)
-        _refuse_mixed_precision(self._modules)
         self._shards: dict[str, _Shard] = {}
         self._sums: dict[str, Tensor] = {}
         self._first: str | None = None
@@ -259,8 +265,12 @@ class FSDP2Backend:
         if self.world_size == 1:
             return flat
         out = torch.empty(per_rank, dtype=flat.dtype, device=flat.device)
-        dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        _REDUCE_SCATTER(out, flat, op=dist.ReduceOp.SUM, group=self.process_group)
         return out
+
+
+# torch 2.13 renamed reduce_scatter_tensor (which still works, with a FutureWarning per call)
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -292,23 +302,6 @@ def _one_mesh(model: nn.Module):
             "HSDP (a 2-D mesh) and per-module meshes are not supported."
         )
     return mesh
-
-
-def _refuse_mixed_precision(modules: list[nn.Module]) -> None:
-    for module in modules:
-        # fully_shard(mp_policy=...) is kept on the module's FSDP state; no public getter in torch 2.13
-        policy = getattr(module._get_fsdp_state(), "_mp_policy", None)
-        if policy is None or policy.param_dtype is None:
-            continue
-        dtypes = {p.dtype for p in module.parameters()} or {policy.param_dtype}
-        if dtypes != {policy.param_dtype}:
-            raise ConfigError(
-                f"fully_shard(mp_policy=MixedPrecisionPolicy(param_dtype={policy.param_dtype})) computes in "
-                f"{policy.param_dtype} on {sorted(map(str, dtypes))} sharded parameters; dpscale's FSDP2 backend does "
-                "not support this mixed precision yet (the clipped sums would be built from low-precision activations "
-                "the one-process run does not see). Drop mp_policy, or cast the model to the dtype you compute in "
-                "before fully_shard."
-            )
 
 
 class _RestoreResharding:
