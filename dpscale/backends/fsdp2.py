@@ -45,8 +45,10 @@ How it maps onto FSDP2 (torch 2.13):
   shards. ``reduce_dtype`` is not used: dpscale reduces in the sharded parameters' dtype.
 
 Refused, each with a ConfigError when the engine is built: a trainable parameter FSDP2 does not
-manage (call ``fully_shard`` on the root too), a mesh of more than one dimension (HSDP), and a
-placement other than ``Shard(0)`` (``shard_placement_fn``).
+manage (call ``fully_shard`` on the root too), a mesh of more than one dimension (HSDP), a
+placement other than ``Shard(0)`` (``shard_placement_fn``), and parameter offload to the CPU
+(``CPUOffloadPolicy``) on an accelerator mesh. FSDP1's ``FullyShardedDataParallel`` is refused by
+``select_backend`` (its flat parameters hide the names the noise is keyed by).
 """
 
 from __future__ import annotations
@@ -200,14 +202,11 @@ class FSDP2Backend:
         all-gathers parameters, so every rank runs as many passes."""
         if self.world_size == 1:
             return local
-        count = torch.tensor([local], dtype=torch.int64, device=self._device())
+        count = torch.tensor([local], dtype=torch.int64, device=self.mesh.device_type)
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.process_group)
         return int(count)
 
     # internals --------------------------------------------------------------------------------
-
-    def _device(self) -> torch.device:
-        return next(iter(self.model.parameters())).device
 
     def _reshard(self) -> None:
         for module in self._modules:
@@ -235,6 +234,12 @@ class FSDP2Backend:
         start = min(full_rows, chunk * self.rank)
         rows = max(0, min(full_rows, start + chunk) - start)
         local = p.to_local()
+        if local.device.type != self.mesh.device_type:
+            raise ConfigError(
+                f"'{name}' is kept on {local.device.type} while FSDP2 computes on {self.mesh.device_type} "
+                "(fully_shard(offload_policy=CPUOffloadPolicy())): parameter offload is not supported by dpscale's "
+                "FSDP2 backend; drop offload_policy."
+            )
         if local.shape[0] != rows or tuple(local.shape[1:]) != tuple(p.shape[1:]) or not local.is_contiguous():
             raise ConfigError(
                 f"FSDP2's shard of '{name}' on rank {self.rank} has shape {tuple(local.shape)}; dpscale expected rows "
