@@ -11,7 +11,7 @@ takes its part (``batch[rank::world]``) of the same global batches. Rank 0 write
 
 spec keys: model ("mlp": Linear layers whose dim 0 (7, 3) is not divisible by 2; "llama": a tiny
 Llama whose lm_head is tied to its embedding, 33 rows), clipping ("flat", "per_layer", "groups"),
-batches (per step, the global example indices; a batch of one leaves rank 1 with an empty draw),
+poisson (the engine's Poisson loader draws the batches; otherwise BATCHES, declared sampling),
 mixed_precision (fully_shard with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)),
 fsdp_one_rank (fully_shard on a world of one process too).
 """
@@ -33,7 +33,7 @@ from dpscale import DPConfig, PrivacyEngine  # noqa: E402
 from dpscale.driver import run_logical_step  # noqa: E402
 from dpscale.losses import causal_lm_losses  # noqa: E402
 from dpscale.noise import NoiseKey  # noqa: E402
-from dpscale.sampling import LogicalBatch, MicroBatches  # noqa: E402
+from dpscale.sampling import LogicalBatch, MicroBatches, PoissonBatchSampler  # noqa: E402
 
 KEY = NoiseKey(bytes(range(32)))
 N, T, VOCAB, MICRO, B = 16, 5, 33, 2, 4
@@ -48,7 +48,14 @@ def config(spec: dict, names: list[str]) -> DPConfig:
         half = len(names) // 2
         clipping = [names[:half], names[half:]]
     return DPConfig(max_grad_norm=0.3, expected_batch_size=B, noise_multiplier=spec.get("sigma", 1.0), dataset_size=N,
-                    clipping=clipping, sampling_declared_by_user=True)
+                    clipping=clipping, sampling_declared_by_user=not spec.get("poisson"))
+
+
+def poisson_batches() -> list[list[int]]:
+    """The global batches the engine's Poisson loader draws from KEY (steps 1 and 2 hold one example:
+    rank 1's part is empty)."""
+    sampler = PoissonBatchSampler(N, B / N, seed=KEY.derive_seed("sampling"))
+    return [sampler.global_batch(t) for t in range(len(BATCHES))]
 
 
 def model(kind: str) -> tuple[nn.Module, list[nn.Module]]:
@@ -108,8 +115,13 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> tuple[dict[str, torch
     assert list(engine.parameters) == names
     engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=0.5, momentum=0.9))
     data = dataset(kind)
-    for step, batch in enumerate(spec.get("batches", BATCHES)):
-        run_logical_step(engine, own_batch(data, batch[rank::world_size], step), lambda micro: losses(kind, net, micro))
+    if spec.get("poisson"):  # the engine's own loader: this rank's part of each global draw
+        loader = engine.make_data_loader(data, max_physical_batch_size=MICRO)
+        logical_batches = (batch for _, batch in zip(range(len(BATCHES)), loader))
+    else:
+        logical_batches = (own_batch(data, batch[rank::world_size], step) for step, batch in enumerate(BATCHES))
+    for logical_batch in logical_batches:
+        run_logical_step(engine, logical_batch, lambda micro: losses(kind, net, micro))
     full = {}
     for name, p in engine.parameters.items():
         value = p.detach()
@@ -121,7 +133,8 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> tuple[dict[str, torch
 
 def main() -> None:
     torch.set_num_threads(1)
-    spec = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as handle:
+        spec = json.load(handle)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=spec.get("timeout_s", 60)))
     params, steps = run(spec, rank, world_size)

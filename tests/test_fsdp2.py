@@ -54,10 +54,13 @@ def test_fsdp2_root_must_be_sharded():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("model", "clipping"), [("mlp", "flat"), ("mlp", "per_layer"), ("llama", "flat"),
-                                                 ("llama", "groups")])
-def test_fsdp2_matches_one_process(tmp_path, model, clipping):
-    spec = {"model": model, "clipping": clipping, "sigma": 1.0}
+@pytest.mark.parametrize(("model", "clipping", "poisson"), [("mlp", "flat", False), ("mlp", "per_layer", True),
+                                                            ("llama", "flat", False), ("llama", "groups", True)])
+def test_fsdp2_matches_one_process(tmp_path, model, clipping, poisson):
+    spec = {"model": model, "clipping": clipping, "sigma": 1.0, "poisson": poisson}
+    batches = worker.poisson_batches() if poisson else worker.BATCHES
+    assert min(len(b) for b in batches) == 1, "rank 1 must have an empty draw in some step"
+    assert max(len(b) for b in batches) >= 5, "rank 0 must run more micro-batches than rank 1 in some step"
     results = launch_workers(WORKER, spec, tmp_path, world_size=2, timeout=150.0)
     for rank, (code, err) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{err[-3000:]}"

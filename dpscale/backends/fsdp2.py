@@ -54,14 +54,14 @@ placement other than ``Shard(0)`` (``shard_placement_fn``), and parameter offloa
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dpscale.backends.base import NoiseFn
+from dpscale.backends.base import NoiseFn, OptimizerStepped
 from dpscale.backends.shared_key import check_same_key
 from dpscale.errors import ConfigError
 
@@ -104,12 +104,11 @@ class _Shard:
     row: int
 
 
-class FSDP2Backend:
+class FSDP2Backend(OptimizerStepped):
     """Backend for a model with ``fully_shard`` applied (FSDP2). Built by ``select_backend`` when the
     model (or one of its submodules) is an ``FSDPModule``; pass ``FSDP2Backend(model)`` to choose it
-    explicitly."""
+    explicitly. The step is the attached torch optimizer's, over the sharded parameters."""
 
-    owns_step = False
     model_parallel = None  # each rank computes whole examples' gradients (sharding is storage only)
 
     def __init__(self, model: nn.Module) -> None:
@@ -127,7 +126,6 @@ class FSDP2Backend:
         self._sums: dict[str, Tensor] = {}
         self._first: str | None = None
         self._padding = False
-        self._inside = False
 
     # the engine's side ----------------------------------------------------------------------
 
@@ -144,7 +142,10 @@ class FSDP2Backend:
         return [_RestoreResharding(self._modules)]
 
     def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
-        if name == self._first:  # the rules of this backward are done: shard the parameters again
+        """Keep the local clipped sum at full shape. The engine hands the sums over in the order of
+        ``engine.parameters`` once every rule of the backward has run: at the first one, the
+        parameters kept unsharded for the rules are sharded again."""
+        if name == self._first:
             self._reshard()
         if self._padding or _is_dtensor(clipped):  # a padding pass, or the engine's zeros_like(p): nothing
             return
@@ -173,19 +174,7 @@ class FSDP2Backend:
                 add_noise(name, own, shard.start * shard.row)
                 p.grad = _like_parameter(own.view(p.to_local().shape), p)
 
-    def step(self, optimizer: torch.optim.Optimizer | None) -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     # the driver's side --------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def accumulation(self):
-        self._inside = True
-        try:
-            yield
-        finally:
-            self._inside = False
 
     @contextlib.contextmanager
     def padding(self):
@@ -213,7 +202,7 @@ class FSDP2Backend:
             module.reshard()
 
     def _shard_of(self, name: str, p: nn.Parameter) -> _Shard:
-        if not _is_dtensor(p) or p.device_mesh is not self.mesh and p.device_mesh != self.mesh:
+        if not _is_dtensor(p) or p.device_mesh != self.mesh:
             raise ConfigError(
                 f"Trainable parameter '{name}' is not sharded by FSDP2 on the model's mesh: apply fully_shard to the "
                 "root module too (fully_shard(model) after its layers), so that every trainable parameter is "
