@@ -41,6 +41,7 @@ _LAZY = {
     "PoissonBatchSampler": "dpscale.sampling",
     "LocalBackend": "dpscale.backends",
     "DataParallelBackend": "dpscale.backends",
+    "FSDP2Backend": "dpscale.backends",
     "bitfit": "dpscale.subsets",
     "lora": "dpscale.subsets",
     "train_only": "dpscale.subsets",

@@ -13,16 +13,31 @@ from torch import nn
 
 from dpscale.backends.base import GradientBackend, NoiseFn
 from dpscale.backends.data_parallel import DataParallelBackend
+from dpscale.backends.fsdp2 import FSDP2Backend, is_fsdp1, is_fsdp2
 from dpscale.backends.local import LocalBackend
 from dpscale.errors import ConfigError
 
-__all__ = ["DataParallelBackend", "GradientBackend", "LocalBackend", "NoiseFn", "select_backend"]
+__all__ = ["DataParallelBackend", "FSDP2Backend", "GradientBackend", "LocalBackend", "NoiseFn", "select_backend"]
 
 
 def select_backend(model: nn.Module, backend: GradientBackend | None) -> tuple[GradientBackend, nn.Module]:
     """(the backend, the module the engine hooks) for ``model``. A DDP-wrapped model is hooked on
     its inner module (its parameter names, which key the noise, are those of the one-process run)
-    with a data-parallel backend that keeps DDP's reducer idle; ``nn.DataParallel`` is refused."""
+    with a data-parallel backend that keeps DDP's reducer idle; a model with FSDP2's ``fully_shard``
+    applied gets ``FSDP2Backend``; ``nn.DataParallel`` and FSDP1's wrapper are refused."""
+    if is_fsdp1(model):
+        raise ConfigError(
+            "FullyShardedDataParallel (FSDP1) flattens parameters into FlatParameters, so dpscale cannot key the "
+            "noise by parameter name nor hook the layers' own weights. Use FSDP2 instead: "
+            "torch.distributed.fsdp.fully_shard on each layer and then on the root module (with Accelerate: "
+            "fsdp_version: 2); dpscale selects its FSDP2 backend for it."
+        )
+    if is_fsdp2(model):
+        if backend is None:
+            return FSDP2Backend(model), model
+        if not isinstance(backend, FSDP2Backend) or backend.model is not model:
+            raise ConfigError("A fully_shard'ed (FSDP2) model needs FSDP2Backend(model): leave backend unset, or pass that.")
+        return backend, model
     if isinstance(model, nn.parallel.DistributedDataParallel):
         if backend is None:
             return DataParallelBackend.for_ddp(model), model.module

@@ -1,0 +1,309 @@
+"""PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters are DTensors sharded on dim 0
+over a 1-D device mesh; each rank updates the rows of each parameter its shard holds.
+
+The user's loop is the plain torch one (an optimizer over the sharded parameters, attached to the
+engine); the engine hooks the fully_shard'ed model itself, whose parameter names are those of the
+one-process model, so the keyed noise is too::
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)                                   # the root too: every parameter a DTensor
+    engine = PrivacyEngine(model, config, noise_key=key_file)            # selects FSDP2Backend
+    optimizer = engine.attach_optimizer(torch.optim.AdamW(engine.parameters.values(), lr=...))
+    for logical_batch in engine.make_data_loader(data, max_physical_batch_size=...):
+        run_logical_step(engine, logical_batch, losses_fn)
+
+How it maps onto FSDP2 (torch 2.13):
+
+* Forward and backward run through FSDP2's own hooks: each module's parameters are all-gathered
+  before its forward and again before its part of the backward (its pre-backward hook fires inside
+  the engine's ``torch.autograd.grad`` over the recorded module outputs). Per-example norms come
+  from the local activations and output gradients: no weight is gathered for them.
+* The layer rules run after that backward and some read their module's weight (Hugging Face RMS
+  norms call their own forward with it). While the engine is attached, FSDP2 is told not to
+  reshard after backward (``set_reshard_after_backward(False)``), so the rules see the unsharded
+  parameters; the backend reshards every module as soon as the rules are done (the first
+  ``accumulate`` of each backward). The price: between the end of one backward and its clipped
+  sums, the whole model is unsharded on each rank at once (parameters only).
+* FSDP2's own reduce-scatter stays idle (no parameter receives an autograd gradient). The clipped
+  sums of the local examples are kept at full shape; at the step boundary each rank lays them out
+  as FSDP2 does (each parameter's dim 0 cut into world-size chunks of ceil(rows / W) rows, padded)
+  and one SUM reduce-scatter per dtype leaves it the sum over all ranks of its own rows. It adds
+  the keyed noise of exactly those elements (offset = first row x row size, the flat index into
+  the full parameter) and sets ``p.grad`` as a DTensor shard like the parameter, which the torch
+  optimizer steps. Each coordinate gets one draw whatever the number of ranks.
+* Every forward all-gathers, so every rank must run as many passes per logical step: a rank with
+  fewer micro-batches (or an empty Poisson draw) runs padding passes whose sums are dropped
+  (``micro_batch_count`` / ``padding``, driven by ``dpscale.run_logical_step``).
+* Tied parameters (an input embedding shared with the output head) are one DTensor, one name and
+  one noise draw; the engine's norm includes the cross term of its two uses.
+
+* Mixed precision (``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``
+  on fp32 parameters): forward and backward run in bf16 on the gathered bf16 parameters; the rules
+  compute norms and per-example terms in fp32 (as on one process), the clipped sums are kept,
+  reduced and noised in the sharded parameters' dtype (fp32), and the optimizer steps the fp32
+  shards. ``reduce_dtype`` is not used: dpscale reduces in the sharded parameters' dtype.
+
+Refused, each with a ConfigError when the engine is built: a trainable parameter FSDP2 does not
+manage (call ``fully_shard`` on the root too), a mesh of more than one dimension (HSDP), a
+placement other than ``Shard(0)`` (``shard_placement_fn``), and parameter offload to the CPU
+(``CPUOffloadPolicy``) on an accelerator mesh. FSDP1's ``FullyShardedDataParallel`` is refused by
+``select_backend`` (its flat parameters hide the names the noise is keyed by).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dpscale.backends.base import NoiseFn, OptimizerStepped
+from dpscale.backends.shared_key import check_same_key
+from dpscale.errors import ConfigError
+
+__all__ = ["FSDP2Backend", "fsdp2_modules", "is_fsdp1", "is_fsdp2"]
+
+
+def fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that ``fully_shard`` was applied to (none without torch.distributed,
+    or before torch 2.6, where FSDP2 was not yet public and is not supported)."""
+    if not dist.is_available():
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    return bool(fsdp2_modules(model))
+
+
+def is_fsdp1(model: nn.Module) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """This rank's rows [start, start + rows) of a parameter of ``full_rows`` rows of ``row``
+    elements each; FSDP2 gives every rank ``chunk`` rows (the last ones fewer, or none)."""
+
+    start: int
+    rows: int
+    chunk: int
+    full_rows: int
+    row: int
+
+
+class FSDP2Backend(OptimizerStepped):
+    """Backend for a model with ``fully_shard`` applied (FSDP2). Built by ``select_backend`` when the
+    model (or one of its submodules) is an ``FSDPModule``; pass ``FSDP2Backend(model)`` to choose it
+    explicitly. The step is the attached torch optimizer's, over the sharded parameters."""
+
+    model_parallel = None  # each rank computes whole examples' gradients (sharding is storage only)
+
+    def __init__(self, model: nn.Module) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError("An FSDP2 (fully_shard) model needs torch.distributed initialised before the engine is built.")
+        self._modules = fsdp2_modules(model)
+        if not self._modules:
+            raise ConfigError("FSDP2Backend needs a model with torch.distributed.fsdp.fully_shard applied.")
+        self.model = model
+        self.mesh = _one_mesh(model)
+        self.process_group = self.mesh.get_group()
+        self.rank = dist.get_rank(self.process_group)
+        self.world_size = dist.get_world_size(self.process_group)
+        self._shards: dict[str, _Shard] = {}
+        self._sums: dict[str, Tensor] = {}
+        self._first: str | None = None
+        self._padding = False
+
+    # the engine's side ----------------------------------------------------------------------
+
+    def bind(self, engine) -> list:
+        """Check that every trainable parameter is an FSDP2 shard on dim 0 and every rank holds the
+        engine's key; keep parameters unsharded after backward (for the rules) while attached."""
+        if engine.model is not self.model:
+            raise ConfigError("Build the PrivacyEngine on the fully_shard'ed model itself (its names key the noise).")
+        check_same_key(engine.noise_key, self.process_group)
+        self._shards = {name: self._shard_of(name, p) for name, p in engine.parameters.items()}
+        self._first = next(iter(engine.parameters))
+        for module in self._modules:
+            module.set_reshard_after_backward(False, recurse=False)
+        return [_RestoreResharding(self._modules)]
+
+    def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
+        """Keep the local clipped sum at full shape. The engine hands the sums over in the order of
+        ``engine.parameters`` once every rule of the backward has run: at the first one, the
+        parameters kept unsharded for the rules are sharded again."""
+        if name == self._first:
+            self._reshard()
+        if self._padding or _is_dtensor(clipped):  # a padding pass, or the engine's zeros_like(p): nothing
+            return
+        total = self._sums.get(name)
+        clipped = clipped.reshape(param.shape).to(param.dtype)
+        if total is None:
+            self._sums[name] = clipped.contiguous()
+        else:
+            total.add_(clipped)
+
+    def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
+        """Reduce-scatter the local clipped sums (one SUM per dtype), noise this rank's rows, and
+        give each parameter its DTensor shard gradient."""
+        sums, self._sums = self._sums, {}
+        self._reshard()  # a step without a backward on this rank still leaves nothing unsharded
+        by_dtype: dict[torch.dtype, list[tuple[str, nn.Parameter]]] = {}
+        for name, p in parameters.items():
+            by_dtype.setdefault(p.dtype, []).append((name, p))
+        for named in by_dtype.values():
+            local = self._reduce_scatter(named, sums)
+            position = 0
+            for name, p in named:
+                shard = self._shards[name]
+                own = local[position : position + shard.rows * shard.row]
+                position += shard.chunk * shard.row
+                add_noise(name, own, shard.start * shard.row)
+                p.grad = _like_parameter(own.view(p.to_local().shape), p)
+
+    # the driver's side --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def padding(self):
+        """Backward calls whose clipped sums are dropped: the passes a rank runs so that its
+        all-gathers match those of a rank with more micro-batches."""
+        self._padding = True
+        try:
+            yield
+        finally:
+            self._padding = False
+
+    def micro_batch_count(self, local: int) -> int:
+        """The largest local micro-batch count over the ranks: every forward and backward
+        all-gathers parameters, so every rank runs as many passes."""
+        if self.world_size == 1:
+            return local
+        count = torch.tensor([local], dtype=torch.int64, device=self.mesh.device_type)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.process_group)
+        return int(count)
+
+    # internals --------------------------------------------------------------------------------
+
+    def _reshard(self) -> None:
+        for module in self._modules:
+            module.reshard()
+
+    def _shard_of(self, name: str, p: nn.Parameter) -> _Shard:
+        if not _is_dtensor(p) or p.device_mesh != self.mesh:
+            raise ConfigError(
+                f"Trainable parameter '{name}' is not sharded by FSDP2 on the model's mesh: apply fully_shard to the "
+                "root module too (fully_shard(model) after its layers), so that every trainable parameter is "
+                "sharded and reduced, or freeze it."
+            )
+        from torch.distributed.tensor import Shard
+
+        if tuple(p.placements) != (Shard(0),):
+            raise ConfigError(
+                f"'{name}' is placed as {tuple(p.placements)}; dpscale's FSDP2 backend supports Shard(0) only "
+                "(drop shard_placement_fn)."
+            )
+        if p.dim() == 0:
+            raise ConfigError(f"'{name}' is a scalar; FSDP2 shards parameters on dim 0, which it has not.")
+        full_rows = p.shape[0]
+        row = p.numel() // full_rows if full_rows else 0
+        chunk = -(-full_rows // self.world_size)
+        start = min(full_rows, chunk * self.rank)
+        rows = max(0, min(full_rows, start + chunk) - start)
+        local = p.to_local()
+        if local.device.type != self.mesh.device_type:
+            raise ConfigError(
+                f"'{name}' is kept on {local.device.type} while FSDP2 computes on {self.mesh.device_type} "
+                "(fully_shard(offload_policy=CPUOffloadPolicy())): parameter offload is not supported by dpscale's "
+                "FSDP2 backend; drop offload_policy."
+            )
+        if local.shape[0] != rows or tuple(local.shape[1:]) != tuple(p.shape[1:]) or not local.is_contiguous():
+            raise ConfigError(
+                f"FSDP2's shard of '{name}' on rank {self.rank} has shape {tuple(local.shape)}; dpscale expected rows "
+                f"[{start}, {start + rows}) of {tuple(p.shape)} (torch.chunk on dim 0). This torch version shards "
+                "differently: the keyed noise could not be placed."
+            )
+        return _Shard(start, rows, chunk, full_rows, row)
+
+    def _reduce_scatter(self, named: list[tuple[str, nn.Parameter]], sums: Mapping[str, Tensor]) -> Tensor:
+        """This rank's block of the SUM over ranks of the padded, FSDP2-ordered local sums."""
+        first = named[0][1]
+        per_rank = sum(self._shards[name].chunk * self._shards[name].row for name, _ in named)
+        flat = torch.zeros(self.world_size * per_rank, dtype=first.dtype, device=first.to_local().device)
+        position = 0
+        for name, p in named:
+            shard = self._shards[name]
+            total = sums.get(name)
+            position += shard.chunk * shard.row
+            if total is None:
+                continue
+            rows = total.reshape(shard.full_rows, shard.row)
+            for r in range(self.world_size):
+                a = min(shard.full_rows, r * shard.chunk)
+                b = min(shard.full_rows, a + shard.chunk)
+                if b > a:
+                    offset = r * per_rank + position - shard.chunk * shard.row
+                    flat[offset : offset + (b - a) * shard.row].copy_(rows[a:b].reshape(-1))
+        if self.world_size == 1:
+            return flat
+        out = torch.empty(per_rank, dtype=flat.dtype, device=flat.device)
+        _REDUCE_SCATTER(out, flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        return out
+
+
+# torch 2.13 renamed reduce_scatter_tensor (which still works, with a FutureWarning per call)
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _like_parameter(local: Tensor, p: nn.Parameter) -> Tensor:
+    """A DTensor gradient with ``p``'s mesh, placement, global shape and stride, holding ``local``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _one_mesh(model: nn.Module):
+    meshes = []
+    for p in model.parameters():
+        if _is_dtensor(p) and all(p.device_mesh is not m for m in meshes):
+            meshes.append(p.device_mesh)
+    if not meshes:
+        raise ConfigError("The fully_shard'ed model has no sharded parameter.")
+    mesh = meshes[0]
+    if mesh.ndim != 1 or any(m != mesh for m in meshes[1:]):
+        raise ConfigError(
+            "dpscale's FSDP2 backend supports one 1-D device mesh for every fully_shard call (plain FSDP); "
+            "HSDP (a 2-D mesh) and per-module meshes are not supported."
+        )
+    return mesh
+
+
+class _RestoreResharding:
+    """The handle ``engine.detach()`` removes: FSDP2 reshards after backward again (its default)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self._modules = modules
+
+    def remove(self) -> None:
+        for module in self._modules:
+            module.set_reshard_after_backward(True, recurse=False)
