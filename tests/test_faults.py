@@ -191,3 +191,68 @@ def test_a_rank_killed_or_hung_mid_run_ends_the_job_in_bounded_time(tmp_path, si
     last = [line for line in err.splitlines() if "Error" in line][-1:]
     print(f"seed {seed}: {signal_.name} after step {target}; rank 0 exited {ranks[0].returncode} after {elapsed:.2f} s "
           f"with {last}; checkpoint of step {state['privacy']['steps_taken']}")
+
+
+def test_dpscale_train_passes_its_collective_timeout_to_the_process_group():
+    from dpscale.cli import build_parser
+    from dpscale.train.config import load_config
+    from dpscale.train.job import _placement_kwargs
+
+    args = build_parser().parse_args(["train", "--collective-timeout", "7.5", "--max-steps", "2"])
+    config = load_config(None, {k: v for k, v in vars(args).items() if k in ("collective_timeout", "max_steps")})
+    (handler,) = _placement_kwargs(config)["kwargs_handlers"]
+    assert handler.to_kwargs() == {"timeout": __import__("datetime").timedelta(seconds=7.5)}
+    with pytest.raises(Exception, match="collective_timeout"):
+        load_config(None, {"collective_timeout": 0})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_dpscale_train_on_two_processes_ends_when_a_rank_dies_or_hangs(tmp_path, signal_):
+    """`accelerate launch` of the `dpscale train` job on 2 gloo processes with --collective-timeout
+    15: rank 1 is killed or stopped after a checkpoint; the job must fail within the timeout plus
+    the launcher's slack, leaving a checkpoint whose two sealed files load and agree."""
+    import psutil
+
+    from tests.tiny_models import save_tiny_causal_lm, write_e2e_csv
+
+    timeout_s = 15
+    model, data = save_tiny_causal_lm(tmp_path / "model"), write_e2e_csv(tmp_path / "e2e.csv")
+    out = tmp_path / "out"
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(ROOT / "launch" / "accelerate_cpu_2proc.yaml"), str(ROOT / "launch" / "train.py"), "--cpu",
+               "--model", str(model), "--data", str(data), "--trainable", "all", "--batch-size", "8",
+               "--max-steps", "400", "--checkpoint-every", "1", "--generations", "0", "--max-eval-examples", "4",
+               "--collective-timeout", str(timeout_s), "--output-dir", str(out)]
+    job = subprocess.Popen(command, cwd=ROOT, env={**ENV, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    victims = []
+    try:
+        deadline = time.monotonic() + 400
+        while _checkpointed_step(out) < 2 and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        victims = [p for p in psutil.Process(job.pid).children(recursive=True)
+                   if "train.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+        assert len(victims) == 1, [p.cmdline() for p in victims]
+        victims[0].send_signal(signal_)
+        start = time.monotonic()
+        try:
+            _, err = job.communicate(timeout=timeout_s + 120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the job still ran {timeout_s + 120} s after rank 1 was stopped")
+        elapsed = time.monotonic() - start
+    finally:
+        for victim in victims:
+            with __import__("contextlib").suppress(psutil.NoSuchProcess):
+                victim.kill()
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert job.returncode != 0, "the job finished as if nothing happened"
+    state = load_state(out / "checkpoint" / "state.pt", kind="train-state")
+    privacy = load_state(out / "checkpoint" / "privacy.pt", kind="privacy")
+    assert state["privacy"]["steps_taken"] == state["step"] >= 2
+    assert privacy["steps_taken"] in (state["step"], state["step"] - 1)  # privacy.pt may lag one write
+    assert all(torch.isfinite(value).all() for value in state["params"].values())
+    print(f"{signal_.name}: the job exited {job.returncode} after {elapsed:.1f} s; checkpoint of step {state['step']}")
