@@ -263,6 +263,8 @@ _TRAIN_HELP = {
                          "k <= --micro-batch)",
     "report_to": "Accelerate trackers, comma-separated: tensorboard, wandb, ...",
     "noise_key": "noise key file (every rank reads it; default: created in --output-dir)",
+    "collective_timeout": "seconds a process waits for the others in a collective before the job fails: a dead "
+                          "or hung rank ends the run in bounded time",
 }
 
 

@@ -44,6 +44,7 @@ from dpscale.per_example import (
     UnitLayout,
     total_squared_norm,
     weighted_sum,
+    zero_units,
 )
 from dpscale.plan import ExecutionPlan, build_execution_plan
 from dpscale.report import write_report
@@ -147,6 +148,8 @@ class PrivacyEngine:
         self.last_clip_factors: Tensor | None = None
         self.step_norms: Tensor | None = None  # per-example norms of the last finished step (all its backwards)
         self._norms_this_step: list[Tensor] = []
+        self.nonfinite_examples = 0  # units (examples or users) zeroed by the non-finite rule, this process
+        self._nonfinite_this_step = 0
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_versions: tuple[int, ...] | None = None  # clipped sums written, not yet stepped
         self._drawn_step: int | None = None  # the logical batch the bound loader handed out for this step
@@ -252,10 +255,13 @@ class PrivacyEngine:
         with torch.no_grad(), self._tape.paused():
             uses = self._per_example_grads(calls, grads)
             del calls, grads
+            bad_losses = ~torch.isfinite(losses.detach())
             if layout is not None:  # sum each user's examples: the unit clipped is the user
                 uses = {name: [layout.per_unit(use) for use in grad_uses] for name, grad_uses in uses.items()}
                 batch = layout.units
-            self._accumulate_clipped(uses, batch)
+                bad_losses = torch.zeros(batch, dtype=torch.long, device=losses.device).index_add_(
+                    0, layout.unit.to(losses.device), bad_losses.long()) > 0  # a user with a bad example
+            self._accumulate_clipped(uses, batch, bad_losses)
         self._users_this_step |= drawn_users
         self._norms_this_step.append(self.last_norms)
         self._pending_versions = self._parameter_versions()
@@ -329,6 +335,14 @@ class PrivacyEngine:
         self._users_this_step = set()
         norms, self._norms_this_step = self._norms_this_step, []
         self.step_norms = torch.cat(norms) if norms else torch.zeros(0)
+        if self._nonfinite_this_step:
+            logger.warning(
+                "dpscale: step %d: %d %s(s) on this process had a non-finite loss or gradient norm and contributed "
+                "zero; the step went on and was charged to the budget as usual.",
+                step, self._nonfinite_this_step, self.plan.sampling.privacy_unit,
+            )
+            self.nonfinite_examples += self._nonfinite_this_step
+            self._nonfinite_this_step = 0
 
     def _check_step_bound(self) -> None:
         if self._optimizer is None and not self.backend.owns_step:
@@ -747,7 +761,7 @@ class PrivacyEngine:
             )
         return local
 
-    def _accumulate_clipped(self, uses: dict[str, list[PerExampleGrad]], batch: int) -> None:
+    def _accumulate_clipped(self, uses: dict[str, list[PerExampleGrad]], batch: int, bad_losses: Tensor) -> None:
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.parameters.values()) else torch.float32
         device = next(iter(self.parameters.values())).device
         norms2 = torch.zeros(len(self.clipping.groups), batch, dtype=dtype, device=device)
@@ -765,6 +779,14 @@ class PrivacyEngine:
             norms2 = norms2 + sharded2
         norms = norms2.sqrt()
         factors = self.clipping.factors(norms)
+        # The non-finite rule (docs/RELIABILITY.md): a unit whose loss or any group's norm is not
+        # finite contributes exactly zero. Its factors are masked, and so are its per-example forms,
+        # since a zero weight times a NaN is still NaN; the noise and the step go on as usual.
+        bad = bad_losses.to(norms.device) | ~torch.isfinite(norms).all(0)
+        if bool(bad.any()):
+            factors = torch.where(bad, torch.zeros_like(factors), factors)
+            uses = {name: [zero_units(use, bad) for use in grad_uses] for name, grad_uses in uses.items()}
+            self._nonfinite_this_step += int(bad.sum())
         weights = factors / self.config.expected_batch_size
         for name, p in self.parameters.items():
             grad_uses = uses.pop(name, [])

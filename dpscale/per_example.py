@@ -197,6 +197,20 @@ def weighted_sum(grad: PerExampleGrad, weights: Tensor, dtype: torch.dtype) -> T
     return out.reshape(grad.shape).to(dtype)
 
 
+def zero_units(grad: PerExampleGrad, drop: Tensor) -> PerExampleGrad:
+    """``grad`` with the examples marked in ``drop`` ([B] bool) exactly zero, non-finite entries
+    included (``torch.where``, not a multiplication: 0 * NaN is NaN)."""
+    if isinstance(grad, Dense):
+        mask = drop.to(grad.grad.device).reshape(-1, *([1] * (grad.grad.dim() - 1)))
+        return Dense(torch.where(mask, torch.zeros_like(grad.grad), grad.grad))
+    mask = drop.to(grad.right.device)[:, None, None]
+    right = torch.where(mask, torch.zeros_like(grad.right), grad.right)
+    left = grad.left
+    if not grad.one_hot:
+        left = torch.where(mask, torch.zeros_like(left), left)
+    return Outer(left=left, right=right, m=grad.m, shape=grad.shape)
+
+
 def total_squared_norm(uses: list[PerExampleGrad], cache: GramCache | None = None) -> Tensor:
     """[B] squared norm of a parameter's per-example gradient summed over all its uses,
     cross terms included (a tied embedding and output head is one parameter)."""

@@ -11,7 +11,8 @@ spec keys: case ("ddp", "accelerate", "model_parallel"), model ("gpt2", "mlp"), 
 "bias", "lora"), clipping, batches (explicit global index lists, or null for the engine's Poisson
 loader), steps, die_at_step (a rank that exits before that step's optimizer.step), timeout_s,
 own_keys (plain DDP with noise_key=None: each rank generates its own key), users (user-level DP:
-the engine's loader draws the users of USERS, examples_per_user=2).
+the engine's loader draws the users of USERS, examples_per_user=2), nan_example (the mlp
+dataset's example of that index has a NaN input).
 """
 
 from __future__ import annotations
@@ -154,10 +155,13 @@ def mlp(group=None) -> tuple[nn.Module, dict[str, int]]:
     return full, offsets
 
 
-def dataset(kind: str):
+def dataset(kind: str, nan_example: int | None = None):
     g = torch.Generator().manual_seed(1)
     if kind == "mlp":
-        return torch.utils.data.TensorDataset(torch.randn(N, 6, generator=g), torch.randn(N, OUT, generator=g))
+        x = torch.randn(N, 6, generator=g)
+        if nan_example is not None:  # its loss and gradient are NaN: the non-finite rule drops it
+            x[nan_example, 0] = torch.nan
+        return torch.utils.data.TensorDataset(x, torch.randn(N, OUT, generator=g))
     return torch.utils.data.TensorDataset(torch.randint(0, VOCAB, (N, T), generator=g))
 
 
@@ -184,7 +188,7 @@ def global_batches(spec: dict) -> list[list[int]]:
 def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
     """Train ``steps`` logical steps; returns the final trainable parameters (this rank's)."""
     case, kind = spec.get("case", "ddp"), spec.get("model", "gpt2")
-    data = dataset(kind)
+    data = dataset(kind, spec.get("nan_example"))
     accelerator = None
     if case == "model_parallel" and world_size > 1:
         # Both ranks see every example; each holds half of each Linear. Data-parallel groups are

@@ -222,5 +222,12 @@ def test_the_job_refuses_a_damaged_state_and_a_torn_pair(tmp_path, capsys):
     assert cli(flags) == 2 and "damaged" in capsys.readouterr().err
     (folder / "state.pt").write_bytes(good)
     privacy = load_state(folder / "privacy.pt")
-    save_atomic({**privacy, "steps_taken": privacy["steps_taken"] - 1}, folder / "privacy.pt")
+    save_atomic({**privacy, "steps_taken": privacy["steps_taken"] - 1}, folder / "privacy.pt")  # a torn pair
+    legacy = load_state(folder / "state.pt", kind="train-state")
+    del legacy["privacy"]  # a state.pt written before it held the privacy state: the pair is all there is
+    save_atomic(legacy, folder / "state.pt", kind="train-state")
     assert cli(flags) == 2 and "died between the two writes" in capsys.readouterr().err
+    # today's state.pt holds the privacy state of its own step: a run killed between the two writes resumes
+    (folder / "state.pt").write_bytes(good)
+    assert cli([*flags[:-6], "--checkpoint-every", "1", "--generations", "0"]) == 0  # no --stop-after: to step 3
+    assert load_state(folder / "privacy.pt")["steps_taken"] == 3

@@ -54,6 +54,9 @@ class TrainConfig:
         amount of data.
     report_to: Accelerate trackers ("tensorboard", "wandb", ...); none by default.
     cpu: Accelerator(cpu=True): gloo, even where GPUs exist.
+    collective_timeout: seconds a process waits in a collective (the gradient all-reduce, a
+        barrier) for the others before the job fails with an error naming the timeout: a rank that
+        died or hung ends the run in bounded time instead of torch's default 30 minutes.
     deepspeed: a DeepSpeed config file (ds_configs/zero*.json), for the deepspeed launcher or
         torchrun; ``accelerate launch`` with a DeepSpeed config needs none.
     """
@@ -98,6 +101,7 @@ class TrainConfig:
     max_new_tokens: int = 40
     eval_batch_size: int = 32
     cpu: bool = False
+    collective_timeout: float = 300.0
     deepspeed: str | None = None
 
     def __post_init__(self) -> None:
@@ -114,7 +118,7 @@ class TrainConfig:
         self._check_privacy_unit()
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("Give epochs or max_steps: the length of the run the noise is calibrated for.")
-        for name in ("batch_size", "lr", "max_grad_norm", "epsilon"):
+        for name in ("batch_size", "lr", "max_grad_norm", "epsilon", "collective_timeout"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}.")

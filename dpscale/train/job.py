@@ -236,7 +236,9 @@ def _train_private(config, task, model, optimizer, accelerator, state, checkpoin
     loader = make_data_loader(accelerator, engine, task.train.dataset, max_physical_batch_size=config.micro_batch,
                               collate_fn=task.train.collate, user_ids=task.users)
     history = list(state["history"]) if state else []
-    if state:
+    if state and "privacy" in state:  # the privacy state written atomically with the parameters
+        engine.load_state_dict(state["privacy"])
+    elif state:  # a state.pt written before it held the privacy state
         engine.load_checkpoint(checkpoint / "privacy.pt")
     total = min(engine.budget_steps, config.max_steps or engine.budget_steps)
     if task.users is None:
@@ -350,9 +352,11 @@ def _next_batch(order: list[int], size: int, batch: int, generator: torch.Genera
 
 def _save_checkpoint(folder: Path, accelerator, model, optimizer, engine, history, before, step=None) -> None:
     """Trainable parameters, optimizer and privacy state, written by the main process (all ranks
-    hold the same after a step); the privacy state last, so a checkpoint without it is incomplete.
-    Under DeepSpeed (partitioned parameters and optimizer state) only the privacy state is written,
-    and a rerun refuses to resume from it."""
+    hold the same after a step). ``state.pt`` holds all three in one atomic write, so a run killed
+    at any point leaves a consistent checkpoint of one step; ``privacy.pt`` beside it is the privacy
+    state alone (for ``dpscale audit`` and other readers), written after, so it may lag one step
+    behind a killed run's ``state.pt``. Under DeepSpeed (partitioned parameters and optimizer
+    state) only the privacy state is written, and a rerun refuses to resume from it."""
     if not accelerator.is_main_process:
         return
     if _is_deepspeed(accelerator):
@@ -363,7 +367,8 @@ def _save_checkpoint(folder: Path, accelerator, model, optimizer, engine, histor
     params = {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
     save_atomic({"params": params, "optimizer": optimizer.state_dict(), "history": history, "before": before,
                  "step": step if step is not None else engine.steps_taken,
-                 "rng": torch.get_rng_state()},  # dropout masks continue as in an uninterrupted run
+                 "rng": torch.get_rng_state(),  # dropout masks continue as in an uninterrupted run
+                 **({"privacy": engine.state_dict()} if engine is not None else {})},
                 folder / "state.pt", kind="train-state")
     if engine is not None:
         engine.save_checkpoint(folder / "privacy.pt")
@@ -377,16 +382,26 @@ def _load_checkpoint(folder: Path, config: TrainConfig, accelerator) -> dict | N
         )
     if not config.resume or not (folder / "state.pt").is_file():
         return None
-    if not config.non_private and not (folder / "privacy.pt").is_file():
-        raise ConfigError(f"{folder} has no privacy.pt: the run died mid-checkpoint; remove {folder} to start over.")
     state = load_state(folder / "state.pt", kind="train-state")
     missing = sorted({"params", "optimizer", "history", "before", "step", "rng"} - set(state))
     if missing:
         raise CheckpointError(f"{folder / 'state.pt'} lacks {missing}: it is not a dpscale train state; remove "
                               f"{folder} to start over.")
-    if not config.non_private:
-        # both files or neither: parameters at step k with a privacy state at another step would resume with
-        # steps the accountant never saw (or batches drawn twice)
+    if not config.non_private and "privacy" not in state and not (folder / "privacy.pt").is_file():
+        raise ConfigError(f"{folder} has no privacy.pt: the run died mid-checkpoint; remove {folder} to start over.")
+    if not config.non_private and "privacy" in state:
+        if not isinstance(state["privacy"], dict) or state["privacy"].get("steps_taken") != state["step"]:
+            raise CheckpointError(f"{folder / 'state.pt'} holds parameters and a privacy state of different steps; "
+                                  f"it is damaged: remove {folder} to start over.")
+        lagging = (folder / "privacy.pt").is_file() and \
+            load_state(folder / "privacy.pt", kind="privacy").get("steps_taken") != state["step"]
+        if lagging or not (folder / "privacy.pt").is_file():  # killed between the two writes: state.pt is whole
+            logger.warning("%s is missing or behind %s (step %s): the run was stopped between the two writes. "
+                           "Resuming from state.pt, which holds both; privacy.pt is rewritten at the next checkpoint.",
+                           folder / "privacy.pt", folder / "state.pt", state["step"])
+    elif not config.non_private:
+        # a state.pt written before it held the privacy state: both files or neither; parameters at step k with
+        # a privacy state at another step would resume with steps the accountant never saw (or batches drawn twice)
         privacy = load_state(folder / "privacy.pt", kind="privacy")
         if privacy.get("steps_taken") != state["step"]:
             raise CheckpointError(
@@ -448,17 +463,22 @@ def _placement_kwargs(config: TrainConfig) -> dict:
     """Data parallel: Accelerator(cpu=...). DeepSpeed, from --deepspeed (deepspeed launcher,
     torchrun) or from `accelerate launch`'s DeepSpeed config: its plugin, and on a machine without
     CUDA (or with --cpu) a gloo process group (Accelerate's cpu=True would skip DeepSpeed)."""
+    import datetime
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # a dead or hung rank fails the others' next collective after this long, not torch's 30 minutes
+    timeout = datetime.timedelta(seconds=config.collective_timeout)
     from_accelerate = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if not config.deepspeed and not from_accelerate:
-        return {"cpu": config.cpu}
+        return {"cpu": config.cpu, "kwargs_handlers": [InitProcessGroupKwargs(timeout=timeout)]}
     from accelerate import DeepSpeedPlugin
-    from accelerate.utils import InitProcessGroupKwargs
 
     kwargs: dict = {}
     if config.deepspeed:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=config.deepspeed)
-    if config.cpu or not torch.cuda.is_available():
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    gloo = {"backend": "gloo"} if config.cpu or not torch.cuda.is_available() else {}
+    kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timeout, **gloo)]
     return kwargs
 
 
