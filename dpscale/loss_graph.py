@@ -42,6 +42,7 @@ def check_loss_graph(losses: Tensor, recorded: Iterable, stamp: Hashable, forwar
     targets = set(recorded)
     reaches: dict = {}  # node -> whether a recorded output lies below it (set once its children are)
     expanded: set = set()  # nodes whose children were pushed
+    earlier = False  # a module output recorded by an earlier forward pass lies below the losses
     stack = [root]
     while stack:
         node = stack[-1]
@@ -57,14 +58,7 @@ def check_loss_graph(losses: Tensor, recorded: Iterable, stamp: Hashable, forwar
                 continue
         stack.pop()
         seen = node.metadata.get(stamp)
-        if seen is not None and seen != forward:
-            raise TapeError(
-                "The losses depend on two forward passes of the model (the last one and an earlier one, e.g. "
-                "loss = model(a) + model(b)). The engine differentiates the module calls of the last forward "
-                "only, so the earlier one's share of each gradient would be lost. Concatenate the inputs into "
-                "one forward pass, or call engine.backward after each forward (backwards before one step "
-                "accumulate)."
-            )
+        earlier = earlier or (seen is not None and seen != forward)
         reaches[node] = node in targets or any(reaches[child] for child in children)
         if reaches[node] and node not in targets and _is_scalar(node):
             raise LossShapeError(
@@ -74,6 +68,19 @@ def check_loss_graph(losses: Tensor, recorded: Iterable, stamp: Hashable, forwar
                 "clipping bounds nothing. Compute one loss per example from its own outputs (dpscale.losses), "
                 "and leave batch-level terms out of the private loss."
             )
+    if earlier and any(reaches.get(node, False) for node in targets):
+        raise TapeError(
+            "The losses depend on two forward passes of the model (the last one and an earlier one, e.g. "
+            "loss = model(a) + model(b)). The engine differentiates the module calls of the last forward "
+            "only, so the earlier one's share of each gradient would be lost. Concatenate the inputs into "
+            "one forward pass, or call engine.backward after each forward (backwards before one step "
+            "accumulate)."
+        )
+    if earlier:
+        raise TapeError(
+            "The losses were computed from an earlier forward pass, not the last one: compute them from the "
+            "most recent forward, and call engine.backward before the next forward."
+        )
 
 
 def _is_scalar(node) -> bool:
