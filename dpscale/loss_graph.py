@@ -78,7 +78,7 @@ def check_loss_graph(losses: Tensor, recorded: Iterable, stamp: Hashable, forwar
         )
     if earlier:
         raise TapeError(
-            "The losses were computed from an earlier forward pass, not the last one: compute them from the "
+            "The losses were computed from an earlier forward pass, not the last forward: compute them from the "
             "most recent forward, and call engine.backward before the next forward."
         )
 
