@@ -363,6 +363,10 @@ def _split(lo: float, eps_lo: float, hi: float, eps_hi: float, aim: float) -> fl
     return math.exp(math.log(lo) + fraction * (math.log(hi) - math.log(lo)))
 
 
+class _TargetTooLarge(PrivacyBudgetError):
+    """The target epsilon is met already at the least noise calibrated."""
+
+
 def _search(
     eps_at: Callable[[float], float],
     target: float,
@@ -398,13 +402,13 @@ def _search(
         while True:
             candidate = hi / factor
             if candidate < MIN_NOISE_MULTIPLIER:
-                logger.info(
-                    "%s is met already at sigma=%g, the smallest calibrated; smaller noise may "
-                    "also meet it.",
-                    describe,
-                    hi,
+                raise _TargetTooLarge(
+                    f"{describe} is met already at sigma={hi:g} (epsilon there {eps_hi:.4g}), near the "
+                    f"least noise dpscale calibrates (sigma={MIN_NOISE_MULTIPLIER:g}): a target this "
+                    "large promises next to nothing, and the step budget it allows could not be "
+                    "computed in useful time. Give a smaller target_epsilon, or give "
+                    "noise_multiplier directly (the epsilon it costs is reported)."
                 )
-                return hi
             eps_candidate = eps_at(candidate)
             if eps_candidate > target:
                 lo, eps_lo = candidate, eps_candidate
@@ -446,7 +450,8 @@ def calibrate_noise_multiplier(
     (relative) below the target, and returns that end rounded up to NOISE_MULTIPLIER_DIGITS
     significant digits: `compute_epsilon` at the result never exceeds the target.
 
-    Raises PrivacyBudgetError when no sigma up to MAX_NOISE_MULTIPLIER reaches the target.
+    Raises PrivacyBudgetError when no sigma up to MAX_NOISE_MULTIPLIER reaches the target, or when
+    the target is met already near MIN_NOISE_MULTIPLIER (a vacuous epsilon).
     """
     _check_kinds(accountant, sampling, dataset_size)
     _check_delta(delta, dataset_size)
@@ -477,6 +482,8 @@ def calibrate_noise_multiplier(
     guide_tolerance = max(tolerance, _GUIDE_TOLERANCE) if accountant == "pld" else tolerance
     try:
         guess = _search(eps_with("rdp"), target, 1.0, 2.0, guide_tolerance, describe)
+    except _TargetTooLarge as error:  # RDP bounds PLD from above: PLD meets it there too
+        raise PrivacyBudgetError(str(error)) from None
     except PrivacyBudgetError:
         if accountant == "rdp":
             raise
@@ -485,7 +492,10 @@ def calibrate_noise_multiplier(
     if accountant == "rdp":
         hi = guess
     else:
-        hi = _search(eps_at, target, guess, _PLD_BRACKET_FACTOR, tolerance, describe)
+        try:
+            hi = _search(eps_at, target, guess, _PLD_BRACKET_FACTOR, tolerance, describe)
+        except _TargetTooLarge as error:
+            raise PrivacyBudgetError(str(error)) from None
 
     rounded = _round_up(hi, NOISE_MULTIPLIER_DIGITS)
     # Epsilon falls with sigma, but a discretized PLD may wobble by a grid step; `hi` itself was

@@ -89,9 +89,19 @@ class DPConfig:
         return self.expected_batch_size / self.dataset_size
 
     def __post_init__(self) -> None:
+        self._check_scales()
         self._check_unit_knobs()
         self._check_privacy_knobs()
         self._check_clipping_knobs()
+
+    def _check_scales(self) -> None:
+        """First, since the other checks compare with these numbers."""
+        if not _positive(self.max_grad_norm):
+            raise ConfigError(f"max_grad_norm must be a positive finite number, got {self.max_grad_norm!r}.")
+        if not _positive(self.expected_batch_size):
+            raise ConfigError(
+                f"expected_batch_size must be positive (sample_rate * dataset_size), got {self.expected_batch_size!r}."
+            )
 
     def _check_unit_knobs(self) -> None:
         if self.privacy_unit not in PRIVACY_UNITS:
@@ -136,11 +146,15 @@ class DPConfig:
                 raise ConfigError("target_epsilon needs dataset_size, to know the sampling rate q = expected_batch_size / dataset_size.")
             if (self.steps is None) == (self.epochs is None):
                 raise ConfigError("target_epsilon needs exactly one of steps or epochs, the length of the run to calibrate for.")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(
+                f"steps={self.steps!r} and epochs={self.epochs!r} both give the length of the run; give one of them."
+            )
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
             raise ConfigError(f"steps must be a positive integer, got {self.steps!r}.")
         if self.epochs is not None and not _positive(self.epochs):
             raise ConfigError(f"epochs must be positive, got {self.epochs!r}.")
-        if self.target_delta is not None and not (0 < self.target_delta < 1):
+        if self.target_delta is not None and not (_positive(self.target_delta) and self.target_delta < 1):
             raise ConfigError(f"target_delta must lie in (0, 1), got {self.target_delta!r}.")
         if self.target_delta is not None and self.dataset_size is not None and self.target_delta >= 1 / self.dataset_size:
             raise ConfigError(
@@ -156,14 +170,9 @@ class DPConfig:
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
 
     def _check_clipping_knobs(self) -> None:
-        if not _positive(self.max_grad_norm):
-            raise ConfigError(f"max_grad_norm must be a positive finite number, got {self.max_grad_norm!r}.")
-        if not _positive(self.expected_batch_size):
-            raise ConfigError(
-                f"expected_batch_size must be positive (sample_rate * dataset_size), got {self.expected_batch_size!r}."
-            )
         if self.noise_multiplier is not None and not (
-            isinstance(self.noise_multiplier, (int, float)) and math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
+            isinstance(self.noise_multiplier, (int, float)) and not isinstance(self.noise_multiplier, bool)
+            and math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
         ):
             raise ConfigError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}.")
         if self.clip_fn not in CLIP_FUNCTIONS:
@@ -174,14 +183,18 @@ class DPConfig:
             if self.clipping not in CLIPPING_MODES:
                 raise ConfigError(f"clipping must be one of {CLIPPING_MODES} or a list of parameter groups, got {self.clipping!r}.")
         else:
-            groups = [list(group) for group in self.clipping]
+            groups = _groups(self.clipping)
             if not groups or any(not group or not all(isinstance(p, str) for p in group) for group in groups):
-                raise ConfigError("clipping groups must be a non-empty list of non-empty lists of parameter names.")
+                raise ConfigError(
+                    f"clipping must be one of {CLIPPING_MODES} or a non-empty list of parameter groups, each a non-empty "
+                    f"list of parameter names or patterns (e.g. [['encoder.*'], ['head.*']]); got {self.clipping!r}."
+                )
             object.__setattr__(self, "clipping", tuple(tuple(group) for group in groups))
         if self.group_max_grad_norms is not None:
-            norms = tuple(float(r) for r in self.group_max_grad_norms)
-            if not all(_positive(r) for r in norms):
-                raise ConfigError("group_max_grad_norms must all be positive.")
+            norms = tuple(self.group_max_grad_norms) if _iterable(self.group_max_grad_norms) else ()
+            if not norms or not all(_positive(r) for r in norms):
+                raise ConfigError(f"group_max_grad_norms must be a list of positive numbers, got {self.group_max_grad_norms!r}.")
+            norms = tuple(float(r) for r in norms)
             total = math.sqrt(sum(r * r for r in norms))
             if not math.isclose(total, self.max_grad_norm, rel_tol=1e-6):
                 raise ConfigError(
@@ -190,6 +203,18 @@ class DPConfig:
                     f"max_grad_norm = {self.max_grad_norm}."
                 )
             object.__setattr__(self, "group_max_grad_norms", norms)
+
+
+def _iterable(value) -> bool:
+    return not isinstance(value, (str, bytes)) and hasattr(value, "__iter__")
+
+
+def _groups(clipping) -> list[list]:
+    """The clipping groups as lists; [] for anything that is not a list of lists of names (a bare
+    string is one name, not a group of characters)."""
+    if not _iterable(clipping) or not all(_iterable(group) for group in clipping):
+        return []
+    return [list(group) for group in clipping]
 
 
 def _positive(value) -> bool:

@@ -37,6 +37,7 @@ from dpscale.errors import (
     UnsupportedModuleError,
 )
 from dpscale.layers import RuleRegistry, default_registry
+from dpscale.loss_graph import check_loss_graph
 from dpscale.noise import NoiseKey, add_gaussian_noise_, load_noise_key
 from dpscale.per_example import (
     GramCache,
@@ -104,7 +105,9 @@ class PrivacyEngine:
         sharded_parameters: Collection[str] | None = None,
     ) -> None:
         if not isinstance(config, DPConfig):
-            raise TypeError("config must be a dpscale.DPConfig")
+            raise ConfigError(f"config must be a dpscale.DPConfig, got {type(config).__name__}.")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.backend, model = select_backend(model, backend)
         self.model = model
         self.config = config
@@ -225,6 +228,7 @@ class PrivacyEngine:
         read were kept from the forward (memory: see ``dpscale.tape``). Reentrant checkpointing is
         refused here, before any gradient is computed."""
         self._check_step_bound()
+        self._check_model_unchanged()
         self._check_no_unseen_step()
         self._check_budget()
         if self._checks_sampling and self._drawn_step is None:
@@ -240,6 +244,7 @@ class PrivacyEngine:
         layout, drawn_users = self._unit_layout(users, batch, losses.device)
         calls = self._tape.take()
         self._check_all_uses_recorded(losses, calls)
+        check_loss_graph(losses, (edge.node for call in calls for edge in call.edges), self._tape.stamp, self._tape.forward)
         edges = [edge for call in calls for edge in call.edges]
         eager = [call for call in calls if call.eager]
         targets = edges + [self._tape.anchor] if eager else edges
@@ -312,6 +317,7 @@ class PrivacyEngine:
         """Add noise to every trainable gradient exactly once and record the step with the
         accountant. Runs in the attached optimizer's step pre-hook (or the backend's); never call it
         and then update parameters with an optimizer that is not attached."""
+        self._check_model_unchanged()
         self._check_no_unseen_step()
         self._check_budget()
         if self._checks_sampling and self._drawn_step is None:
@@ -353,6 +359,33 @@ class PrivacyEngine:
                 "(or PrivacyEngine(..., optimizer=optimizer)), and close each logical step with engine.step() "
                 "or optimizer.step()."
             )
+
+    def _check_model_unchanged(self) -> None:
+        """The trainable parameters (names, objects, ties) and the attached optimizer's parameters are
+        the ones the engine was built with: a parameter added, frozen, unfrozen, replaced or re-tied
+        afterwards would be trained without noise, noised but not trained, or keyed wrongly."""
+        now = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        ours = self.parameters
+        changed = now.keys() != ours.keys() or any(now[name] is not p for name, p in ours.items())
+        if changed:
+            added = sorted(now.keys() - ours.keys())
+            gone = sorted(ours.keys() - now.keys())
+            replaced = sorted(name for name in now.keys() & ours.keys() if now[name] is not ours[name])
+            what = [f"{label}: {names[:5]}" for label, names in (("added or unfrozen", added), (
+                "frozen, removed or tied to another", gone), ("replaced by another tensor", replaced)) if names]
+            raise ConfigError(
+                f"The model's trainable parameters changed after the PrivacyEngine was built ({'; '.join(what)}). The "
+                "engine clips, noises and accounts the parameters it was built with. Change the model first, then "
+                "build the engine and its optimizer (or build a new engine)."
+            )
+        if self._optimizer is not None:
+            ids = {id(p) for p in ours.values()}
+            if any(id(p) not in ids for group in self._optimizer.param_groups for p in group["params"]):
+                raise ConfigError(
+                    "The attached optimizer was given parameters that this engine does not clip after it was "
+                    "attached (add_param_group?): they would be updated without noise. Build the optimizer over "
+                    "engine.parameters.values() and do not add parameters to it."
+                )
 
     def _check_no_unseen_step(self) -> None:
         if self._pending_versions is not None and self._parameter_versions() != self._pending_versions:

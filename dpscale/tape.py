@@ -186,6 +186,8 @@ class Tape:
         self._frames: list[_Frame] = []
         self._replays: dict[int, list[_Frame]] | None = None  # per thread, while replaying
         self._seq = 0
+        self.forward = 0  # the number of the latest forward pass, stamped on what it records
+        self.stamp = object()  # this tape's key in Node.metadata (dpscale.loss_graph reads it)
         self._paused = False
         self._takes_use_cache = "use_cache" in inspect.signature(model.forward).parameters
         self._handles = []
@@ -253,6 +255,7 @@ class Tape:
             self._stack.clear()
             self.calls = []
             self.batch_size = infer_batch_size(args, kwargs) if torch.is_grad_enabled() else None
+            self.forward += 1
             if self._replays is None:  # a replayed whole-model forward keeps the forward's anchor
                 self.anchor = torch.zeros((), requires_grad=True)
             if self.batch_size is not None and self._takes_use_cache and kwargs.get("use_cache") is not False:
@@ -345,6 +348,13 @@ class Tape:
             return self._append(owner, inputs, output, frame.seq)
         return None
 
+    def _edge(self, output: Tensor) -> GradientEdge:
+        """The gradient edge of a recorded output, its node stamped with this forward's number (so
+        that losses mixing two forwards are recognised: ``dpscale.loss_graph``)."""
+        edge = get_gradient_edge(output)
+        edge.node.metadata[self.stamp] = self.forward
+        return edge
+
     def _append(self, owner: Owner, inputs: CallInputs, output: Tensor, seq: int, batch_dim: int = 0) -> Tensor:
         """Record the call; returns the output the model goes on with (the eager identity's)."""
         if owner.rule.input_free.issuperset(owner.local_names):
@@ -354,8 +364,9 @@ class Tape:
         if eager and inputs and isinstance(inputs[0], Tensor):
             saved = (inputs[0],)
             inputs = CallInputs((SAVED_INPUT,) + tuple(inputs[1:]), inputs.kwargs)
+        edge = self._edge(output)  # stamped either way; an eager call reads its gradient itself
         call = ModuleCall(
-            owner.module, owner.qualname, owner.rule, inputs, edges=() if eager else (get_gradient_edge(output),),
+            owner.module, owner.qualname, owner.rule, inputs, edges=() if eager else (edge,),
             leaf_indices=(0,), leaf_count=1, names=owner.local_names, global_names=owner.global_names, seq=seq,
             batch_dim=batch_dim, eager=eager,
         )
@@ -399,7 +410,7 @@ class Tape:
                 continue
             if frame.declared:  # the rule reads the layout of every output leaf itself
                 indices.append(i)
-                edges.append(get_gradient_edge(leaf))
+                edges.append(self._edge(leaf))
                 continue
             if leaf.dim() and leaf.shape[0] == 1 and batch > 1:
                 leaf = leaves[i] = leaf.expand(batch, *leaf.shape[1:])
@@ -411,7 +422,7 @@ class Tape:
                     "gradients cannot be separated. Freeze the parameters it owns or register a rule for it."
                 )
             indices.append(i)
-            edges.append(get_gradient_edge(leaf))
+            edges.append(self._edge(leaf))
         delegated = set(frame.delegated.values())
         kept = []
         for call in self.calls:
