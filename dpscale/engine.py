@@ -244,7 +244,7 @@ class PrivacyEngine:
         layout, drawn_users = self._unit_layout(users, batch, losses.device)
         calls = self._tape.take()
         self._check_all_uses_recorded(losses, calls)
-        check_loss_graph(losses, (edge.node for call in calls for edge in call.edges), self._tape.stamp, self._tape.forward)
+        check_loss_graph(losses, (node for call in calls for node in call.graph_nodes()), self._tape.stamp, self._tape.forward)
         edges = [edge for call in calls for edge in call.edges]
         eager = [call for call in calls if call.eager]
         targets = edges + [self._tape.anchor] if eager else edges

@@ -100,6 +100,11 @@ class ModuleCall:
     eager: bool = False
     result: dict | None = None
     dropped: bool = False  # covered by an enclosing whole call: its gradient is not needed
+    eager_node: Any = None  # an eager call's output node (it has no edges)
+
+    def graph_nodes(self) -> tuple:
+        """The graph nodes of the outputs this call records (what the loss-graph checks look for)."""
+        return (self.eager_node,) if self.eager else tuple(edge.node for edge in self.edges)
 
     def output_grad(self, grads: list[Tensor | None]) -> Any:
         """The gradients of ``edges`` as the rule reads them: one tensor, or for a whole-call rule
@@ -368,7 +373,7 @@ class Tape:
         call = ModuleCall(
             owner.module, owner.qualname, owner.rule, inputs, edges=() if eager else (edge,),
             leaf_indices=(0,), leaf_count=1, names=owner.local_names, global_names=owner.global_names, seq=seq,
-            batch_dim=batch_dim, eager=eager,
+            batch_dim=batch_dim, eager=eager, eager_node=edge.node if eager else None,
         )
         self.calls.append(call)
         if eager:

@@ -343,5 +343,6 @@ def test_one_key_loader_one_epochs_conversion_one_padding_loop():
     assert where("NoiseKey.from_file(key") == ["noise.py"]
     assert where(".generate()") == ["noise.py"]
     assert where("round(epochs / ") == ["accounting.py"]  # steps_for_epochs
-    assert where("micro_batch_count(") == ["backends/base.py", "backends/deepspeed.py", "driver.py"]
+    # the protocol, the two backends whose engines gather in every pass, and the one caller
+    assert where("micro_batch_count(") == ["backends/base.py", "backends/deepspeed.py", "backends/fsdp2.py", "driver.py"]
     assert where(".padding_batch()") == ["driver.py"]
