@@ -65,7 +65,7 @@ from bench_step import (  # noqa: E402  (bench_step.py lives beside this file)
 from bench_step import library_versions as base_versions  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENGINES = ("ddp", "zero2", "zero3")
+ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
 SUBSETS = ("full", "bias", "lora")
 # --small: the same architecture, halved in depth and vocabulary, for a quick run.
 SMALL_OVERRIDES = dict(num_hidden_layers=2, vocab_size=4096)
@@ -246,9 +246,48 @@ def zero_mode(args: argparse.Namespace, stage: int, private: bool) -> Mode:
     return Mode(dp_step, close, trainable=trainable)
 
 
+def fsdp2_mode(args: argparse.Namespace, private: bool) -> Mode:
+    """PyTorch FSDP2: ``fully_shard`` on every decoder layer, then on the root (every parameter a
+    DTensor sharded on dim 0). Non-private: FSDP2's own reduce-scatter of the mean loss's
+    gradients. DP: dpscale's FSDP2 backend (selected from the model)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_llama(args)
+    trainable = trainable_count(model)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = make_optimizer(model, args)
+    if not private:
+
+        def step(ids: torch.Tensor) -> None:
+            per_example_losses(model(input_ids=ids).logits, ids).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return Mode(step, trainable=trainable)
+
+    from dpscale import PrivacyEngine
+    from dpscale.losses import causal_lm_losses
+
+    engine = PrivacyEngine(model, dp_config(args), noise_key=noise_key(), rules=dp_rules(args))
+    engine.attach_optimizer(optimizer)
+
+    def dp_step(ids: torch.Tensor) -> None:
+        # As under ZeRO-3, every rank runs as many passes as the busiest (one int64 all-reduce).
+        for _ in range(engine.backend.micro_batch_count(1)):
+            engine.backward(causal_lm_losses(model(input_ids=ids).logits, ids))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Mode(dp_step, engine.detach, trainable=trainable)
+
+
 def build_pair(args: argparse.Namespace, engine: str) -> dict[str, Mode]:
     if engine == "ddp":
         return {"nonprivate": ddp_mode(args, False), "dp": ddp_mode(args, True)}
+    if engine == "fsdp2":
+        return {"nonprivate": fsdp2_mode(args, False), "dp": fsdp2_mode(args, True)}
     stage = int(engine[-1])
     return {"nonprivate": zero_mode(args, stage, False), "dp": zero_mode(args, stage, True)}
 
@@ -517,7 +556,8 @@ def render(args, meta, results) -> str:
         "| wire MiB/step/rank non-private | wire DP |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    labels = {"ddp": "DDP (DataParallelBackend)", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
+    labels = {"ddp": "DDP (DataParallelBackend)", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3",
+              "fsdp2": "PyTorch FSDP2 (fully_shard)"}
     errors = results.get("errors", {})
     for name in ENGINES:
         if name in errors:

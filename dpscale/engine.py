@@ -244,7 +244,7 @@ class PrivacyEngine:
         layout, drawn_users = self._unit_layout(users, batch, losses.device)
         calls = self._tape.take()
         self._check_all_uses_recorded(losses, calls)
-        check_loss_graph(losses, (node for call in calls for node in call.graph_nodes()), self._tape.stamp, self._tape.forward)
+        check_loss_graph(losses, self._tape.stamp, self._tape.forward)
         edges = [edge for call in calls for edge in call.edges]
         eager = [call for call in calls if call.eager]
         targets = edges + [self._tape.anchor] if eager else edges
@@ -366,7 +366,9 @@ class PrivacyEngine:
         afterwards would be trained without noise, noised but not trained, or keyed wrongly."""
         now = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         ours = self.parameters
-        changed = now.keys() != ours.keys() or any(now[name] is not p for name, p in ours.items())
+        changed = now.keys() != ours.keys()
+        if not self.backend.swaps_parameters:  # else the objects change by design: names only
+            changed = changed or any(now[name] is not p for name, p in ours.items())
         if changed:
             added = sorted(now.keys() - ours.keys())
             gone = sorted(ours.keys() - now.keys())

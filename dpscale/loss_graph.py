@@ -25,21 +25,22 @@ skipped.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable
 
 from torch import Tensor
 
 from dpscale.errors import LossShapeError, TapeError
 
 
-def check_loss_graph(losses: Tensor, recorded: Iterable, stamp: Hashable, forward: int) -> None:
+def check_loss_graph(losses: Tensor, stamp: Hashable, forward: int) -> None:
     """Refuse losses that reach a module output recorded in another forward than ``forward``, or
-    that pass through a scalar computed from a recorded module output (``recorded``: the graph
-    nodes of this forward's recorded outputs)."""
+    that pass through a scalar computed from a recorded module output (the recorded outputs are
+    the nodes stamped ``forward`` under ``stamp``: the tape keeps no reference to them, which
+    would keep their saved tensors alive through the backward)."""
     root = losses.grad_fn
     if root is None:
         return
-    targets = set(recorded)
+    targets: set = set()  # this forward's recorded outputs among the nodes below the losses
     reaches: dict = {}  # node -> whether a recorded output lies below it (set once its children are)
     expanded: set = set()  # nodes whose children were pushed
     earlier = False  # a module output recorded by an earlier forward pass lies below the losses
@@ -59,6 +60,8 @@ def check_loss_graph(losses: Tensor, recorded: Iterable, stamp: Hashable, forwar
         stack.pop()
         seen = node.metadata.get(stamp)
         earlier = earlier or (seen is not None and seen != forward)
+        if seen == forward:
+            targets.add(node)
         reaches[node] = node in targets or any(reaches[child] for child in children)
         if reaches[node] and node not in targets and _is_scalar(node):
             raise LossShapeError(

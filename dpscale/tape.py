@@ -100,11 +100,6 @@ class ModuleCall:
     eager: bool = False
     result: dict | None = None
     dropped: bool = False  # covered by an enclosing whole call: its gradient is not needed
-    eager_node: Any = None  # an eager call's output node (it has no edges)
-
-    def graph_nodes(self) -> tuple:
-        """The graph nodes of the outputs this call records (what the loss-graph checks look for)."""
-        return (self.eager_node,) if self.eager else tuple(edge.node for edge in self.edges)
 
     def output_grad(self, grads: list[Tensor | None]) -> Any:
         """The gradients of ``edges`` as the rule reads them: one tensor, or for a whole-call rule
@@ -369,11 +364,11 @@ class Tape:
         if eager and inputs and isinstance(inputs[0], Tensor):
             saved = (inputs[0],)
             inputs = CallInputs((SAVED_INPUT,) + tuple(inputs[1:]), inputs.kwargs)
-        edge = self._edge(output)  # stamped either way; an eager call reads its gradient itself
+        edge = self._edge(output)  # stamped either way (dpscale.loss_graph); an eager call keeps no edge
         call = ModuleCall(
             owner.module, owner.qualname, owner.rule, inputs, edges=() if eager else (edge,),
             leaf_indices=(0,), leaf_count=1, names=owner.local_names, global_names=owner.global_names, seq=seq,
-            batch_dim=batch_dim, eager=eager, eager_node=edge.node if eager else None,
+            batch_dim=batch_dim, eager=eager,
         )
         self.calls.append(call)
         if eager:

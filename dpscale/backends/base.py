@@ -31,12 +31,17 @@ class GradientBackend(Protocol):
         the group; None otherwise.
     owns_step: True when the training engine runs the optimizer itself (DeepSpeed): the backend
         hooks that step in ``bind``, so no torch optimizer is attached to the privacy engine.
+    swaps_parameters: True when the training engine registers other parameter objects on the
+        model while a module is gathered (FSDP2 puts unsharded tensors in place of its DTensors
+        between forward and reshard): the engine then checks the model's trainable parameters by
+        name, since their objects change by design.
     """
 
     rank: int
     world_size: int
     model_parallel: tuple[object, frozenset[str]] | None
     owns_step: bool
+    swaps_parameters: bool
 
     def bind(self, engine) -> Sequence[Removable]:
         """Called once by the engine it serves, when that engine is built: check the topology
@@ -72,6 +77,7 @@ class OptimizerStepped:
     the noise) followed by ``zero_grad``."""
 
     owns_step = False
+    swaps_parameters = False
 
     def accumulation(self) -> ContextManager:
         return contextlib.nullcontext()

@@ -170,6 +170,7 @@ class DeepSpeedBackend:
     """
 
     owns_step = True  # DeepSpeed runs the optimizer; the base optimizer's pre-hook adds the noise
+    swaps_parameters = False  # ZeRO-3 partitions each parameter's storage, not the object
 
     def __init__(self, ds_engine, *, verify_steps: int = 1) -> None:
         self.deepspeed_version = check_deepspeed_version()

@@ -110,6 +110,7 @@ class FSDP2Backend(OptimizerStepped):
     explicitly. The step is the attached torch optimizer's, over the sharded parameters."""
 
     model_parallel = None  # each rank computes whole examples' gradients (sharding is storage only)
+    swaps_parameters = True  # unsharded tensors stand in for the DTensors while a module is gathered
 
     def __init__(self, model: nn.Module) -> None:
         if not (dist.is_available() and dist.is_initialized()):
