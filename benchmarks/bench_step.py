@@ -422,11 +422,19 @@ def child_argv(args, mode: str) -> list[str]:
     ]  # fmt: skip
 
 
+# Every allocation above 64 KiB gets its own mapping, returned to the OS when freed: the child's RSS
+# then follows its live tensors. With glibc's default (a threshold that grows, and freed memory kept
+# in the heap) the high-water mark depends on allocation order and varied by +-10% between identical
+# runs here; with this setting identical runs agree to 1 MiB.
+CHILD_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def measure_memory(args, modes) -> dict[str, dict]:
     """Children run one after another, never concurrently."""
     results = {}
+    env = dict(os.environ) if args.glibc_default else {**os.environ, **CHILD_MALLOC}
     for mode in modes:
-        proc = subprocess.run(child_argv(args, mode), stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(child_argv(args, mode), stdout=subprocess.PIPE, text=True, env=env)
         lines = [l for l in proc.stdout.splitlines() if l.startswith(CHILD_MARKER)]
         if proc.returncode != 0 or not lines:
             results[mode] = {"status": "error", "reason": f"child exited {proc.returncode}"}
@@ -529,7 +537,8 @@ def render(args, meta, modes, status, timing, memory) -> str:
         "time ratio = median over rounds of (mode / nonprivate in the same round)",
         f"- memory: fresh process per mode, {args.mem_steps} steps; baseline = RSS once model, "
         "optimizer, DP wrapper and first batch are built; peak = the child's VmHWM (its own "
-        "ru_maxrss; getrusage would also carry the parent's peak across exec)",
+        "ru_maxrss; getrusage would also carry the parent's peak across exec)"
+        + ("" if args.glibc_default else "; children run with MALLOC_MMAP_THRESHOLD_=65536, so RSS follows live tensors"),
     ]
     for mode in modes:
         t = timing.get(mode, {})
@@ -569,6 +578,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trainable", choices=SUBSETS, default="all")
     p.add_argument("--checkpointing", action="store_true", help="non-reentrant gradient checkpointing, every mode")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--glibc-default", action="store_true",
+                   help="memory children keep glibc's default malloc (see CHILD_MALLOC)")
     p.add_argument("--child-mode", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -19,7 +19,8 @@ How it maps onto FSDP2 (torch 2.13):
   before its forward and again before its part of the backward (its pre-backward hook fires inside
   the engine's ``torch.autograd.grad`` over the recorded module outputs). Per-example norms come
   from the local activations and output gradients: no weight is gathered for them.
-* The layer rules run after that backward and some read their module's weight (Hugging Face RMS
+* The layer rules run inside or after that backward (eager rules as each output's gradient
+  arrives, whole-call rules after it) and some read their module's weight (Hugging Face RMS
   norms call their own forward with it). While the engine is attached, FSDP2 is told not to
   reshard after backward (``set_reshard_after_backward(False)``), so the rules see the unsharded
   parameters; the backend reshards every module as soon as the rules are done (the first
