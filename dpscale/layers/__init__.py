@@ -19,6 +19,7 @@ from dpscale.layers.normalization import (
     is_huggingface_rms_norm,
     is_plain_instance_norm,
 )
+from dpscale.layers.peft_dora import DORA_UNSUPPORTED, is_peft_dora_layer
 from dpscale.layers.registry import RuleRegistry
 from dpscale.layers.rnn import RECURRENT, is_plain_recurrent
 from dpscale.layers.rule import CallInputs, Rule
@@ -67,6 +68,7 @@ def default_registry() -> RuleRegistry:
     registry.register(Conv1D, TRANSPOSED_LINEAR)
     registry.register(is_autotp_layer, TP_UNSUPPORTED)  # DeepSpeed AutoTP: only the two plain layers
     registry.register(is_autotp_linear, TP_LINEAR)
+    registry.register(is_peft_dora_layer, DORA_UNSUPPORTED)
     return registry
 
 
