@@ -48,6 +48,7 @@ recurrent and attention modules) inside checkpointed regions.
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -277,6 +278,11 @@ class Tape:
         if self._paused or not self._stack or self._stack[-1].module is not module:
             return None
         frame = self._stack.pop()
+        if output is None and sys.exc_info()[0] is not None:
+            # Its forward raised (the hooks are always called). Checkpointing stops a replay this
+            # way once it has rebuilt the tensors it needs: a call cut short records nothing (it
+            # used to be recorded whole, holding its inputs until the backward ended).
+            return None
         new_output = None
         owner = self._owners.get(id(module))
         if owner is not None:

@@ -95,3 +95,52 @@ def test_a_layer_whose_weight_also_trains_keeps_its_input():
     calls = engine._tape.take()
     assert calls and all(len(call.inputs) >= 1 for call in calls)
     engine.detach()
+
+
+def test_bias_only_with_checkpointing_is_exact_and_replays_record_nothing_whole():
+    """Checkpointing stops each replay once it has rebuilt the tensors it needs, so the last calls
+    of a region are cut short by an exception: they must record nothing (a whole-call record
+    would hold their inputs until the backward ends)."""
+    model, batches, losses_of = _cases()["gpt2 conv1d and layer norms"]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    config = dpscale.DPConfig(max_grad_norm=0.05, expected_batch_size=4, noise_multiplier=0.0)
+    check_engine(model, batches, losses_of, config)
+
+    engine = dpscale.PrivacyEngine(model, config, optimizer=torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.0))
+    tape = engine._tape
+    replayed = []
+    real_replaying = tape.replaying
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def watching():
+        with real_replaying():
+            yield
+            replayed.extend(tape.calls)
+
+    tape.replaying = watching
+    engine.backward(losses_of(model, batches[0]))
+    assert replayed, "no region was replayed: the model was not checkpointed"
+    whole = [call.qualname for call in replayed if call.rule.whole_call]
+    assert not whole, f"calls cut short were recorded whole: {whole}"
+    engine.detach()
+
+
+def test_a_call_whose_forward_raises_records_nothing():
+    class RaisingLinear(nn.Linear):  # its own forward: the torch.func fallback would read it whole
+        def forward(self, x):
+            super().forward(x)
+            raise KeyError("stop")
+
+    model = nn.Sequential(nn.Linear(3, 3), RaisingLinear(3, 3))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias"))
+    engine = dpscale.PrivacyEngine(model, dpscale.DPConfig(max_grad_norm=1.0, expected_batch_size=2, noise_multiplier=0.0))
+    with pytest.raises(KeyError):
+        model(torch.randn(2, 3))
+    recorded = {call.qualname: call.rule.name for call in engine._tape.take()}
+    assert recorded == {"0": "linear"}, recorded
+    engine.detach()
