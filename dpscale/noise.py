@@ -360,11 +360,18 @@ def _sin_to_quarter_pi(x: np.ndarray, out: np.ndarray, work: np.ndarray) -> np.n
     against 820 us per 65536 elements with 2), whose thread pool costs more than a 256 KiB array
     gains. The x + small-correction form keeps tiny outputs as accurate, relatively, as large ones."""
     np.multiply(x, x, out=work)
-    out.fill(_SIN_TAYLOR[-1])
+    return sin_series_into(x, work, out)
+
+
+def sin_series_into(x, square, out):
+    """The Taylor passes of ``_sin_to_quarter_pi`` into ``out``, given ``square`` = x * x: in-place
+    operators only, so numpy arrays (the host generator) and torch tensors (``noise_torch``) run
+    the same operations in the same order and round alike."""
+    out[...] = _SIN_TAYLOR[-1]
     for coefficient in reversed(_SIN_TAYLOR[:-1]):
-        out *= work
+        out *= square
         out += coefficient
-    out *= work
+    out *= square
     out *= x
     out += x
     return out

@@ -148,15 +148,7 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
 
 def _sin_to_quarter_pi(x: torch.Tensor) -> torch.Tensor:
     """noise._sin_to_quarter_pi, the same passes in the same order."""
-    work = x * x
-    out = torch.full_like(x, noise._SIN_TAYLOR[-1])
-    for coefficient in reversed(noise._SIN_TAYLOR[:-1]):
-        out *= work
-        out += coefficient
-    out *= work
-    out *= x
-    out += x
-    return out
+    return noise.sin_series_into(x, x * x, torch.empty_like(x))
 
 
 def _box_muller(words: torch.Tensor) -> torch.Tensor:
