@@ -224,9 +224,9 @@ class PrivacyEngine:
             (each example is then its own user).
 
         Non-reentrant activation checkpointing re-runs the checkpointed forwards inside this call;
-        what the hooks record there is discarded (``Tape.replaying``), and the layer inputs the rules
-        read were kept from the forward (memory: see ``dpscale.tape``). Reentrant checkpointing is
-        refused here, before any gradient is computed."""
+        what the hooks record there is discarded (``Tape.replaying``); eager rules read their inputs
+        as saved tensors, which checkpointing rebuilds (memory: see ``dpscale.tape``). Reentrant
+        checkpointing is refused here, before any gradient is computed."""
         self._check_step_bound()
         self._check_model_unchanged()
         self._check_no_unseen_step()
