@@ -1,6 +1,7 @@
 """Two-process scale-out benchmark: DP-SGD (dpscale) against non-private training of the same
-engine and model, under plain DDP, DeepSpeed ZeRO-2 and DeepSpeed ZeRO-3 (fp32, gloo on CPU), on
-the tiny Llama of bench_step.py; and the bytes a bias-only and a LoRA subset communicate against
+engine and model, under plain DDP, DeepSpeed ZeRO-2, DeepSpeed ZeRO-3 and PyTorch FSDP2 (fp32, gloo on
+CPU), and Opacus 1.6's ``ghost_fsdp`` against the same FSDP2 non-private run, on the tiny Llama of
+bench_step.py; and the bytes a bias-only and a LoRA subset communicate against
 full fine-tuning under DDP with dpscale.
 
 The script launches itself with torchrun (``--world`` processes, ``--threads`` threads each) and
@@ -65,7 +66,7 @@ from bench_step import (  # noqa: E402  (bench_step.py lives beside this file)
 from bench_step import library_versions as base_versions  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
+ENGINES = ("ddp", "zero2", "zero3", "fsdp2", "opacus_fsdp")
 SUBSETS = ("full", "bias", "lora")
 # --small: the same architecture, halved in depth and vocabulary, for a quick run.
 SMALL_OVERRIDES = dict(num_hidden_layers=2, vocab_size=4096)
@@ -283,7 +284,43 @@ def fsdp2_mode(args: argparse.Namespace, private: bool) -> Mode:
     return Mode(dp_step, engine.detach, trainable=trainable)
 
 
+def opacus_fsdp_mode(args: argparse.Namespace) -> Mode:
+    """Opacus 1.6's FSDP2 path, as its documentation sets it up: ``FSDP2Wrapper`` (``fully_shard`` on
+    every module that owns parameters, then the root: finer than the per-decoder-layer wrapping of
+    the fsdp2 rows, which Opacus needs for its per-module hooks) and ``make_private(...,
+    grad_sample_mode="ghost_fsdp")``: ghost clipping in two backward passes, its own noise. Same
+    model, batches, optimizer, clipping norm and noise multiplier as dpscale's row."""
+    import opacus
+    from opacus.utils.fsdp_utils import FSDP2Wrapper
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = build_llama(args)
+    trainable = trainable_count(model)
+    wrapped = FSDP2Wrapper(model)
+    optimizer = make_optimizer(model, args)
+    local = args.batch // args.world
+    # make_private derives the expected batch from the loader (N / len(loader)); batches themselves
+    # come from local_batches, the same ones every mode sees.
+    loader = DataLoader(TensorDataset(torch.zeros(local, dtype=torch.long)), local)
+    gsm, dp_optimizer, criterion, _ = opacus.PrivacyEngine().make_private(
+        module=wrapped, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm, grad_sample_mode="ghost_fsdp",
+        poisson_sampling=False)
+
+    def step(ids: torch.Tensor) -> None:
+        logits = gsm(input_ids=ids).logits
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        # the criterion averages each sequence's tokens (shape=...) and its backward runs both passes
+        criterion(flat, ids[:, 1:].reshape(-1), shape=(ids.shape[0], ids.shape[1] - 1)).backward()
+        dp_optimizer.step()
+        dp_optimizer.zero_grad(set_to_none=True)
+
+    return Mode(step, trainable=trainable)
+
+
 def build_pair(args: argparse.Namespace, engine: str) -> dict[str, Mode]:
+    if engine == "opacus_fsdp":
+        return {"nonprivate": fsdp2_mode(args, False), "dp": opacus_fsdp_mode(args)}
     if engine == "ddp":
         return {"nonprivate": ddp_mode(args, False), "dp": ddp_mode(args, True)}
     if engine == "fsdp2":
@@ -519,7 +556,7 @@ def worker(args) -> int:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {k: v for k, v in base_versions().items() if k != "opacus"}
+    versions = dict(base_versions())
     for name in ("deepspeed", "accelerate", "peft"):
         try:
             versions[name] = __import__(name).__version__
@@ -557,7 +594,8 @@ def render(args, meta, results) -> str:
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     labels = {"ddp": "DDP (DataParallelBackend)", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3",
-              "fsdp2": "PyTorch FSDP2 (fully_shard)"}
+              "fsdp2": "PyTorch FSDP2 (fully_shard)",
+              "opacus_fsdp": "Opacus 1.6 `ghost_fsdp` (its FSDP2Wrapper), against the same FSDP2 non-private"}
     errors = results.get("errors", {})
     for name in ENGINES:
         if name in errors:

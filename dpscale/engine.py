@@ -122,9 +122,7 @@ class PrivacyEngine:
                 "model_parallel_group and sharded_parameters go together: name the parameters split across "
                 "the group, so that replicated ones are not counted once per rank."
             )
-        self.parameters: dict[str, nn.Parameter] = {
-            name: p for name, p in model.named_parameters() if p.requires_grad
-        }
+        self.parameters: dict[str, nn.Parameter] = trainable_parameters(model)
         if not self.parameters:
             raise NoTrainableParametersError(
                 "The model has no parameter with requires_grad=True: nothing to train privately."
@@ -364,7 +362,7 @@ class PrivacyEngine:
         """The trainable parameters (names, objects, ties) and the attached optimizer's parameters are
         the ones the engine was built with: a parameter added, frozen, unfrozen, replaced or re-tied
         afterwards would be trained without noise, noised but not trained, or keyed wrongly."""
-        now = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        now = trainable_parameters(self.model)
         ours = self.parameters
         changed = now.keys() != ours.keys()
         if not self.backend.swaps_parameters:  # else the objects change by design: names only
@@ -898,6 +896,18 @@ def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: Ru
             logger.info("No rule for %s ('%s'): its parameters use the fallback, rule '%s'.", type(module).__name__, qualname, rule.name)
         owners.append(Owner(module, qualname, rule, tuple(n for n, _ in names), tuple(g for _, g in names), through_parent))
     return owners
+
+
+# torch's checkpoint_wrapper (Accelerate's FSDP activation checkpointing, torchtune) holds the layer
+# under this attribute, which then appears in every parameter name beneath it.
+_CHECKPOINT_WRAPPER_SEGMENT = "_checkpoint_wrapped_module."
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name: parameter} of the trainable parameters, by the names the noise is keyed by and clipping
+    groups and checkpoints refer to: those of the model without activation-checkpointing wrappers,
+    so that turning checkpointing on changes neither the noise nor the names a config gives."""
+    return {name.replace(_CHECKPOINT_WRAPPER_SEGMENT, ""): p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _children_read_by_parent(model: nn.Module, rules: RuleRegistry) -> dict[int, tuple[str, nn.Module, str]]:

@@ -425,8 +425,11 @@ CASES: list[Case] = [
          lambda: accelerator_settings(mixed_precision="fp16"), ConfigError, "GradScaler"),
     Case("accelerate_accumulation", "Training engine", "Accelerate `gradient_accumulation_steps=2`",
          lambda: accelerator_settings(gradient_accumulation_steps=2), ConfigError, "gradient_accumulation_steps"),
-    Case("accelerate_fsdp", "Training engine", "Accelerate `distributed_type=FSDP`",
-         lambda: accelerator_settings(distributed_type="FSDP"), ConfigError, "distributed_type=FSDP"),
+    Case("accelerate_fsdp1", "Training engine", "Accelerate FSDP with `fsdp_version: 1`",
+         lambda: accelerator_settings(distributed_type="FSDP", state=SimpleNamespace(
+             dynamo_plugin=None, fsdp_plugin=SimpleNamespace(fsdp_version=1))), ConfigError, "fsdp_version: 2"),
+    Case("accelerate_megatron", "Training engine", "Accelerate `distributed_type=MEGATRON_LM`",
+         lambda: accelerator_settings(distributed_type="MEGATRON_LM"), ConfigError, "distributed_type=MEGATRON_LM"),
     Case("deepspeed_clipping", "Training engine", "DeepSpeed `\"gradient_clipping\": 1.0` (its default)",
          lambda: deepspeed_settings(gradient_clipping=1.0), ConfigError, "gradient_clipping"),
     Case("deepspeed_fp16", "Training engine", "DeepSpeed `\"fp16\": {\"enabled\": true}`",

@@ -12,8 +12,11 @@ takes its part (``batch[rank::world]``) of the same global batches. Rank 0 write
 spec keys: model ("mlp": Linear layers whose dim 0 (7, 3) is not divisible by 2; "llama": a tiny
 Llama whose lm_head is tied to its embedding, 33 rows), clipping ("flat", "per_layer", "groups"),
 poisson (the engine's Poisson loader draws the batches; otherwise BATCHES, declared sampling),
-mixed_precision (fully_shard with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)),
-fsdp_one_rank (fully_shard on a world of one process too).
+mixed_precision (fully_shard with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); with
+accelerate, Accelerator(mixed_precision="bf16")), fsdp_one_rank (fully_shard on a world of one process
+too), accelerate (Accelerate's FSDP plugin, fsdp_version 2, prepares the Llama instead of the calls
+above, and dpscale.integrations.accelerate.make_private builds the engine), activation_checkpointing
+(with accelerate: the plugin's own, torch's checkpoint_wrapper around each decoder layer).
 """
 
 from __future__ import annotations
@@ -99,21 +102,24 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> tuple[dict[str, torch
     net, layers = model(kind)
     net.train()
     sharded = world_size > 1 or spec.get("fsdp_one_rank", False)
-    if sharded:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        extra = {}
-        if spec.get("mixed_precision"):
-            extra["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for layer in layers:
-            fully_shard(layer, **extra)
-        fully_shard(net, **extra)
     names = [n for n, p in net.named_parameters() if p.requires_grad]
-    engine = PrivacyEngine(net, config(spec, names), noise_key=KEY)
+    if sharded and spec.get("accelerate"):
+        engine = accelerate_engine(net, spec, config(spec, names))
+    else:
+        if sharded:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            extra = {}
+            if spec.get("mixed_precision"):
+                extra["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for layer in layers:
+                fully_shard(layer, **extra)
+            fully_shard(net, **extra)
+        engine = PrivacyEngine(net, config(spec, names), noise_key=KEY)
+        engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=0.5, momentum=0.9))
     if sharded:
         assert type(engine.backend).__name__ == "FSDP2Backend", type(engine.backend)
     assert list(engine.parameters) == names
-    engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=0.5, momentum=0.9))
     data = dataset(kind)
     if spec.get("poisson"):  # the engine's own loader: this rank's part of each global draw
         loader = engine.make_data_loader(data, max_physical_batch_size=MICRO)
@@ -129,6 +135,29 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> tuple[dict[str, torch
     steps = engine.steps_taken
     engine.detach()
     return full, steps
+
+
+def accelerate_engine(net: nn.Module, spec: dict, dp_config: DPConfig) -> PrivacyEngine:
+    """The engine on Accelerate's own FSDP2 preparation: FullyShardedDataParallelPlugin(fsdp_version=2)
+    wrapping each decoder layer, then (Accelerate's choice) the tied embedding, final norm and head
+    as one group, then the root; ``accelerator.prepare(model, optimizer)`` moves the optimizer onto
+    the sharded parameters. Accelerate enables its FSDP plugin only for accelerator types, so on this
+    CPU its gloo state is labelled MULTI_GPU before the Accelerator is built: the one step here that is
+    not Accelerate's (it then turns on FSDP and sets the plugin's mixed precision itself)."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+
+    from dpscale.integrations.accelerate import make_private
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+                                            activation_checkpointing=spec.get("activation_checkpointing", False))
+    PartialState(backend="gloo").distributed_type = DistributedType.MULTI_GPU
+    accelerator = Accelerator(fsdp_plugin=plugin, mixed_precision="bf16" if spec.get("mixed_precision") else "no")
+    assert accelerator.is_fsdp2 and accelerator.device.type == "cpu"
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    return make_private(accelerator, net, optimizer, dp_config, noise_key=KEY)
 
 
 def main() -> None:

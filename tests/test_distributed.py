@@ -137,11 +137,18 @@ class _Stub:
         self.__dict__.update(changes)
 
 
+def _fsdp_state(version: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(dynamo_plugin=SimpleNamespace(backend="NO"), fsdp_plugin=SimpleNamespace(fsdp_version=version))
+
+
 @pytest.mark.parametrize("changes, named", [
     ({"mixed_precision": "fp16"}, "fp16"),
     ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
     ({"distributed_type": "DEEPSPEED"}, "DEEPSPEED"),
-    ({"distributed_type": "FSDP"}, "FSDP"),
+    ({"distributed_type": "XLA"}, "XLA"),
+    ({"distributed_type": "FSDP", "state": _fsdp_state(1)}, "fsdp_version: 2"),
 ])
 def test_accelerate_settings_that_change_the_step_are_refused(changes, named):
     from dpscale import ConfigError
@@ -149,8 +156,22 @@ def test_accelerate_settings_that_change_the_step_are_refused(changes, named):
 
     check_accelerator(_Stub())
     check_accelerator(_Stub(mixed_precision="bf16"))
+    check_accelerator(_Stub(distributed_type="FSDP", state=_fsdp_state(2)))
     with pytest.raises(ConfigError, match=named):
         check_accelerator(_Stub(**changes))
+
+
+def test_an_fsdp_config_accelerate_dropped_is_refused(monkeypatch):
+    """`accelerate launch` with an FSDP config on a CPU-only machine sets ACCELERATE_USE_FSDP and
+    then starts independent one-process runs (distributed_type NO): refused, not trained."""
+    from dpscale import ConfigError
+    from dpscale.integrations.accelerate import check_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    check_accelerator(_Stub(distributed_type="FSDP", state=_fsdp_state(2)))
+    for kind in ("NO", "MULTI_CPU"):
+        with pytest.raises(ConfigError, match="falls back"):
+            check_accelerator(_Stub(distributed_type=kind))
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 sigma > 0 and a fixed key, the parameters after the steps equal the one-process run (plain model,
 LocalBackend) on the same global batches, for parameters whose dim 0 does not split evenly, a Llama
 whose lm_head is tied to its embedding, padding passes, and a rank whose draw is empty. Under a bf16
-MixedPrecisionPolicy, 2 ranks equal 1 rank of the same policy. FSDP1's wrapper is refused."""
+MixedPrecisionPolicy, 2 ranks equal 1 rank of the same policy. The same through Accelerate's FSDP
+plugin (fsdp_version 2), with and without its activation checkpointing. FSDP1's wrapper is refused."""
 
 from __future__ import annotations
 
@@ -78,8 +79,32 @@ def test_fsdp2_matches_one_process(tmp_path, model, clipping, poisson):
 
 
 @pytest.mark.slow
-def test_fsdp2_bf16_mixed_precision_does_not_depend_on_the_rank_count(tmp_path):
-    spec = {"model": "llama", "clipping": "flat", "sigma": 1.0, "mixed_precision": True}
+@pytest.mark.parametrize(("clipping", "poisson", "checkpointing"), [("flat", False, False), ("per_layer", True, True)])
+def test_accelerate_fsdp2_plugin_matches_one_process(tmp_path, clipping, poisson, checkpointing):
+    """Accelerate's own FSDP2 preparation (its grouping puts the tied embedding, the final RMS norm and
+    the head in one fully_shard group), through dpscale.integrations.accelerate.make_private; with its
+    activation checkpointing, whose wrapper renames every layer's parameters
+    (``_checkpoint_wrapped_module``): the names, and so the noise, stay the one-process model's."""
+    spec = {"model": "llama", "clipping": clipping, "sigma": 1.0, "poisson": poisson, "accelerate": True,
+            "activation_checkpointing": checkpointing}
+    results = launch_workers(WORKER, spec, tmp_path, world_size=2, timeout=150.0)
+    for rank, (code, err) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{err[-3000:]}"
+    got = torch.load(tmp_path / "result.pt", weights_only=True)
+    expected, steps = worker.run({**spec, "accelerate": False}, 0, 1)
+    assert got["steps"] == steps == len(worker.BATCHES) and set(got["params"]) == set(expected)
+    for name, value in expected.items():
+        assert torch.allclose(got["params"][name], value, rtol=1e-5, atol=1e-5), (
+            f"{name}: max difference {float((got['params'][name] - value).abs().max()):.3g}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accelerate", [False, True])
+def test_fsdp2_bf16_mixed_precision_does_not_depend_on_the_rank_count(tmp_path, accelerate):
+    """fully_shard with MixedPrecisionPolicy(bf16 parameters, fp32 reduction), or Accelerate's
+    mixed_precision="bf16" (its policy: bf16 parameters and reduction; dpscale reduces in the fp32
+    shards' dtype either way)."""
+    spec = {"model": "llama", "clipping": "flat", "sigma": 1.0, "mixed_precision": True, "accelerate": accelerate}
     got = {}
     for world_size in (2, 1):
         out = tmp_path / str(world_size)
@@ -88,7 +113,7 @@ def test_fsdp2_bf16_mixed_precision_does_not_depend_on_the_rank_count(tmp_path):
         for rank, (code, err) in enumerate(results):
             assert code == 0, f"{world_size} ranks, rank {rank} failed:\n{err[-3000:]}"
         got[world_size] = torch.load(out / "result.pt", weights_only=True)["params"]
-    fp32, _ = worker.run({**spec, "mixed_precision": False}, 0, 1)
+    fp32, _ = worker.run({**spec, "mixed_precision": False, "accelerate": False}, 0, 1)
     bf16_effect = 0.0
     for name, value in fp32.items():
         assert got[2][name].dtype == torch.float32  # the fp32 shards are what the optimizer steps

@@ -152,7 +152,7 @@ def test_the_trainers_default_clipping_is_refused(tmp_path):
     ({"auto_find_batch_size": True}, "auto_find_batch_size"),
     ({"include_num_input_tokens_seen": "all"}, "include_num_input_tokens_seen"),
     ({"optim": "lomo"}, "optim"),
-    ({"fsdp": "full_shard"}, "fsdp"),
+    ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, "FSDP2"),
 ])
 def test_arguments_that_change_the_dp_step_are_refused(tmp_path, changes, named):
     args = worker.training_arguments({}, str(tmp_path))
@@ -249,6 +249,30 @@ def test_deepspeed_through_the_trainer_equals_one_process(tmp_path, stage, expec
         assert rank["backend"] == "DeepSpeedBackend" and rank["zero_stage"] == stage
         assert rank["epsilon"] == pytest.approx(epsilon, rel=1e-9)
         assert_params_close(rank["params"], expected, 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expected_batch_size, steps", DRAWS)
+def test_fsdp2_through_the_trainer_equals_one_process(tmp_path, expected_batch_size, steps):
+    """TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2, ...}): Accelerate's FSDP2 wraps
+    each Llama decoder layer, the untied embedding and the head; 2 ranks equal the one-process loop."""
+    spec = {"dtype": "float32", "steps": steps, "expected_batch_size": expected_batch_size, "model": "llama"}
+    ranks = launch({**spec, "fsdp": True}, tmp_path, timeout=240.0)
+    expected, epsilon, _ = worker.hand_loop(spec)
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["steps_taken"] == steps and rank["backend"] == "FSDP2Backend"
+        assert rank["backend_world_size"] == 2 and rank["loader_split"][1] == 2
+        assert rank["epsilon"] == pytest.approx(epsilon, rel=1e-9)
+        assert_params_close(rank["params"], expected, 1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_arguments_that_accelerate_drops_are_refused(tmp_path):
+    """On a CPU, Accelerate ignores the FSDP plugin and runs DDP: DPTrainer says so instead of
+    training a model the user believes sharded."""
+    results = launch_workers(WORKER, {"model": "llama", "dtype": "float32", "fsdp": "cpu_fallback"}, tmp_path, 2, 120.0)
+    for rank, (code, err) in enumerate(results):
+        assert code != 0 and "not running FSDP" in err, f"rank {rank}:\n{err[-2000:]}"
 
 
 # Stage 0 takes the backend's data-parallel group from data_parallel_group, stages 1-3 from

@@ -5,8 +5,10 @@ the environment a launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MAST
     python tests/trainer_worker.py spec.json
 
 spec keys: dtype ("float32", "float64"), steps, expected_batch_size, deepspeed (a ZeRO stage or
-null), autotp (DeepSpeed AutoTP's tensor-parallel size, with deepspeed), model ("gpt2", the default,
-or "llama": a tiny Llama, whose Linear layers AutoTP splits), out (where rank r writes its final
+null), autotp (DeepSpeed AutoTP's tensor-parallel size, with deepspeed), fsdp (true: the Trainer's
+fsdp arguments, FSDP2 wrapping each Llama decoder layer; "cpu_fallback": the same arguments with
+Accelerate left to fall back to DDP), model ("gpt2", the default, or "llama": a tiny Llama, whose
+Linear layers AutoTP splits), out (where rank r writes its final
 trainable parameters at full size, rank{r}.pt, its loader's split and privacy state).
 """
 
@@ -93,8 +95,24 @@ def training_arguments(spec: dict, output_dir: str, **changes):
             ds["tensor_parallel"] = {"autotp_size": spec["autotp"]}
         values.update(deepspeed=ds, use_cpu=False,
                       accelerator_config={"use_configured_state": True})
+    if spec.get("fsdp"):
+        values.update(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+        if spec["fsdp"] != "cpu_fallback":  # else Accelerate runs DDP, which DPTrainer must refuse
+            fsdp_state()
+            values.update(use_cpu=False, accelerator_config={"use_configured_state": True})
     values.update(changes)
     return TrainingArguments(**values)
+
+
+def fsdp_state() -> None:
+    """Accelerate 1.15 turns its FSDP plugin on only for accelerator types (MULTI_GPU and the like);
+    on this CPU it would run DDP. The gloo state is configured first and labelled MULTI_GPU, so that
+    the Trainer's Accelerator takes the FSDP plugin built from its own arguments (fsdp, fsdp_config)
+    and prepares the model with Accelerate's FSDP2 code, on the CPU."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    PartialState(backend="gloo").distributed_type = DistributedType.MULTI_GPU
 
 
 def deepspeed_state() -> None:
@@ -125,7 +143,9 @@ def trainer(spec: dict, output_dir: str, model: nn.Module | None = None, **chang
 
 
 def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters at full size (FSDP2's DTensor shards gathered)."""
+    return {n: (p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()).clone()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def hand_loop(spec: dict) -> tuple[dict[str, torch.Tensor], float, list[list[int]]]:

@@ -160,20 +160,29 @@ class FSDP2Backend(OptimizerStepped):
 
     def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
         """Reduce-scatter the local clipped sums (one SUM per dtype), noise this rank's rows, and
-        give each parameter its DTensor shard gradient."""
+        give each parameter its DTensor shard gradient. The noise does not depend on the sums, so it
+        is drawn into a shard-sized buffer while the reduce-scatter is in flight, then added."""
         sums, self._sums = self._sums, {}
         self._reshard()  # a step without a backward on this rank still leaves nothing unsharded
         by_dtype: dict[torch.dtype, list[tuple[str, nn.Parameter]]] = {}
         for name, p in parameters.items():
             by_dtype.setdefault(p.dtype, []).append((name, p))
         for named in by_dtype.values():
-            local = self._reduce_scatter(named, sums)
+            local, pending = self._reduce_scatter(named, sums)
+            noise = torch.zeros_like(local) if pending is not None else local
+            position = 0
+            for name, _ in named:
+                shard = self._shards[name]
+                add_noise(name, noise[position : position + shard.rows * shard.row], shard.start * shard.row)
+                position += shard.chunk * shard.row
+            if pending is not None:
+                pending.wait()
+                local += noise
             position = 0
             for name, p in named:
                 shard = self._shards[name]
                 own = local[position : position + shard.rows * shard.row]
                 position += shard.chunk * shard.row
-                add_noise(name, own, shard.start * shard.row)
                 p.grad = _like_parameter(own.view(p.to_local().shape), p)
 
     # the driver's side --------------------------------------------------------------------------
@@ -239,8 +248,10 @@ class FSDP2Backend(OptimizerStepped):
             )
         return _Shard(start, rows, chunk, full_rows, row)
 
-    def _reduce_scatter(self, named: list[tuple[str, nn.Parameter]], sums: Mapping[str, Tensor]) -> Tensor:
-        """This rank's block of the SUM over ranks of the padded, FSDP2-ordered local sums."""
+    def _reduce_scatter(self, named: list[tuple[str, nn.Parameter]],
+                        sums: Mapping[str, Tensor]) -> tuple[Tensor, dist.Work | None]:
+        """(this rank's block of the SUM over ranks of the padded, FSDP2-ordered local sums, the
+        collective's handle to wait on before reading it; None with one rank)."""
         first = named[0][1]
         per_rank = sum(self._shards[name].chunk * self._shards[name].row for name, _ in named)
         flat = torch.zeros(self.world_size * per_rank, dtype=first.dtype, device=first.to_local().device)
@@ -259,10 +270,9 @@ class FSDP2Backend(OptimizerStepped):
                     offset = r * per_rank + position - shard.chunk * shard.row
                     flat[offset : offset + (b - a) * shard.row].copy_(rows[a:b].reshape(-1))
         if self.world_size == 1:
-            return flat
+            return flat, None
         out = torch.empty(per_rank, dtype=flat.dtype, device=flat.device)
-        _REDUCE_SCATTER(out, flat, op=dist.ReduceOp.SUM, group=self.process_group)
-        return out
+        return out, _REDUCE_SCATTER(out, flat, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
 
 
 # torch 2.13 renamed reduce_scatter_tensor (which still works, with a FutureWarning per call)

@@ -15,8 +15,10 @@ examples_per_user=k)`` and ``DPTrainer(..., user_ids=[the user of each example] 
 loader draws users and the step driver clips each user's examples as one (docs/GUARANTEES.md).
 
 The same script runs on one process, under ``torchrun`` / ``accelerate launch`` with N processes
-(the Trainer wraps the model in DDP) and with ``TrainingArguments(deepspeed="ds_configs/zero2.json")``
-(the Trainer calls ``deepspeed.initialize``). What changes in the Trainer's step, and only through
+(the Trainer wraps the model in DDP), with ``TrainingArguments(deepspeed="ds_configs/zero2.json")``
+(the Trainer calls ``deepspeed.initialize``) and with ``TrainingArguments(fsdp="full_shard",
+fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": [...]})`` on GPUs (Accelerate applies
+``fully_shard``; the engine's FSDP2 backend reduce-scatters and noises each rank's rows). What changes in the Trainer's step, and only through
 its public methods:
 
 * ``get_train_dataloader``: the privacy engine's own loader (``engine.make_data_loader``): Poisson
@@ -47,8 +49,8 @@ Trainer clips the summed gradient at 1.0 by default), ``fp16`` (loss scaling, sk
 ``gradient_accumulation_steps != 1`` (dpscale accumulates the micro-batches of each Poisson batch),
 reentrant activation checkpointing (``use_reentrant=True``; the non-reentrant kind, transformers'
 default, is supported), samplers other than the Poisson one (``train_sampling_strategy``),
-``torch_compile``, ``auto_find_batch_size``, token counting in the logs, LOMO optimizers, FSDP,
-``compute_loss_func`` (it reduces over the batch: give ``per_example_loss`` instead), a DeepSpeed
+``torch_compile``, ``auto_find_batch_size``, token counting in the logs, LOMO optimizers, FSDP1
+(``fsdp_config={"version": 1}``; FSDP2, transformers' default version, is supported), ``compute_loss_func`` (it reduces over the batch: give ``per_example_loss`` instead), a DeepSpeed
 config the Trainer is not running (``use_cpu=True`` silently falls back to DDP), and a Trainer whose
 process count differs from torch.distributed's. Under DeepSpeed, the DeepSpeed backend refuses
 engine clipping, fp16 and DeepSpeed's own gradient accumulation, naming the config key.
@@ -82,6 +84,7 @@ from dpscale.checkpoint import load_state, save_atomic
 from dpscale.config import DPConfig
 from dpscale.driver import run_logical_step
 from dpscale.engine import PrivacyEngine
+from dpscale.integrations.accelerate import check_accelerator
 from dpscale.errors import ConfigError, LossShapeError
 from dpscale.layers import RuleRegistry
 from dpscale.losses import causal_lm_losses, sequence_classification_losses, token_mean_losses
@@ -149,8 +152,13 @@ def check_training_arguments(args) -> None:
         )
     if "lomo" in str(getattr(args.optim, "value", args.optim)).lower():
         raise ConfigError(f"TrainingArguments(optim={args.optim!r}) runs its own fused backward; use another optimizer.")
-    if getattr(args, "fsdp", None):
-        raise ConfigError("TrainingArguments(fsdp=...): DPTrainer drives DDP and DeepSpeed ZeRO, not FSDP.")
+    version = int(dict(getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    if getattr(args, "fsdp", None) and version != 2:
+        raise ConfigError(
+            f"TrainingArguments(fsdp_config={{'version': {version}}}): FSDP1 flattens parameters into FlatParameters, "
+            "so dpscale cannot key the noise by parameter name nor hook the layers' own weights. Use FSDP2: "
+            "fsdp_config={'version': 2} (transformers' default)."
+        )
     if getattr(args, "n_gpu", 1) > 1:
         raise ConfigError(
             f"{args.n_gpu} GPUs in one process (nn.DataParallel): launch one process per GPU (torchrun, "
@@ -263,6 +271,13 @@ class DPTrainer(Trainer):
             raise ConfigError("per_example_loss must be 'auto' or a function (outputs, labels) -> [B] losses.")
         super().__init__(*args, **kwargs)
         check_training_arguments(self.args)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            raise ConfigError(
+                "TrainingArguments(fsdp=...) is set but the Trainer is not running FSDP: Accelerate enables its FSDP "
+                "plugin only on accelerators (GPUs and the like) and runs DDP on a CPU. Drop fsdp on a CPU-only "
+                "machine, or run on GPUs."
+            )
+        check_accelerator(self.accelerator, deepspeed=True)  # FSDP1 or a dropped FSDP config from `accelerate launch`
         if self.args.deepspeed and not self.is_deepspeed_enabled:
             raise ConfigError(
                 "TrainingArguments(deepspeed=...) is set but the Trainer is not running DeepSpeed (use_cpu=True or "
@@ -463,8 +478,9 @@ class DPTrainer(Trainer):
     # internals ----------------------------------------------------------------------------------
 
     def _engine_for(self, model: nn.Module) -> PrivacyEngine:
-        """The privacy engine on the model the Trainer's Accelerator prepared (DDP or none, or a
-        DeepSpeedEngine, which make_private hands to the DeepSpeed backend), with its loader."""
+        """The privacy engine on the model the Trainer's Accelerator prepared (DDP or none, a
+        fully_shard'ed model, or a DeepSpeedEngine, which make_private hands to the DeepSpeed
+        backend), with its loader."""
         if self.privacy_engine is not None:
             return self.privacy_engine
         from dpscale.integrations.accelerate import make_private
@@ -526,7 +542,9 @@ class DPTrainer(Trainer):
         base = getattr(model, "get_base_model", None)  # PEFT
         if callable(base):
             model = base()
-        return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        # By the class and its bases: FSDP2's fully_shard swaps the class for a subclass (FSDPLlamaForCausalLM).
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        return any(cls.__name__ in causal for cls in type(model).__mro__)
 
 
 def _smoothed_token_mean_losses(logits: Tensor, labels: Tensor, smoothing: float, ignore_index: int = -100) -> Tensor:

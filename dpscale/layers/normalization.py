@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -149,8 +148,11 @@ def broadcast_scale_grads(module: nn.Module, inputs: tuple, output_grad: Tensor,
 
 def _without_hooks(module: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
     """A shallow copy of ``module`` whose parameters ``tensors`` are plain attributes; its
-    ``forward`` is called directly, so no hook of the original runs. The original is untouched."""
-    clone = copy.copy(module)
+    ``forward`` is called directly, so no hook of the original runs. The original is untouched.
+    Built with ``object.__new__`` rather than ``copy.copy``: a module FSDP2 sharded is of a class
+    whose ``__new__`` calls ``__init__`` again, without the module's arguments."""
+    clone = object.__new__(type(module))
+    clone.__dict__.update(module.__dict__)
     clone._parameters = {k: v for k, v in module._parameters.items() if k not in tensors}
     for name, tensor in tensors.items():
         object.__setattr__(clone, name, tensor)

@@ -74,6 +74,13 @@ def run(config: TrainConfig) -> TrainResult:
     output = Path(config.output_dir)
     accelerator = Accelerator(log_with=config.report_to or None, project_dir=str(output / "logs"),
                               **_placement_kwargs(config))
+    if str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)) == "FSDP":
+        raise ConfigError(
+            "dpscale train does not run under FSDP: its checkpoints, resume and evaluation read whole parameters "
+            "on every rank. For FSDP2 use examples/accelerate_loop.py (or your own Accelerate loop with "
+            "dpscale.integrations.accelerate.make_private) or DPTrainer, with launch/accelerate_fsdp2.yaml; "
+            "for this job use DDP or DeepSpeed."
+        )
     torch.manual_seed(config.seed)
     train_rows, eval_rows, labels = _rows(config)
     users = _user_ids(config, train_rows)  # checked before the model loads
