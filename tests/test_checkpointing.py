@@ -106,3 +106,38 @@ def user_case(use_reentrant: bool = False):
 def test_checkpoint_in_user_code_matches_single_example_loop(config):
     model, loss_fn, batch = user_case()
     check_engine(model, [batch(1), batch(2)], loss_fn, DPConfig(noise_multiplier=0.0, **CONFIGS[config]))
+
+
+def test_checkpoint_wrapper_changes_neither_names_nor_noise():
+    """torch's checkpoint_wrapper (Accelerate's FSDP activation checkpointing, torchtune) inserts
+    ``_checkpoint_wrapped_module`` into every parameter name beneath it. The engine keys the noise
+    and the clipping groups by name, so it drops that segment: with sigma > 0 and one key, a step
+    of the wrapped model equals the plain model's bit for bit, and a per-group config written with
+    the plain names applies."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from dpscale.noise import NoiseKey
+
+    key = NoiseKey(bytes(range(32)))
+    results = []
+    for wrapped in (False, True):
+        model, loss_fn, batch = user_case()
+        if wrapped:
+            model.blocks[1] = checkpoint_wrapper(model.blocks[1])
+            assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+        groups = [["head.weight", "head.bias"], [n for n in ("tokens.weight", "positions.weight")]]
+        rest = [n for n in (f"blocks.{i}.{layer}.{kind}" for i in (0, 1) for layer in ("norm", "up", "down")
+                            for kind in ("weight", "bias"))]
+        config = DPConfig(max_grad_norm=0.5, expected_batch_size=3.0, noise_multiplier=1.0, clipping=[*groups, rest])
+        engine = PrivacyEngine(model, config, noise_key=key)
+        optimizer = engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=1.0))
+        for seed in (1, 2):
+            engine.backward(loss_fn(model, batch(seed)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        results.append({n: p.detach().clone() for n, p in engine.parameters.items()})
+        engine.detach()
+    plain, wrapped = results
+    assert list(plain) == list(wrapped)
+    for name, value in plain.items():
+        assert torch.equal(value, wrapped[name]), name
