@@ -31,8 +31,9 @@ How it maps onto FSDP2 (torch 2.13):
   as FSDP2 does (each parameter's dim 0 cut into world-size chunks of ceil(rows / W) rows, padded)
   and one SUM reduce-scatter per dtype leaves it the sum over all ranks of its own rows. It adds
   the keyed noise of exactly those elements (offset = first row x row size, the flat index into
-  the full parameter) and sets ``p.grad`` as a DTensor shard like the parameter, which the torch
-  optimizer steps. Each coordinate gets one draw whatever the number of ranks.
+  the full parameter; drawn into a shard-sized buffer while the reduce-scatter is in flight, since
+  it does not depend on the sums) and sets ``p.grad`` as a DTensor shard like the parameter, which
+  the torch optimizer steps. Each coordinate gets one draw whatever the number of ranks.
 * Every forward all-gathers, so every rank must run as many passes per logical step: a rank with
   fewer micro-batches (or an empty Poisson draw) runs padding passes whose sums are dropped
   (``micro_batch_count`` / ``padding``, driven by ``dpscale.run_logical_step``).
