@@ -143,7 +143,9 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     above = torch.nextafter(y, torch.full_like(y, math.inf))
     below = torch.nextafter(y, torch.zeros_like(y))
     rounded = torch.where(remainder > y * (above - y), above, y)
-    return torch.where(remainder <= -(y * (y - below)), below, rounded)
+    # y = -0.0 (sqrt(-0.0), at u = 1): nextafter towards 0 gives +0.0, which would pass the test
+    lower = (remainder <= -(y * (y - below))) & (y != 0)
+    return torch.where(lower, below, rounded)
 
 
 def _sin_to_quarter_pi(x: torch.Tensor) -> torch.Tensor:
