@@ -106,6 +106,7 @@ Hence float64 outputs, and every rounding of them, are the same on any machine a
 Scheme v1 took ln u from numpy's log and torch's log, which differ in the last bit for about 0.3%
 of arguments (float64 outputs up to 2 ulps apart, float32 equal but for about 2^-28 of those);
 v2 changed the values and the name (the subkey's message holds it), so no value of v1 reappears.
+A run resumed across the change is refused unless asked for (PrivacyEngine.load_state_dict).
 """
 
 from __future__ import annotations
