@@ -143,6 +143,8 @@ class PrivacyEngine:
         self.accountant = PrivacyAccountant(self.plan.accounting.accountant, self.plan.sampling.kind,
                                             self.plan.sampling.dataset_size)
         self.steps_taken = 0
+        # [scheme, first step drawn under it]: one entry unless a resume moved to a new scheme on purpose
+        self._noise_schemes: list[list] = [[self.plan.noise.scheme, 0]]
         self.data_loader: DPDataLoader | None = None
         self.last_norms: Tensor | None = None
         self.last_group_norms: Tensor | None = None
@@ -487,7 +489,8 @@ class PrivacyEngine:
             "protects": (f"each user (all their examples; dataset_size and expected_batch_size count users, at most "
                          f"{plan.sampling.examples_per_user} example(s) per user per step)"
                          if plan.sampling.privacy_unit == "user" else "each example (one sequence)"),
-            "noise": {"scheme": plan.noise.scheme, "key_fingerprint": plan.noise.key_fingerprint},
+            "noise": {"scheme": plan.noise.scheme, "key_fingerprint": plan.noise.key_fingerprint,
+                      "schemes_by_first_step": [list(entry) for entry in self._noise_schemes]},
             "trainable_parameters": int(sum(p.numel() for p in self.parameters.values())),
         }
         if directory is not None:
@@ -579,6 +582,7 @@ class PrivacyEngine:
             "accountant": self.accountant.state_dict(),
             "mechanism": self.plan.mechanism(),
             "key_fingerprint": self.noise_key.fingerprint,
+            "noise_schemes": [list(entry) for entry in self._noise_schemes],
             "plan": self.plan.as_dict(),
             "resume_check": self._resume_check(),
         }
@@ -603,14 +607,20 @@ class PrivacyEngine:
             "examples_per_user": self.plan.sampling.examples_per_user,
         }
 
-    def load_state_dict(self, state: dict, *, fresh_key: bool = False) -> None:
+    def load_state_dict(self, state: dict, *, fresh_key: bool = False, new_noise_scheme: bool = False) -> None:
         """Resume: the step counter continues, so no (key, step) pair is ever used twice.
 
         The key must be the one the run started with (its fingerprint is checked), so that the
         batches and the noise continue the same draw; ``fresh_key=True`` resumes with another key
-        on purpose (the rest of the run draws fresh batches and noise). A state of another mechanism
-        or model is refused, and a refused state leaves the engine (and its loader) as they were:
-        everything is checked first, and a part that fails to load rolls the others back."""
+        on purpose (the rest of the run draws fresh batches and noise). Likewise the noise scheme
+        (dpscale.noise.SCHEME): a state written under another one (by an older dpscale) is refused,
+        because the rest of the run would add other noise than the run it continues; the guarantee
+        would hold (each step's noise is a fresh draw under either scheme, and the schemes' streams
+        are independent), so ``new_noise_scheme=True`` continues under this dpscale's scheme on
+        purpose, says so in the log, and the state and the privacy report record from which step.
+        A state of another mechanism or model is refused, and a refused state leaves the engine
+        (and its loader) as they were: everything is checked first, and a part that fails to load
+        rolls the others back."""
         if not isinstance(state, dict) or state.get("format") != 2:
             raise CheckpointError("Not a dpscale privacy state (format 2): point to the privacy.pt the run wrote.")
         missing = sorted({"steps_taken", "accountant", "mechanism", "key_fingerprint"} - set(state))
@@ -640,6 +650,18 @@ class PrivacyEngine:
                 f"{self.noise_key.fingerprint}: resume with the key file the run started with (noise_key=path). "
                 "To continue with a new key on purpose (fresh batches and noise from here on), pass fresh_key=True."
             )
+        schemes = _recorded_noise_schemes(state)
+        previous, ours = schemes[-1][0], self.plan.noise.scheme
+        if previous != ours:
+            if not new_noise_scheme:
+                raise CheckpointError(
+                    f"The checkpoint was written under noise scheme {previous!r} but this dpscale draws "
+                    f"{ours!r}: the rest of the run would add other noise than the run it continues (the "
+                    "guarantee would hold, the reproducibility of the run would not). Resume with the dpscale "
+                    "version that wrote it, or pass new_noise_scheme=True to continue under the new scheme on "
+                    "purpose (the privacy report then records both)."
+                )
+            schemes = [*schemes, [ours, int(state["steps_taken"])]]
         if "data_loader" in state and self.data_loader is None:
             raise ConfigError("The checkpoint has a data loader position: build it with engine.make_data_loader first.")
         before = (self.accountant.state_dict(), self.steps_taken,
@@ -656,6 +678,13 @@ class PrivacyEngine:
             if before[2] is not None:
                 self.data_loader.load_state_dict(before[2])
             raise
+        if previous != ours:
+            logger.warning(
+                "Resumed at step %d under noise scheme %s; the steps before it drew their noise under %s. The "
+                "accounting is unaffected; the noise from here on is not what the run would have drawn without "
+                "the change.", self.steps_taken, ours, previous,
+            )
+        self._noise_schemes = schemes
         self._pending_versions = None
         self._drawn_step = None
         self._users_this_step = set()
@@ -665,10 +694,13 @@ class PrivacyEngine:
         (dpscale.checkpoint); never the key."""
         save_atomic(self.state_dict(), path, kind="privacy")
 
-    def load_checkpoint(self, path: str | os.PathLike, *, fresh_key: bool = False) -> None:
+    def load_checkpoint(self, path: str | os.PathLike, *, fresh_key: bool = False,
+                        new_noise_scheme: bool = False) -> None:
         """Resume from ``save_checkpoint``'s file: a torn, altered or foreign file, or one of another
-        model or mechanism, raises CheckpointError and leaves the engine as it was."""
-        self.load_state_dict(load_state(path, kind="privacy"), fresh_key=fresh_key)
+        model, mechanism or noise scheme, raises CheckpointError and leaves the engine as it was
+        (``load_state_dict`` says when ``fresh_key`` and ``new_noise_scheme`` continue anyway)."""
+        self.load_state_dict(load_state(path, kind="privacy"), fresh_key=fresh_key,
+                             new_noise_scheme=new_noise_scheme)
 
     # steps of backward --------------------------------------------------------------------------
 
@@ -923,6 +955,26 @@ def _children_read_by_parent(model: nn.Module, rules: RuleRegistry) -> dict[int,
             if isinstance(child, nn.Module):
                 absorbed[id(child)] = (qualname, module, attribute)
     return absorbed
+
+
+_FIRST_NOISE_SCHEME = "dpscale.noise.gaussian.v1"  # every state written before states recorded a scheme
+
+
+def _recorded_noise_schemes(state: dict) -> list[list]:
+    """The noise schemes a saved run drew under, as [scheme, first step] pairs: its "noise_schemes"
+    record; for a state written before that record existed, the scheme of its plan (then, as
+    before the plan was saved, the first scheme, the only one there was)."""
+    recorded = state.get("noise_schemes")
+    if recorded is None:
+        plan = state.get("plan")
+        noise = plan.get("noise") if isinstance(plan, dict) else None
+        scheme = noise.get("scheme") if isinstance(noise, dict) else None
+        return [[scheme if isinstance(scheme, str) else _FIRST_NOISE_SCHEME, 0]]
+    if not (isinstance(recorded, list) and recorded and all(
+            isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
+            and isinstance(entry[1], int) for entry in recorded)):
+        raise CheckpointError("The privacy state's noise_schemes record is damaged; start over.")
+    return [list(entry) for entry in recorded]
 
 
 def _first_difference(recorded: list, ours: list) -> str:

@@ -9,13 +9,13 @@ topology. If the noise depended on generation order (a torch.Generator, a global
 topologies would add different noise, a resumed run would diverge, and a careless backend could
 add the same draw twice or W times. Here the value of every coordinate is fixed by the key and its
 coordinates, so any rank can produce exactly the part it owns, in any order, and the result is
-bit-for-bit the same as generating the whole parameter at once (on the same build of numpy and
-torch, see "What is not claimed" below). The key is secret and 256 bits: unlike a Mersenne Twister seed, an
-observer of some noised values cannot reconstruct the others.
+bit-for-bit the same as generating the whole parameter at once (on any machine, and on the host
+or a device: see "Same bits everywhere" below). The key is secret and 256 bits: unlike a Mersenne
+Twister seed, an observer of some noised values cannot reconstruct the others.
 
-Construction (scheme "dpscale.noise.gaussian.v1")
+Construction (scheme "dpscale.noise.gaussian.v2")
 -------------------------------------------------
-1. Subkey: HMAC-SHA256(key, "dpscale.noise.gaussian.v1" || 0x00 || step as 8 bytes little-endian
+1. Subkey: HMAC-SHA256(key, "dpscale.noise.gaussian.v2" || 0x00 || step as 8 bytes little-endian
    || len(name) as 4 bytes little-endian || name in UTF-8). Fixed widths and a length prefix make
    the encoding unambiguous, so no two (step, name) pairs share a subkey.
 2. Keystream: ChaCha20 (RFC 8439, through `cryptography`, i.e. OpenSSL) under the subkey.
@@ -27,7 +27,10 @@ Construction (scheme "dpscale.noise.gaussian.v1")
    covers 2^35 elements, and parameters of up to 2^63 elements are supported.
 3. Transform (Box-Muller, in float64, branch-free): elements 2i and 2i+1 share the words w = word
    2i and v = word 2i+1.
-   - u = ((w >> 11) + 1) * 2^-53, a 53-bit uniform in (0, 1]; r = sqrt(-2 ln u).
+   - u = ((w >> 11) + 1) * 2^-53, a 53-bit uniform in (0, 1]; r = sqrt(-2 ln u). ln u comes from
+     an exact reduction u = m * 2^-k (m in [sqrt(1/2), sqrt(2)]) and a degree-7 minimax
+     polynomial in s^2, s = (m - 1) / (m + 1), with k ln 2 split in two parts (`log_series_into`;
+     within 0.88 ulp of ln u, measured), not by a library log.
    - The angle takes its octant k from the low 3 bits of v and phi = (pi/4) * (v >> 11) * 2^-53 in
      [0, pi/4) from its top 53 bits; cos(theta) and sin(theta) are +-cos(phi) and +-sin(phi),
      swapped as the octant requires (theta = phi, pi/2 - phi, pi/2 + phi, ...). sin(phi) comes
@@ -86,17 +89,29 @@ What is not claimed
   nothing is rounded away, and the argument above does not apply.
 - Noise added on one rank before a cross-rank sum is rounded before the other ranks' terms join it;
   the once-rounded argument covers the value it was added to, not the later sums.
-- Bit-for-bit equality across topologies holds on one build of numpy, torch and OpenSSL and one CPU
-  family: transcendental functions may differ in the last float64 ulp between libm or SIMD
-  implementations, which changes a float32 result with probability about 2^-28 per element. Each
-  coordinate is still drawn once, by whoever owns it, so this affects reproducibility, not privacy.
-  The same holds between this host generator and dpscale/noise_torch.py, which computes the scheme
-  in torch operations on a tensor's own device (`select_generator`): only the logarithm may differ,
-  by 1 ulp (float64 outputs within 2 ulps, float32 equal; docs/DEVICE_NOISE.md).
+- Equality bit for bit holds where float64 arithmetic is IEEE-754 (below); a platform that broke
+  that would change values, not privacy: each coordinate is still drawn once, by whoever owns it.
+
+Same bits everywhere (new in v2)
+--------------------------------
+The keystream is integer arithmetic, the same in OpenSSL and in dpscale/noise_torch.py (the scheme
+in torch operations on a tensor's own device, `select_generator`). The float64 transform calls no
+library transcendental: ln u and sin(phi) are polynomials (`log_series_into`, `sin_series_into`)
+that both generators run as the same operations in the same order, and every operation is either
+exact (53-bit integers to float64, products with powers of two, frexp and ldexp, sign flips and
+swaps by bit masks) or an IEEE-754 correctly rounded +, -, *, / or sqrt (numpy's sqrt is; torch's
+is corrected by `noise_torch._sqrt`), one per pass over an array, so no compiler fuses a multiply
+and an add into an FMA. No intermediate is subnormal, so flush-to-zero modes change nothing either.
+Hence float64 outputs, and every rounding of them, are the same on any machine and device.
+Scheme v1 took ln u from numpy's log and torch's log, which differ in the last bit for about 0.3%
+of arguments (float64 outputs up to 2 ulps apart, float32 equal but for about 2^-28 of those);
+v2 changed the values and the name (the subkey's message holds it), so no value of v1 reappears.
+A run resumed across the change is refused unless asked for (PrivacyEngine.load_state_dict).
 """
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import hmac
 import logging
@@ -118,7 +133,7 @@ __all__ = ["SCHEME", "NoiseKey", "gaussian", "add_gaussian_noise_", "load_noise_
 
 logger = logging.getLogger(__name__)
 
-SCHEME = "dpscale.noise.gaussian.v1"
+SCHEME = "dpscale.noise.gaussian.v2"
 """Names the construction above; a privacy report records it with the key's fingerprint."""
 
 _KEY_BYTES = 32
@@ -346,6 +361,12 @@ class _Scratch:
         self.cos = np.empty(pairs, dtype=np.float64)
         self.mask = np.empty(pairs, dtype=np.uint64)
         self.z = np.empty(2 * pairs, dtype=np.float64)
+        # The logarithm's reduction u = m * 2^-k (frexp's exponents first as int32); the series
+        # works in phi, sin and cos, which are filled after it (_log_unit). Putting m, k and the
+        # exponents in other arrays' free space too was measured: no faster (within 1.6%).
+        self.m = np.empty(pairs, dtype=np.float64)
+        self.k = np.empty(pairs, dtype=np.float64)
+        self.exponent = np.empty(pairs, dtype=np.int32)
 
 
 # sin(x) = x + x^3 * sum_k (-1)^k x^(2k-2) / (2k+1)!, k = 1..8: on [0, pi/4] the first omitted term
@@ -377,6 +398,97 @@ def sin_series_into(x, square, out):
     return out
 
 
+# ln(1 + f) = 2 atanh(s) with s = f / (2 + f); 2 atanh(s) = 2s + s * R(s^2), and R(z) = 2z/3 + 2z^2/5
+# + ... is replaced by its minimax polynomial of degree 7 on [0, 0.0295], which covers z = s^2 for
+# every m = 1 + f in [sqrt(1/2), sqrt(2)] (z <= (3 - 2 sqrt(2))^2 = 0.029437) with a margin for the
+# rounding of the reduction. The coefficients (of z, z^2, ..., z^7) come from a Remez exchange in
+# 256-bit arithmetic (mpmath), rounded to float64: |R - polynomial| <= 2^-58 on the interval, which
+# moves ln m by at most 2^-59 of itself. Taylor's 2/(2k+1) would need ten terms for the same
+# accuracy; each term is two passes over the chunk.
+_LOG_POLY = (0.6666666666666735, 0.3999999999940701, 0.2857142874425773, 0.22222198365590634,
+             0.18183575881489203, 0.1531373632044412, 0.14799271284498053)
+_SQRT2 = math.sqrt(2.0)  # correctly rounded; it only decides the reduction, the same in both generators
+
+
+def _ln2_split() -> tuple[float, float]:
+    """ln 2 as hi + lo: hi has 43 significant bits, so k * hi is exact for every k < 2^10 (here
+    k <= 54), and lo is the float64 nearest ln 2 - hi, from a 40-digit ln 2 (decimal's ln is
+    correctly rounded)."""
+    with decimal.localcontext() as context:
+        context.prec = 40
+        ln2 = decimal.Decimal(2).ln()
+        hi = math.ldexp(math.floor(math.ldexp(float(ln2), 44)), -44)
+        return hi, float(ln2 - decimal.Decimal(hi))
+
+
+_LN2_HI, _LN2_LO = _ln2_split()
+
+
+def _reduce_unit(u: np.ndarray, scratch: _Scratch) -> tuple[np.ndarray, np.ndarray]:
+    """(m, k) with u = m * 2^-k exactly, m in [sqrt(1/2), sqrt(2)] and k an integer in [0, 53],
+    for float64 u in [2^-53, 1]: e = frexp's exponent of u * sqrt(2) (a rounded product, used only
+    to choose e), k = 1 - e, m = ldexp(u, k). frexp and ldexp are exact, so any implementation
+    of this rule (noise_torch's works on the bits) gives the same m and k. In scratch.m, scratch.k."""
+    n = u.shape[0]
+    m, k, exponent = scratch.m[:n], scratch.k[:n], scratch.exponent[:n]
+    np.multiply(u, _SQRT2, out=m)
+    np.frexp(m, out=(m, exponent))
+    np.subtract(1, exponent, out=exponent)
+    np.ldexp(u, exponent, out=m)
+    np.copyto(k, exponent)
+    return m, k
+
+
+def _log_unit(u: np.ndarray, out: np.ndarray, scratch: _Scratch) -> np.ndarray:
+    """ln(u) for float64 u in [2^-53, 1], into `out` (which may be `u`), within 0.88 ulp (measured
+    against a 160-bit log; tests/test_noise.py). numpy's own log is as accurate, but its last bit
+    is the build's (AVX-512 code or the C library's) and torch's log differs from it in about 0.3%
+    of arguments; this one is exact reductions and IEEE-754 +, -, *, / only, so dpscale.noise_torch,
+    which makes the same reduction and runs the same `log_series_into`, gets the same bits on any
+    device. scratch.sin, .cos and .phi are its work arrays (_box_muller fills them later)."""
+    n = u.shape[0]
+    m, k = _reduce_unit(u, scratch)
+    return log_series_into(m, k, out, (scratch.sin[:n], scratch.cos[:n], scratch.phi[:n]))
+
+
+def log_series_into(m, k, out, work):
+    """ln(m * 2^-k) into ``out``, for float64 m in [sqrt(1/2), sqrt(2)] (about) and integer-valued
+    float64 k in [0, 54], given as numpy arrays (the host generator) or torch tensors
+    (``noise_torch``): the operations are the same, in the same order, each one exact or an
+    IEEE-754 correctly rounded +, -, *, /, so both give the same bits (numpy and torch each run
+    one operation per pass, so nothing is fused into an FMA). ``m`` and ``k`` are overwritten;
+    ``work`` holds three more arrays of their shape; ``out`` may not be one of these.
+
+    With f = m - 1 (exact, Sterbenz), s = f / (2 + f), z = s^2, h = f^2 / 2:
+    ln m = 2 atanh(s) = f - (h - s * (h + R(z))), an identity (2s = f - h + s h). Written this way
+    the leading f is exact and the rounding errors sit in terms a fifth of its size or less, which
+    keeps the result within 1 ulp where s alone (rounded twice) would not. ln 2 is split so that
+    k * ln2_hi is exact: ln u = -k * ln2_hi + (f - (h - (s * (h + R) - k * ln2_lo))). At u = 1
+    (m = 1, k = 0) every term is 0 and so is the result."""
+    namespace = np if isinstance(m, np.ndarray) else torch
+    s, z, h = work
+    f = m
+    f -= 1.0
+    namespace.add(f, 2.0, out=s)
+    namespace.divide(f, s, out=s)
+    namespace.multiply(s, s, out=z)
+    namespace.multiply(z, _LOG_POLY[-1], out=out)
+    for coefficient in reversed(_LOG_POLY[:-1]):
+        out += coefficient
+        out *= z
+    namespace.multiply(f, f, out=h)
+    h *= 0.5
+    out += h
+    out *= s  # s * (h + R)
+    namespace.multiply(k, -_LN2_LO, out=z)
+    out += z  # s * (h + R) - k * ln2_lo
+    h -= out
+    f -= h  # ln m - k * ln2_lo
+    namespace.multiply(k, -_LN2_HI, out=out)  # exact
+    out += f
+    return out
+
+
 def _box_muller(words: np.ndarray, scratch: _Scratch | None = None) -> np.ndarray:
     """Standard normals in float64, one per 64-bit word, by the octant-reduced Box-Muller map
     described in the module docstring. Every step is a whole-array pass (no per-element Python),
@@ -389,7 +501,7 @@ def _box_muller(words: np.ndarray, scratch: _Scratch | None = None) -> np.ndarra
     np.right_shift(pairs[:, 0], np.uint64(11), out=w)
     w += np.uint64(1)
     np.multiply(w.view(np.int64), _U53, out=r)  # u in (0, 1], exact
-    np.log(r, out=r)
+    _log_unit(r, out=r, scratch=s)  # phi, sin and cos are its work arrays until they are computed
     r *= -2.0
     np.sqrt(r, out=r)
     np.right_shift(pairs[:, 1], np.uint64(11), out=w)

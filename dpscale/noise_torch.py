@@ -4,11 +4,12 @@ the host, noised at about 100 M coordinates/s by one process, and copied back.
 
 Same scheme, same values
 ------------------------
-This is scheme "dpscale.noise.gaussian.v1" as dpscale/noise.py defines it, not a look-alike: the
+This is scheme "dpscale.noise.gaussian.v2" as dpscale/noise.py defines it, not a look-alike: the
 subkey is `noise._subkey`, the block counter layout `noise._counter_words`, the request checks and
-the choice of generator (`noise.select_generator`) are noise.py's, and the Box-Muller map uses
-its constants and its degree-17 sine polynomial in the same order of operations. What differs is
-only who runs the two halves:
+the choice of generator (`noise.select_generator`) are noise.py's, and the Box-Muller map runs
+noise.py's own polynomials for the logarithm and the sine (`noise.log_series_into`,
+`noise.sin_series_into`: the same functions, given tensors instead of arrays) with its constants,
+in the same order of operations. What differs is only who runs the two halves:
 
 - ChaCha20 (RFC 8439) in int64 tensors holding uint32 words, masked to 32 bits after every
   addition and rotation, for a whole chunk of blocks at once (the four quarter rounds of a column
@@ -16,28 +17,27 @@ only who runs the two halves:
   block index as the 64-bit counter noise.py reaches by splitting requests per nonce range, so
   no request needs splitting here. Integer arithmetic is exact on every device: the keystream is
   bit-identical to OpenSSL's.
-- The transform in float64: int64 -> float64 conversions of 53-bit integers and products with
-  powers of two are exact; multiplications, additions and negations are IEEE-754 correctly
-  rounded on CPUs and on CUDA, and each is its own kernel, so no compiler can contract a multiply
-  and an add into an FMA (which would round once instead of twice). sqrt must be correctly rounded
-  too, as numpy's is, but torch.sqrt on CPU is not (MKL's vectorised sqrt, 1 ulp off for about
-  1.4% of arguments; torch 2.13): `_sqrt` corrects it exactly from the remainder x - y^2, with
-  no change where torch.sqrt is already IEEE (CUDA's double sqrt is). These give the same bits
-  everywhere.
+- The transform in float64, from operations of two kinds. Exact ones: int64 -> float64 of 53-bit
+  integers, products with powers of two, the logarithm's reduction u = m * 2^-k (`_reduce_unit`,
+  from the bits of u * sqrt(2)), negations and selections. Correctly rounded ones: additions,
+  multiplications and divisions, IEEE-754 on CPUs and on CUDA, each its own kernel, so no compiler
+  can contract a multiply and an add into an FMA (which would round once instead of twice); and
+  sqrt, which must be correctly rounded too, as numpy's is, but torch.sqrt on CPU is not (MKL's
+  vectorised sqrt, 1 ulp off for about 1.4% of arguments; torch 2.13): `_sqrt` corrects it
+  exactly from the remainder x - y^2, with no change where torch.sqrt is already IEEE (CUDA's
+  double sqrt is).
 
-What can differ, and by how much
---------------------------------
-One operation: the natural logarithm in r = sqrt(-2 ln u). Neither numpy's log (its AVX-512 code
-or the C library's) nor torch's (SLEEF on CPU, CUDA's libdevice `log` on NVIDIA GPUs) is correctly
-rounded; each is within 1 ulp of ln u, and they disagree in the last bit for a small share of
-arguments (0.3% of uniform u, 0.13% of float64 outputs, on the AVX-512 machine where this was
-written: numpy 2.4.6, torch 2.13). One ulp in ln u moves r by at most 1 ulp and each float64 output by at most 2 ulps (the
-product r cos(theta) can sit at the low end of its binade when r sits at the high end of its own).
-Rounded to float32 the outputs are equal unless a float64 value lies within 2 ulps of a float32
-rounding boundary, about 2^-28 of the 0.3%: tests/test_noise_device.py checks float32 with
-torch.equal, float64 to 2 ulps, and everything but the logarithm bit for bit (by giving this
-generator numpy's logarithm). Each coordinate is still drawn once, by whoever owns it, so a
-1-ulp difference between devices affects reproducibility across hardware, never privacy.
+What can differ: nothing, where those hold
+------------------------------------------
+No transcendental function of the device is called: not torch.log, torch.sin or torch.cos. So
+float64 outputs are bit-identical to the host generator's, and so is every rounding of them to
+float32, bfloat16 or float16 (tests/test_noise_device.py compares all with torch.equal, float64 by
+bit pattern). What a device must provide is IEEE-754 float64 with round-to-nearest: correctly
+rounded +, -, *, / and sqrt (or a sqrt that `_sqrt`'s one-step correction makes so), int64 shifts
+and bitwise operations, and no fusion of separate tensor operations into FMAs. (A compiler that
+fused kernels, torch.compile say, could contract them: this module is run eagerly.) Subnormal
+numbers never arise, so flush-to-zero modes do not matter. Scheme v1 used torch.log here, whose
+last bit differed from numpy's for about 0.3% of arguments (float64 outputs up to 2 ulps apart).
 
 Work and memory: a chunk of blocks (8 Gaussians each) is about 700 elementwise tensor operations,
 most over int64 rows of the ChaCha20 state; the working set is a few dozen bytes per Gaussian of
@@ -69,7 +69,6 @@ _ELEMENTS_PER_BLOCK = noise._WORDS_PER_BLOCK
 # 0.5 GB of working set at the peak (the Box-Muller's float64 temporaries).
 _CHUNK_BLOCKS_CPU = 1 << 14
 _CHUNK_BLOCKS_DEVICE = 1 << 20
-_log = torch.log  # the one operation whose last bit may differ between devices (see above)
 
 _T = TypeVar("_T")
 
@@ -143,12 +142,34 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     above = torch.nextafter(y, torch.full_like(y, math.inf))
     below = torch.nextafter(y, torch.zeros_like(y))
     rounded = torch.where(remainder > y * (above - y), above, y)
-    return torch.where(remainder <= -(y * (y - below)), below, rounded)
+    # y = -0.0 (sqrt(-0.0), at u = 1): nextafter towards 0 gives +0.0, which would pass the test
+    lower = (remainder <= -(y * (y - below))) & (y != 0)
+    return torch.where(lower, below, rounded)
 
 
 def _sin_to_quarter_pi(x: torch.Tensor) -> torch.Tensor:
     """noise._sin_to_quarter_pi, the same passes in the same order."""
     return noise.sin_series_into(x, x * x, torch.empty_like(x))
+
+
+def _reduce_unit(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """noise._reduce_unit's m and k (u = m * 2^-k, k = 1 - e with e the frexp exponent of
+    u * sqrt(2)), from the bits of that product instead of torch.frexp and torch.ldexp: its biased
+    exponent B gives e = B - 1022, so k = 1023 - B; 2^k is assembled from its bits
+    ((k + 1023) << 52) and u * 2^k is an exact product. Only integer operations and one exact
+    multiplication, which every device does alike (torch.ldexp multiplies by a pow(2, k) that
+    nothing promises to be exact)."""
+    biased = (u * noise._SQRT2).view(torch.int64) >> 52
+    k = 1023 - biased
+    scale = (k + 1023) << 52
+    return u * scale.view(torch.float64), k.to(torch.float64)
+
+
+def _log_unit(u: torch.Tensor) -> torch.Tensor:
+    """noise._log_unit, the same bits: the same reduction, then noise.log_series_into."""
+    m, k = _reduce_unit(u)
+    work = (torch.empty_like(u), torch.empty_like(u), torch.empty_like(u))
+    return noise.log_series_into(m, k, torch.empty_like(u), work)
 
 
 def _box_muller(words: torch.Tensor) -> torch.Tensor:
@@ -160,7 +181,7 @@ def _box_muller(words: torch.Tensor) -> torch.Tensor:
     w += 1
     r = w.to(torch.float64)
     r *= noise._U53  # u in (0, 1], exact
-    r = _log(r)
+    r = _log_unit(r)
     r *= -2.0
     r = _sqrt(r)
     w = v_hi << 21
@@ -213,7 +234,7 @@ def _refusing_failures(device: torch.device, work: Callable[[], _T]) -> _T:
     except (RuntimeError, TypeError, NotImplementedError) as exc:
         raise ConfigError(
             f"dpscale's device noise generator cannot run on {device} ({type(exc).__name__}: {exc}). It "
-            "needs int64 shifts and bitwise operations and float64 log and sqrt on the device. Keep the "
+            "needs int64 shifts and bitwise operations and float64 arithmetic and sqrt on the device. Keep the "
             "gradients on a device that has them, or add the noise on the host with "
             "add_gaussian_noise_(..., generator='host') (the same values, copied through the CPU)."
         ) from exc

@@ -1,6 +1,6 @@
 """The torch generator (dpscale.noise_torch) against the host one (dpscale.noise): the same
-keystream, the same values bit for bit except where the device's logarithm differs in the last
-float64 bit, the same composition of split requests, and the choice of generator by device."""
+keystream, the same values bit for bit in every dtype (float64 included: neither uses a library
+log or sine), the same composition of split requests, and the choice of generator by device."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from dpscale.noise import NoiseKey, add_gaussian_noise_, gaussian, select_genera
 KEY = NoiseKey(bytes(range(32)))
 RANGE_ELEMENTS = 8 << 32  # elements of one ChaCha20 nonce range (2^32 blocks of 8)
 LAST = 1 << 63  # requests end at or below 2^63 elements
-F64_ULPS = 2  # the documented bound where only the logarithm differs (noise_torch's docstring)
 CPU = torch.device("cpu")
 
 
@@ -31,15 +30,9 @@ def device(step, name, numel, offset=0, dtype=torch.float64):
     return gaussian(KEY, step, name, numel, offset, dtype, generator="torch")
 
 
-def numpy_log(t: torch.Tensor) -> torch.Tensor:
-    """The host generator's logarithm, for checking that nothing else differs."""
-    return torch.from_numpy(np.log(t.numpy()))
-
-
-def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance in float64 units in the last place (the values compared share signs)."""
-    assert torch.equal(torch.signbit(a), torch.signbit(b))
-    return int((a.view(torch.int64) - b.view(torch.int64)).abs().max()) if a.numel() else 0
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The float64 values' bit patterns: torch.equal counts -0.0 == 0.0, this does not."""
+    return t.view(torch.int64)
 
 
 offsets = st.one_of(
@@ -58,29 +51,72 @@ def test_random_requests_match_the_host_generator(step, name, offset, count):
     count = min(count, LAST - offset)
     want64, got64 = host(step, name, count, offset), device(step, name, count, offset)
     assert got64.dtype == torch.float64 and got64.shape == (count,) and got64.device == CPU
-    assert ulps(got64, want64) <= F64_ULPS
+    assert torch.equal(bits(got64), bits(want64))
     assert torch.equal(device(step, name, count, offset, torch.float32), host(step, name, count, offset, torch.float32))
-    with pytest.MonkeyPatch.context() as patch:  # given the host's log, every bit is the host's
-        patch.setattr(noise_torch, "_log", numpy_log)
-        assert torch.equal(device(step, name, count, offset), want64)
 
 
-def test_float64_differences_come_from_the_logarithm_only():
-    """Where the two generators differ in float64, torch's and numpy's log of that pair's u differ;
-    this is the one tolerance the tests allow, and here is where it is needed."""
+def test_float64_is_bit_identical_over_a_large_request():
+    """40,000 values, about 1,300 of which had a last-bit difference in ln u when the torch
+    generator used torch.log (scheme v1): none may differ now."""
     n, offset = 40_000, 3
-    want, got = host(4, "big", n, offset), device(4, "big", n, offset)
-    assert ulps(got, want) <= F64_ULPS
-    assert torch.equal(got.float(), want.float())
-    subkey = noise._subkey(KEY, 4, "big")
-    buf = bytearray(8 * (offset + n + 1))
-    noise._keystream_into(subkey, 0, bytes(len(buf)), buf)
-    u = ((np.frombuffer(buf, dtype="<u8")[0::2] >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * 2.0**-53
-    log_differs = torch.log(torch.from_numpy(u)).numpy() != np.log(u)  # per pair of elements
-    differing = torch.nonzero(got != want).flatten().numpy() + offset
-    if not differing.size:
-        pytest.skip("on this build torch's and numpy's log agree on these arguments: no tolerance used")
-    assert np.all(log_differs[differing // 2])
+    assert torch.equal(bits(device(4, "big", n, offset)), bits(host(4, "big", n, offset)))
+
+
+def edge_words(rng: np.random.Generator) -> np.ndarray:
+    """Keystream words whose u = ((w >> 11) + 1) 2^-53 sits at the logarithm's edges (2^-53, 1,
+    just below 1, powers of two and either side of sqrt(1/2) 2^-j, where the reduction moves to
+    the next exponent), each paired with a random angle word."""
+    targets = [1, 2, 3, 2**53 - 1, 2**53]
+    for j in range(54):
+        for centre in (2**53 >> j, round(2.0 ** (53 - j) * 0.5**0.5)):
+            targets += [t for t in range(centre - 2, centre + 3) if 1 <= t <= 2**53]
+    grid = np.array(targets, dtype=np.uint64) - np.uint64(1)  # (w >> 11) for u = target 2^-53
+    low = rng.integers(0, 1 << 11, grid.shape[0], dtype=np.uint64)
+    pairs = np.stack([(grid << np.uint64(11)) | low, rng.integers(0, 2**64 - 1, grid.shape[0], dtype=np.uint64)], 1)
+    blocks = -(-pairs.shape[0] // 4)
+    padded = np.concatenate([pairs, rng.integers(0, 2**64 - 1, (4 * blocks - pairs.shape[0], 2), dtype=np.uint64)])
+    return padded.reshape(-1)
+
+
+def test_edge_arguments_of_the_logarithm_give_the_same_bits():
+    """The two Box-Muller maps on crafted keystream words (every edge of ln u, which random
+    requests reach with probability about 2^-40): the same float64 bits, including u = 1."""
+    words = edge_words(np.random.default_rng(0))
+    want = noise._box_muller(words).copy()
+    as_rows = torch.from_numpy(words.view("<u4").astype(np.int64).reshape(-1, 16).T.copy())  # (16, blocks)
+    got = noise_torch._box_muller(as_rows)
+    assert torch.equal(bits(got), bits(torch.from_numpy(want)))
+
+
+def test_the_reductions_of_both_generators_agree():
+    """u = m 2^-k: the host takes it from np.frexp and np.ldexp, the torch generator from the bits
+    of u * sqrt(2); both must be exact and give the same m and k, also where u * sqrt(2) rounds
+    onto a power of two."""
+    rng = np.random.default_rng(1)
+    near = [round(2.0 ** (53 - j) * 0.5**0.5) + d for j in range(53) for d in range(-3, 4)]
+    w = np.concatenate([rng.integers(1, 2**53, 5000, endpoint=True), [1, 2, 2**53 - 1, 2**53],
+                        [t for t in near if 1 <= t <= 2**53]])
+    u = w * 2.0**-53
+    m, k = noise._reduce_unit(u, noise._Scratch(2 * u.shape[0]))
+    assert np.all((m >= 0.5**0.5 * (1 - 2.0**-52)) & (m <= 2**0.5 * (1 + 2.0**-52)))
+    assert np.array_equal(k, np.round(k)) and np.array_equal(np.ldexp(m, -k.astype(np.int32)), u)
+    torch_m, torch_k = noise_torch._reduce_unit(torch.from_numpy(u))
+    assert np.array_equal(torch_m.numpy().view(np.int64), m.view(np.int64))
+    assert np.array_equal(torch_k.numpy(), k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_float64_is_bit_identical_to_the_host():
+    """What the CPU tests show by running the torch generator on the CPU, on a GPU's own kernels
+    (its division, sqrt and int64 arithmetic): the same float64 bits, also at the edges of ln u."""
+    cuda = torch.device("cuda")
+    for step, name, numel, offset in [(0, "w", 100_003, 5), (7, "layers.0.q", 4096, RANGE_ELEMENTS - 2000)]:
+        got = gaussian(KEY, step, name, numel, offset, torch.float64, device=cuda, generator="torch")
+        assert torch.equal(bits(got.cpu()), bits(host(step, name, numel, offset)))
+    words = edge_words(np.random.default_rng(0))
+    as_rows = torch.from_numpy(words.view("<u4").astype(np.int64).reshape(-1, 16).T.copy()).to(cuda)
+    want = torch.from_numpy(noise._box_muller(words).copy())
+    assert torch.equal(bits(noise_torch._box_muller(as_rows).cpu()), bits(want))
 
 
 @pytest.mark.parametrize("block", [0, 1, 5, (1 << 32) - 2, (1 << 32) - 1, 1 << 32, (1 << 60) - 3])
@@ -114,9 +150,9 @@ def test_sqrt_is_correctly_rounded():
     squares = y * y
     cases = [rng.random(20_000) * 80, rng.random(20_000) * 0.5 + 0.5, squares, np.nextafter(squares, 0),
              np.nextafter(squares, 100), y * np.nextafter(y, 100), y * np.nextafter(y, 0),
-             np.array([0.0, 2.0**-52, 0.25, 0.5, 1.0, 2.0, 4.0, 1 - 2.0**-53, 73.6])]
-    for x in cases:
-        assert np.array_equal(noise_torch._sqrt(torch.from_numpy(x)).numpy(), np.sqrt(x))
+             np.array([0.0, -0.0, 2.0**-52, 0.25, 0.5, 1.0, 2.0, 4.0, 1 - 2.0**-53, 73.6])]
+    for x in cases:  # bit patterns: sqrt(-0.0) is -0.0 (r at u = 1); subnormal x never occur here
+        assert np.array_equal(noise_torch._sqrt(torch.from_numpy(x)).numpy().view(np.int64), np.sqrt(x).view(np.int64))
 
 
 # --- add_gaussian_noise_ through the torch generator ---------------------------------------------
@@ -137,7 +173,7 @@ def test_add_noise_to_views_and_leaves_with_the_torch_generator():
     z = host(1, "w", 600)
     transposed = base.clone().t()
     add_gaussian_noise_(transposed, KEY, 1, "w", std=2.0, generator="torch")
-    assert ulps(transposed.reshape(-1), base.t().reshape(-1) + 2.0 * z) <= F64_ULPS
+    assert torch.equal(bits(transposed.reshape(-1)), bits(base.t().reshape(-1) + 2.0 * z))
     leaf = base.float().requires_grad_(True)
     add_gaussian_noise_(leaf, KEY, 1, "w", std=2.0, generator="torch")
     assert torch.equal(leaf.detach(), (base.float().double().reshape(-1) + 2.0 * z).float().view(20, 30))
@@ -176,13 +212,13 @@ def test_a_non_cpu_tensor_goes_to_the_torch_generator(monkeypatch):
 
 
 def test_a_device_that_cannot_run_it_is_refused(monkeypatch):
-    """No silent fallback: a device lacking an operation (float64 log, say) raises dpscale's error
+    """No silent fallback: a device lacking an operation (float64 sqrt, say) raises dpscale's error
     and names the way out."""
 
     def missing(t):
-        raise NotImplementedError("log is not implemented for 'Double' on this device")
+        raise NotImplementedError("sqrt is not implemented for 'Double' on this device")
 
-    monkeypatch.setattr(noise_torch, "_log", missing)
+    monkeypatch.setattr(noise_torch, "_sqrt", missing)
     with pytest.raises(ConfigError, match="generator='host'"):
         add_gaussian_noise_(torch.zeros(16), KEY, 0, "w", std=1.0, generator="torch")
     with pytest.raises(ConfigError, match="cannot run"):

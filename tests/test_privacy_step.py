@@ -4,6 +4,7 @@ the accountant's epsilon, and privacy state that survives a resume."""
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 
 import pytest
@@ -12,8 +13,9 @@ from torch import nn
 
 from dpscale import ConfigError, DPConfig, PrivacyEngine
 from dpscale.accounting import compute_epsilon
-from dpscale.checkpoint import load_state
-from dpscale.noise import NoiseKey, gaussian
+from dpscale.checkpoint import load_state, save_atomic
+from dpscale.errors import CheckpointError
+from dpscale.noise import SCHEME, NoiseKey, gaussian
 
 KEY = NoiseKey(bytes(range(32)))
 N, B = 200, 8
@@ -162,6 +164,55 @@ def test_resuming_with_another_mechanism_is_refused(tmp_path):
     other = PrivacyEngine(model_and_data()[0], config(noise_multiplier=2.0), noise_key=KEY)
     with pytest.raises(ConfigError, match="noise_multiplier"):
         other.load_checkpoint(tmp_path / "state.pt")
+
+
+V1 = "dpscale.noise.gaussian.v1"  # the scheme before the log and sine became shared polynomials
+
+
+def as_written_by_v1(state: dict, *, recorded: bool = True) -> dict:
+    """A privacy state as dpscale wrote it under scheme v1: the scheme in its plan only (no
+    noise_schemes record), or, for the oldest states, nowhere."""
+    state = {key: value for key, value in state.items() if key != "noise_schemes"}
+    if recorded:
+        state["plan"] = {**state["plan"], "noise": {**state["plan"]["noise"], "scheme": V1}}
+    else:
+        del state["plan"]
+    return state
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_checkpoint_of_another_noise_scheme_is_refused_unless_asked_for(tmp_path, caplog, recorded):
+    """A run drawn under v1 and resumed by this dpscale would add v2's noise from then on: not a
+    privacy loss (fresh noise either way), but not the run it continues, so it is refused by name;
+    new_noise_scheme=True continues on purpose, logs it, and the state and report keep the record."""
+    save_atomic(as_written_by_v1(trained_engine(3).state_dict(), recorded=recorded), tmp_path / "v1.pt")
+    resumed = PrivacyEngine(model_and_data()[0], config(), noise_key=KEY)
+    with pytest.raises(CheckpointError, match="noise scheme 'dpscale.noise.gaussian.v1'.*new_noise_scheme=True"):
+        resumed.load_checkpoint(tmp_path / "v1.pt")
+    assert resumed.steps_taken == 0 and resumed.state_dict()["noise_schemes"] == [[SCHEME, 0]]
+    with caplog.at_level(logging.WARNING, logger="dpscale.engine"):
+        resumed.load_checkpoint(tmp_path / "v1.pt", new_noise_scheme=True)
+    assert resumed.steps_taken == 3 and any(V1 in r.getMessage() and "step 3" in r.getMessage() for r in caplog.records)
+    history = [[V1, 0], [SCHEME, 3]]
+    assert resumed.state_dict()["noise_schemes"] == history
+    assert resumed.privacy_report()["noise"]["schemes_by_first_step"] == history
+    resumed.save_checkpoint(tmp_path / "v2.pt")  # from here on the scheme is ours: no flag needed
+    again = PrivacyEngine(model_and_data()[0], config(), noise_key=KEY)
+    again.load_checkpoint(tmp_path / "v2.pt")
+    assert again.steps_taken == 3 and again.state_dict()["noise_schemes"] == history
+
+
+def test_a_resume_under_the_same_scheme_keeps_one_record(tmp_path):
+    engine = trained_engine(2)
+    engine.save_checkpoint(tmp_path / "privacy.pt")
+    assert trained_engine(0).privacy_report()["noise"] == {
+        "scheme": SCHEME, "key_fingerprint": KEY.fingerprint, "schemes_by_first_step": [[SCHEME, 0]]}
+    resumed = PrivacyEngine(model_and_data()[0], config(), noise_key=KEY)
+    resumed.load_checkpoint(tmp_path / "privacy.pt")
+    assert resumed.state_dict()["noise_schemes"] == [[SCHEME, 0]]
+    damaged = {**engine.state_dict(), "noise_schemes": [["x"]]}
+    with pytest.raises(CheckpointError, match="damaged"):
+        resumed.load_state_dict(damaged)
 
 
 def test_optimizer_over_foreign_parameters_is_refused():
