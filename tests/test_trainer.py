@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from dpscale import ConfigError, DPConfig  # noqa: E402
+from dpscale import CheckpointError, ConfigError, DPConfig  # noqa: E402
 from dpscale.checkpoint import load_state  # noqa: E402
 from dpscale.integrations.trainer import PRIVACY_STATE_NAME, DPTrainer, check_training_arguments  # noqa: E402
 from tests import trainer_worker as worker  # noqa: E402
@@ -107,6 +107,24 @@ def test_a_resume_without_the_key_file_is_refused_unless_a_fresh_key_is_asked_fo
     fresh = keyless(fresh_noise_key=True)
     fresh.train(resume_from_checkpoint=True)
     assert fresh.privacy_engine.steps_taken == 2 and fresh.state.global_step == 2
+
+
+def test_a_checkpoint_of_another_noise_scheme_is_refused_unless_asked_for(tmp_path):
+    """privacy.pt as a dpscale of noise scheme v1 wrote it: refused by name, resumed with
+    new_noise_scheme=True, which the privacy report then records."""
+    from dpscale.checkpoint import save_atomic
+    from tests.test_privacy_step import V1, as_written_by_v1
+
+    spec = {"dtype": "float64", "steps": 2}
+    worker.trainer({**spec, "steps": 1}, str(tmp_path), save_strategy="steps", save_steps=1).train()
+    path = tmp_path / "checkpoint-1" / PRIVACY_STATE_NAME
+    save_atomic(as_written_by_v1(load_state(path)), path)
+    with pytest.raises(CheckpointError, match="new_noise_scheme=True"):
+        worker.trainer(spec, str(tmp_path)).train(resume_from_checkpoint=True)
+    resumed = worker.trainer(spec, str(tmp_path), new_noise_scheme=True)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.privacy_engine.steps_taken == 2
+    assert resumed.privacy_engine.privacy_report()["noise"]["schemes_by_first_step"][0] == [V1, 0]
 
 
 def test_throughput_counts_logical_examples_and_no_training_loss_is_returned(tmp_path):

@@ -134,12 +134,12 @@ def deepspeed_config(stage: int) -> dict:
     return ds
 
 
-def trainer(spec: dict, output_dir: str, model: nn.Module | None = None, **changes):
+def trainer(spec: dict, output_dir: str, model: nn.Module | None = None, new_noise_scheme: bool = False, **changes):
     from dpscale.integrations.trainer import DPTrainer
 
     return DPTrainer(model=model if model is not None else model_for(spec),
                      args=training_arguments(spec, output_dir, **changes), train_dataset=TokenDataset(),
-                     data_collator=collate, dp_config=config(spec), noise_key=KEY)
+                     data_collator=collate, dp_config=config(spec), noise_key=KEY, new_noise_scheme=new_noise_scheme)
 
 
 def trainable(model: nn.Module) -> dict[str, torch.Tensor]:

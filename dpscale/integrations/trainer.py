@@ -244,6 +244,8 @@ class DPTrainer(Trainer):
         resumable).
     fresh_noise_key: resume from a checkpoint written under another key on purpose (the rest of the
         run draws fresh batches and noise); otherwise such a resume is refused.
+    new_noise_scheme: resume from a checkpoint written by a dpscale with another noise scheme (v1)
+        on purpose (the privacy report records both); otherwise such a resume is refused.
     rules: a registry with rules for custom layers (``dpscale.default_registry()``).
     per_example_loss: "auto" (causal LM, sequence classification or token-level cross-entropy, from
         the model and the logits' shape; ``label_smoothing_factor`` applied per example) or
@@ -260,7 +262,7 @@ class DPTrainer(Trainer):
     """
 
     def __init__(self, *args, dp_config: DPConfig, noise_key: NoiseKey | str | os.PathLike | None = None,
-                 fresh_noise_key: bool = False, rules: RuleRegistry | None = None,
+                 fresh_noise_key: bool = False, new_noise_scheme: bool = False, rules: RuleRegistry | None = None,
                  per_example_loss: str | PerExampleLoss = "auto", log_train_loss: bool = False,
                  user_ids: Sequence | str | None = None, **kwargs) -> None:
         if not isinstance(dp_config, DPConfig):
@@ -307,6 +309,7 @@ class DPTrainer(Trainer):
         self.dp_config = dp_config
         self.noise_key = noise_key  # loaded by the engine (dpscale.noise.load_noise_key)
         self.fresh_noise_key = fresh_noise_key
+        self.new_noise_scheme = new_noise_scheme
         self.rules = rules
         self.per_example_loss = per_example_loss
         self.log_train_loss = log_train_loss
@@ -464,7 +467,8 @@ class DPTrainer(Trainer):
                 )
             self._resume_state = load_state(path)
             if self.privacy_engine is not None:
-                self.privacy_engine.load_state_dict(self._resume_state, fresh_key=self.fresh_noise_key)
+                self.privacy_engine.load_state_dict(self._resume_state, fresh_key=self.fresh_noise_key,
+                                                     new_noise_scheme=self.new_noise_scheme)
         try:
             output = super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
                                    ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
@@ -497,7 +501,8 @@ class DPTrainer(Trainer):
                 "(and save a checkpoint there).", self.state.max_steps, engine.target_epsilon, budget,
             )
         if self._resume_state is not None:
-            engine.load_state_dict(self._resume_state, fresh_key=self.fresh_noise_key)
+            engine.load_state_dict(self._resume_state, fresh_key=self.fresh_noise_key,
+                                   new_noise_scheme=self.new_noise_scheme)
         self.privacy_engine = engine
         return engine
 
