@@ -14,7 +14,8 @@ Llama whose lm_head is tied to its embedding, 33 rows), clipping ("flat", "per_l
 poisson (the engine's Poisson loader draws the batches; otherwise BATCHES, declared sampling),
 mixed_precision (fully_shard with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); with
 accelerate, Accelerator(mixed_precision="bf16")), fsdp_one_rank (fully_shard on a world of one process
-too), accelerate (Accelerate's FSDP plugin, fsdp_version 2, prepares the Llama instead of the calls
+too), bucket_elements (FSDP2Backend's reduce-scatter bucket size: small, so that most parameters
+are reduced in a bucket of their own, larger ones alone), accelerate (Accelerate's FSDP plugin, fsdp_version 2, prepares the Llama instead of the calls
 above, and dpscale.integrations.accelerate.make_private builds the engine), activation_checkpointing
 (with accelerate: the plugin's own, torch's checkpoint_wrapper around each decoder layer).
 """
@@ -115,8 +116,15 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> tuple[dict[str, torch
             for layer in layers:
                 fully_shard(layer, **extra)
             fully_shard(net, **extra)
-        engine = PrivacyEngine(net, config(spec, names), noise_key=KEY)
+        backend = None
+        if sharded and spec.get("bucket_elements"):
+            from dpscale.backends import FSDP2Backend
+
+            backend = FSDP2Backend(net, bucket_elements=spec["bucket_elements"])
+        engine = PrivacyEngine(net, config(spec, names), noise_key=KEY, backend=backend)
         engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=0.5, momentum=0.9))
+        if backend is not None:
+            assert len(backend._buckets) > len(names) // 2, "small buckets: most parameters reduced alone"
     if sharded:
         assert type(engine.backend).__name__ == "FSDP2Backend", type(engine.backend)
     assert list(engine.parameters) == names

@@ -55,10 +55,13 @@ def test_fsdp2_root_must_be_sharded():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("model", "clipping", "poisson"), [("mlp", "flat", False), ("mlp", "per_layer", True),
-                                                            ("llama", "flat", False), ("llama", "groups", True)])
-def test_fsdp2_matches_one_process(tmp_path, model, clipping, poisson):
-    spec = {"model": model, "clipping": clipping, "sigma": 1.0, "poisson": poisson}
+@pytest.mark.parametrize(("model", "clipping", "poisson", "buckets"),
+                         [("mlp", "flat", False, None), ("mlp", "per_layer", True, None),
+                          ("llama", "flat", False, None), ("llama", "groups", True, 64)])
+def test_fsdp2_matches_one_process(tmp_path, model, clipping, poisson, buckets):
+    """buckets: the reduce-scatter bucket size; 64 elements puts most parameters in buckets of their
+    own and reduces each as soon as it is written, with padding passes and an empty draw."""
+    spec = {"model": model, "clipping": clipping, "sigma": 1.0, "poisson": poisson, "bucket_elements": buckets}
     batches = worker.poisson_batches() if poisson else worker.BATCHES
     assert min(len(b) for b in batches) == 1, "rank 1 must have an empty draw in some step"
     assert max(len(b) for b in batches) >= 5, "rank 0 must run more micro-batches than rank 1 in some step"

@@ -26,17 +26,23 @@ How it maps onto FSDP2 (torch 2.13):
   parameters; the backend reshards every module as soon as the rules are done (the first
   ``accumulate`` of each backward). The price: between the end of one backward and its clipped
   sums, the whole model is unsharded on each rank at once (parameters only).
-* FSDP2's own reduce-scatter stays idle (no parameter receives an autograd gradient). The clipped
-  sums of the local examples are kept at full shape; at the step boundary each rank lays them out
-  as FSDP2 does (each parameter's dim 0 cut into world-size chunks of ceil(rows / W) rows, padded)
-  and one SUM reduce-scatter per dtype leaves it the sum over all ranks of its own rows. It adds
-  the keyed noise of exactly those elements (offset = first row x row size, the flat index into
-  the full parameter; drawn into a shard-sized buffer while the reduce-scatter is in flight, since
-  it does not depend on the sums) and sets ``p.grad`` as a DTensor shard like the parameter, which
-  the torch optimizer steps. Each coordinate gets one draw whatever the number of ranks.
-* Every forward all-gathers, so every rank must run as many passes per logical step: a rank with
-  fewer micro-batches (or an empty Poisson draw) runs padding passes whose sums are dropped
-  (``micro_batch_count`` / ``padding``, driven by ``dpscale.run_logical_step``).
+* FSDP2's own reduce-scatter stays idle (no parameter receives an autograd gradient). The engine
+  hands over each parameter's clipped sum of the local examples once the backward's norms are
+  known, one parameter at a time; the backend writes it into a bucket laid out as FSDP2 shards
+  (each parameter's dim 0 cut into world-size chunks of ceil(rows / W) rows, padded; buckets of at
+  most ``bucket_elements`` elements, one dtype each, in the engine's parameter order) and starts an
+  asynchronous SUM reduce-scatter as soon as a bucket is full, while the next parameters' sums are
+  computed. Each rank keeps only its own rows, summed over the backward passes of the step: a
+  rank holds the sharded sums and at most two buckets, never the model's full-size gradients.
+  At the step boundary it adds the keyed noise of exactly its elements (offset = first row x row
+  size, the flat index into the full parameter) and sets ``p.grad`` as a DTensor shard like the
+  parameter, which the torch optimizer steps. Each coordinate gets one draw whatever the number of
+  ranks. Like FSDP2's own gradient accumulation, each backward pass reduces once: bytes grow with
+  the number of micro-batches of a step.
+* Every forward all-gathers and every backward reduce-scatters, so every rank must run as many
+  passes per logical step: a rank with fewer micro-batches (or an empty Poisson draw) runs padding
+  passes, which contribute zeros to the reductions (``micro_batch_count`` / ``padding``, driven by
+  ``dpscale.run_logical_step``).
 * Tied parameters (an input embedding shared with the output head) are one DTensor, one name and
   one noise draw; the engine's norm includes the cross term of its two uses.
 
@@ -94,6 +100,44 @@ def is_fsdp1(model: nn.Module) -> bool:
     return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
+# Unsharded elements per reduce-scatter bucket (64 MiB of fp32): large enough that the collectives
+# are few, small enough that two buckets in flight are a small fraction of a large model.
+BUCKET_ELEMENTS = 1 << 24
+
+
+@dataclass
+class _Bucket:
+    """Parameters of one dtype, consecutive in the engine's order, reduced together. ``layout`` is
+    [world size, per_rank]: row r holds rank r's rows of each parameter (at ``positions``, padded to
+    chunk rows), filled during a backward; ``sums`` is this rank's reduced row, summed over the
+    backward passes of the step."""
+
+    dtype: torch.dtype
+    device: torch.device
+    positions: dict[str, int]
+    per_rank: int = 0
+    layout: Tensor | None = None
+    filled: int = 0
+    sums: Tensor | None = None
+
+
+def _buckets(parameters: Mapping[str, nn.Parameter], shards: Mapping[str, "_Shard"], world_size: int,
+             capacity: int) -> list[_Bucket]:
+    """Consecutive parameters of one dtype, at most ``capacity`` unsharded (padded) elements a
+    bucket (a larger parameter alone)."""
+    buckets: list[_Bucket] = []
+    for name, p in parameters.items():
+        shard = shards[name]
+        size = shard.chunk * shard.row
+        last = buckets[-1] if buckets else None
+        if last is None or last.dtype != p.dtype or (last.per_rank + size) * world_size > capacity:
+            last = _Bucket(p.dtype, p.to_local().device, {})
+            buckets.append(last)
+        last.positions[name] = last.per_rank
+        last.per_rank += size
+    return buckets
+
+
 @dataclass(frozen=True)
 class _Shard:
     """This rank's rows [start, start + rows) of a parameter of ``full_rows`` rows of ``row``
@@ -114,7 +158,7 @@ class FSDP2Backend(OptimizerStepped):
     model_parallel = None  # each rank computes whole examples' gradients (sharding is storage only)
     swaps_parameters = True  # unsharded tensors stand in for the DTensors while a module is gathered
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, bucket_elements: int = BUCKET_ELEMENTS) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("An FSDP2 (fully_shard) model needs torch.distributed initialised before the engine is built.")
         self._modules = fsdp2_modules(model)
@@ -125,8 +169,13 @@ class FSDP2Backend(OptimizerStepped):
         self.process_group = self.mesh.get_group()
         self.rank = dist.get_rank(self.process_group)
         self.world_size = dist.get_world_size(self.process_group)
+        if not isinstance(bucket_elements, int) or bucket_elements < 1:
+            raise ConfigError(f"bucket_elements must be a positive int, got {bucket_elements!r}.")
+        self.bucket_elements = bucket_elements
         self._shards: dict[str, _Shard] = {}
-        self._sums: dict[str, Tensor] = {}
+        self._buckets: list[_Bucket] = []
+        self._bucket_of: dict[str, _Bucket] = {}
+        self._in_flight: list[tuple[_Bucket, Tensor, dist.Work | None, Tensor]] = []
         self._first: str | None = None
         self._padding = False
 
@@ -139,51 +188,57 @@ class FSDP2Backend(OptimizerStepped):
             raise ConfigError("Build the PrivacyEngine on the fully_shard'ed model itself (its names key the noise).")
         check_same_key(engine.noise_key, self.process_group)
         self._shards = {name: self._shard_of(name, p) for name, p in engine.parameters.items()}
+        self._buckets = _buckets(engine.parameters, self._shards, self.world_size, self.bucket_elements)
+        self._bucket_of = {name: bucket for bucket in self._buckets for name in bucket.positions}
         self._first = next(iter(engine.parameters))
         for module in self._modules:
             module.set_reshard_after_backward(False, recurse=False)
         return [_RestoreResharding(self._modules)]
 
     def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
-        """Keep the local clipped sum at full shape. The engine hands the sums over in the order of
-        ``engine.parameters`` once every rule of the backward has run: at the first one, the
-        parameters kept unsharded for the rules are sharded again."""
+        """Write the local clipped sum into its bucket in FSDP2's layout; a full bucket starts its
+        reduce-scatter. The engine hands the sums over in the order of ``engine.parameters`` once
+        every rule of the backward has run: at the first one, the parameters kept unsharded for the
+        rules are sharded again. A padding pass contributes zeros (the other ranks' reductions
+        still need this rank's part)."""
         if name == self._first:
             self._reshard()
-        if self._padding or _is_dtensor(clipped):  # a padding pass, or the engine's zeros_like(p): nothing
-            return
-        total = self._sums.get(name)
-        clipped = clipped.reshape(param.shape).to(param.dtype)
-        if total is None:
-            self._sums[name] = clipped.contiguous()
-        else:
-            total.add_(clipped)
+            for stale in self._buckets:  # a backward that raised midway left a bucket half filled
+                stale.layout = None
+        bucket = self._bucket_of[name]
+        if bucket.layout is None:
+            bucket.layout = torch.zeros(self.world_size, bucket.per_rank, dtype=bucket.dtype, device=bucket.device)
+            bucket.filled = 0
+        if not (self._padding or _is_dtensor(clipped)):  # else zeros (the engine's zeros_like(p) is a DTensor)
+            shard = self._shards[name]
+            position = bucket.positions[name]
+            columns = bucket.layout[:, position : position + shard.chunk * shard.row]
+            rows = clipped.reshape(shard.full_rows, shard.row)
+            whole = shard.full_rows // shard.chunk if shard.chunk else 0  # ranks given a full chunk
+            if whole:
+                columns[:whole].copy_(rows[: whole * shard.chunk].reshape(whole, shard.chunk * shard.row))
+            rest = shard.full_rows - whole * shard.chunk
+            if rest:
+                columns[whole, : rest * shard.row].copy_(rows[whole * shard.chunk :].reshape(-1))
+        bucket.filled += 1
+        if bucket.filled == len(bucket.positions):
+            self._reduce(bucket)
+            if bucket is self._buckets[-1]:  # the backward's last bucket: every reduction of it is done
+                self._absorb(len(self._in_flight))
 
     def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
-        """Reduce-scatter the local clipped sums (one SUM per dtype), noise this rank's rows, and
-        give each parameter its DTensor shard gradient. The noise does not depend on the sums, so it
-        is drawn into a shard-sized buffer while the reduce-scatter is in flight, then added."""
-        sums, self._sums = self._sums, {}
+        """Noise this rank's rows of the summed, reduced clipped sums and give each parameter its
+        DTensor shard gradient. A step without a backward on any rank is noise alone."""
+        self._absorb(len(self._in_flight))
         self._reshard()  # a step without a backward on this rank still leaves nothing unsharded
-        by_dtype: dict[torch.dtype, list[tuple[str, nn.Parameter]]] = {}
-        for name, p in parameters.items():
-            by_dtype.setdefault(p.dtype, []).append((name, p))
-        for named in by_dtype.values():
-            local, pending = self._reduce_scatter(named, sums)
-            noise = torch.zeros_like(local) if pending is not None else local
-            position = 0
-            for name, _ in named:
-                shard = self._shards[name]
-                add_noise(name, noise[position : position + shard.rows * shard.row], shard.start * shard.row)
-                position += shard.chunk * shard.row
-            if pending is not None:
-                pending.wait()
-                local += noise
-            position = 0
-            for name, p in named:
-                shard = self._shards[name]
-                own = local[position : position + shard.rows * shard.row]
-                position += shard.chunk * shard.row
+        for bucket in self._buckets:
+            sums, bucket.sums = bucket.sums, None
+            if sums is None:
+                sums = torch.zeros(bucket.per_rank, dtype=bucket.dtype, device=bucket.device)
+            for name, position in bucket.positions.items():
+                shard, p = self._shards[name], parameters[name]
+                own = sums[position : position + shard.rows * shard.row]
+                add_noise(name, own, shard.start * shard.row)
                 p.grad = _like_parameter(own.view(p.to_local().shape), p)
 
     # the driver's side --------------------------------------------------------------------------
@@ -249,31 +304,29 @@ class FSDP2Backend(OptimizerStepped):
             )
         return _Shard(start, rows, chunk, full_rows, row)
 
-    def _reduce_scatter(self, named: list[tuple[str, nn.Parameter]],
-                        sums: Mapping[str, Tensor]) -> tuple[Tensor, dist.Work | None]:
-        """(this rank's block of the SUM over ranks of the padded, FSDP2-ordered local sums, the
-        collective's handle to wait on before reading it; None with one rank)."""
-        first = named[0][1]
-        per_rank = sum(self._shards[name].chunk * self._shards[name].row for name, _ in named)
-        flat = torch.zeros(self.world_size * per_rank, dtype=first.dtype, device=first.to_local().device)
-        position = 0
-        for name, p in named:
-            shard = self._shards[name]
-            total = sums.get(name)
-            position += shard.chunk * shard.row
-            if total is None:
-                continue
-            rows = total.reshape(shard.full_rows, shard.row)
-            for r in range(self.world_size):
-                a = min(shard.full_rows, r * shard.chunk)
-                b = min(shard.full_rows, a + shard.chunk)
-                if b > a:
-                    offset = r * per_rank + position - shard.chunk * shard.row
-                    flat[offset : offset + (b - a) * shard.row].copy_(rows[a:b].reshape(-1))
+    def _reduce(self, bucket: "_Bucket") -> None:
+        """Start the SUM reduce-scatter of a full bucket, after absorbing the one before it: one
+        reduction in flight while the next bucket fills, so at most two layouts are alive."""
+        layout, bucket.layout = bucket.layout, None
+        self._absorb(len(self._in_flight))
         if self.world_size == 1:
-            return flat, None
-        out = torch.empty(per_rank, dtype=flat.dtype, device=flat.device)
-        return out, _REDUCE_SCATTER(out, flat, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
+            self._in_flight.append((bucket, layout.reshape(-1), None, layout))
+            return
+        received = torch.empty(bucket.per_rank, dtype=bucket.dtype, device=bucket.device)
+        work = _REDUCE_SCATTER(received, layout.reshape(-1), op=dist.ReduceOp.SUM, group=self.process_group,
+                               async_op=True)
+        self._in_flight.append((bucket, received, work, layout))  # the layout lives until the reduction is done
+
+    def _absorb(self, count: int) -> None:
+        """Wait for the oldest ``count`` reductions in flight and add each to its bucket's sums."""
+        for _ in range(max(0, count)):
+            bucket, received, work, _layout = self._in_flight.pop(0)
+            if work is not None:
+                work.wait()
+            if bucket.sums is None:
+                bucket.sums = received
+            else:
+                bucket.sums.add_(received)
 
 
 # torch 2.13 renamed reduce_scatter_tensor (which still works, with a FutureWarning per call)
