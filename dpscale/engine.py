@@ -133,6 +133,13 @@ class PrivacyEngine:
         _refuse_example_mixing(model)
         owners = find_owners(model, self.parameters, self.rules)
         self.rule_names: Mapping[str, str] = MappingProxyType({owner.qualname: owner.rule.name for owner in owners})
+        # Modules whose parameters a rule reads after the backward has ended (whole-call rules run
+        # then, and a module differentiated through its parent is read by the parent's call), so a
+        # sharding backend must keep them gathered until the clipped sums are formed; None: the
+        # whole model (a parent's call may read beyond any one module).
+        self.modules_read_after_backward: tuple[nn.Module, ...] | None = (
+            None if any(owner.through_parent for owner in owners)
+            else tuple(owner.module for owner in owners if owner.rule.whole_call))
         self.clipping: ClippingPlan = build_plan(config, list(self.parameters))
         self._group_of = self.clipping.group_of()
         self.noise_key = load_noise_key(noise_key)

@@ -10,7 +10,8 @@ takes its part (``batch[rank::world]``) of the same global batches. Rank 0 write
 (the full parameters after the steps, gathered from the shards) and ``{out}/steps.pt``.
 
 spec keys: model ("mlp": Linear layers whose dim 0 (7, 3) is not divisible by 2; "llama": a tiny
-Llama whose lm_head is tied to its embedding, 33 rows), clipping ("flat", "per_layer", "groups"),
+Llama whose lm_head is tied to its embedding, 33 rows; "attention": nn.MultiheadAttention, a
+whole-call rule that reads its weights after the backward, so its unit must stay gathered), clipping ("flat", "per_layer", "groups"),
 poisson (the engine's Poisson loader draws the batches; otherwise BATCHES, declared sampling),
 mixed_precision (fully_shard with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); with
 accelerate, Accelerator(mixed_precision="bf16")), fsdp_one_rank (fully_shard on a world of one process
@@ -62,12 +63,29 @@ def poisson_batches() -> list[list[int]]:
     return [sampler.global_batch(t) for t in range(len(BATCHES))]
 
 
+class AttentionNet(nn.Module):
+    """nn.MultiheadAttention, whose rule reads the whole call after the backward (its weights
+    too), then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h, _ = self.attention(x, x, x, need_weights=False)
+        return self.head(h.mean(1))
+
+
 def model(kind: str) -> tuple[nn.Module, list[nn.Module]]:
     """(the model, the submodules to fully_shard before the root)."""
     torch.manual_seed(0)
     if kind == "mlp":
         net = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.LayerNorm(7), nn.Linear(7, 3))
         return net, [net[0], net[3]]
+    if kind == "attention":
+        net = AttentionNet()
+        return net, [net.attention, net.head]
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
@@ -81,11 +99,13 @@ def dataset(kind: str):
     g = torch.Generator().manual_seed(1)
     if kind == "mlp":
         return torch.utils.data.TensorDataset(torch.randn(N, 6, generator=g), torch.randn(N, 3, generator=g))
+    if kind == "attention":
+        return torch.utils.data.TensorDataset(torch.randn(N, T, 6, generator=g), torch.randn(N, 3, generator=g))
     return torch.utils.data.TensorDataset(torch.randint(0, VOCAB, (N, T), generator=g))
 
 
 def losses(kind: str, net: nn.Module, micro) -> torch.Tensor:
-    if kind == "mlp":
+    if kind in ("mlp", "attention"):
         x, y = micro
         return (net(x) - y).pow(2).sum(1)
     (ids,) = micro

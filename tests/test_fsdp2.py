@@ -57,7 +57,8 @@ def test_fsdp2_root_must_be_sharded():
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "clipping", "poisson", "buckets"),
                          [("mlp", "flat", False, None), ("mlp", "per_layer", True, None),
-                          ("llama", "flat", False, None), ("llama", "groups", True, 64)])
+                          ("llama", "flat", False, None), ("llama", "groups", True, 64),
+                          ("attention", "flat", True, None)])
 def test_fsdp2_matches_one_process(tmp_path, model, clipping, poisson, buckets):
     """buckets: the reduce-scatter bucket size; 64 elements puts most parameters in buckets of their
     own and reduces each as soon as it is written, with padding passes and an empty draw."""

@@ -19,13 +19,14 @@ How it maps onto FSDP2 (torch 2.13):
   before its forward and again before its part of the backward (its pre-backward hook fires inside
   the engine's ``torch.autograd.grad`` over the recorded module outputs). Per-example norms come
   from the local activations and output gradients: no weight is gathered for them.
-* The layer rules run inside or after that backward (eager rules as each output's gradient
-  arrives, whole-call rules after it) and some read their module's weight (Hugging Face RMS
-  norms call their own forward with it). While the engine is attached, FSDP2 is told not to
-  reshard after backward (``set_reshard_after_backward(False)``), so the rules see the unsharded
-  parameters; the backend reshards every module as soon as the rules are done (the first
-  ``accumulate`` of each backward). The price: between the end of one backward and its clipped
-  sums, the whole model is unsharded on each rank at once (parameters only).
+* The layer rules run inside or after that backward and some read their module's weight
+  (Hugging Face RMS norms call their own forward with it). Eager rules run as each output's
+  gradient arrives, while FSDP2 has the unit's parameters gathered for its own backward.
+  Whole-call rules (the torch.func fallback, attention and recurrent layers) run after the
+  backward: the FSDP2 units holding their modules are told not to reshard after backward
+  (``set_reshard_after_backward(False)``) while the engine is attached, and the backend reshards
+  them as soon as the rules are done (the first ``accumulate`` of each backward). A Hugging Face
+  decoder has no such module, so its units reshard as in non-private training.
 * FSDP2's own reduce-scatter stays idle (no parameter receives an autograd gradient). The engine
   hands over each parameter's clipped sum of the local examples once the backward's norms are
   known, one parameter at a time; the backend writes it into a bucket laid out as FSDP2 shards
@@ -191,9 +192,10 @@ class FSDP2Backend(OptimizerStepped):
         self._buckets = _buckets(engine.parameters, self._shards, self.world_size, self.bucket_elements)
         self._bucket_of = {name: bucket for bucket in self._buckets for name in bucket.positions}
         self._first = next(iter(engine.parameters))
-        for module in self._modules:
+        kept = self._modules_to_keep_gathered(engine.modules_read_after_backward)
+        for module in kept:
             module.set_reshard_after_backward(False, recurse=False)
-        return [_RestoreResharding(self._modules)]
+        return [_RestoreResharding(kept)]
 
     def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
         """Write the local clipped sum into its bucket in FSDP2's layout; a full bucket starts its
@@ -263,6 +265,26 @@ class FSDP2Backend(OptimizerStepped):
         return int(count)
 
     # internals --------------------------------------------------------------------------------
+
+    def _modules_to_keep_gathered(self, read_late: tuple[nn.Module, ...] | None) -> list[nn.Module]:
+        """The FSDP2 units that must stay unsharded after the backward: those managing a module the
+        engine's rules read after it (the innermost unit enclosing it); every unit when the engine
+        cannot say. Rules that run inside the backward read their weights while FSDP2 has them
+        gathered for the unit's own backward."""
+        if read_late is None:
+            return list(self._modules)
+        units = {id(unit) for unit in self._modules}
+        enclosing: dict[int, nn.Module] = {}  # id(module) -> its innermost FSDP2 unit (itself included)
+
+        def visit(module: nn.Module, unit: nn.Module | None) -> None:
+            unit = module if id(module) in units else unit
+            enclosing[id(module)] = unit
+            for child in module.children():
+                visit(child, unit)
+
+        visit(self.model, None)
+        kept = {id(enclosing[id(m)]): enclosing[id(m)] for m in read_late if enclosing.get(id(m)) is not None}
+        return list(kept.values())
 
     def _reshard(self) -> None:
         for module in self._modules:
