@@ -101,9 +101,9 @@ def is_fsdp1(model: nn.Module) -> bool:
     return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
-# Unsharded elements per reduce-scatter bucket (64 MiB of fp32): large enough that the collectives
+# Unsharded elements per reduce-scatter bucket (16 MiB of fp32, about DDP's 25 MB buckets): large enough that the collectives
 # are few, small enough that two buckets in flight are a small fraction of a large model.
-BUCKET_ELEMENTS = 1 << 24
+BUCKET_ELEMENTS = 1 << 22
 
 
 @dataclass
