@@ -55,7 +55,7 @@ def check_accelerator(accelerator, *, deepspeed: bool = False) -> None:
     """Refuse Accelerate settings that would change the DP step, naming the setting. DEEPSPEED is
     accepted only with ``deepspeed=True`` (the DeepSpeed path, ``accelerate_deepspeed.py``), FSDP
     only with ``fsdp_version: 2``."""
-    kind = _distributed_type(accelerator)
+    kind = distributed_type(accelerator)
     if kind != "FSDP" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise ConfigError(
             f"Accelerate was configured for FSDP (ACCELERATE_USE_FSDP=true, from an FSDP accelerate config or an "
@@ -113,8 +113,9 @@ def make_private(
     With several processes the model must be the prepared (DDP-wrapped) one; the engine hooks its
     inner module, keeps DDP's reducer idle, and reduces the noised clipped sums itself
     (DataParallelBackend). Under FSDP (version 2) the prepared model is the fully_shard'ed one and
-    the engine's FSDP2Backend reduce-scatters and noises each rank's rows. Every rank must hold the same ``noise_key`` (a key file all ranks read):
-    with several processes it is required and checked by fingerprint.
+    the engine's FSDP2Backend reduce-scatters and noises each rank's rows. Every rank must hold the
+    same ``noise_key`` (a key file all ranks read): with several processes it is required and
+    checked by fingerprint.
     """
     from dpscale.integrations.accelerate_deepspeed import is_deepspeed, make_private_deepspeed
 
@@ -122,7 +123,7 @@ def make_private(
         return make_private_deepspeed(accelerator, model, optimizer, config, noise_key=noise_key, rules=rules)
     check_accelerator(accelerator)
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer wraps it
-    if _distributed_type(accelerator) == "FSDP":
+    if distributed_type(accelerator) == "FSDP":
         if not is_fsdp2(model):
             raise ConfigError(
                 "Accelerate runs FSDP but the model is not fully_shard'ed: pass the model returned by "
@@ -136,7 +137,9 @@ def make_private(
     return PrivacyEngine(model, config, optimizer=inner_optimizer, noise_key=noise_key, rules=rules)
 
 
-def _distributed_type(accelerator) -> str:
+def distributed_type(accelerator) -> str:
+    """Accelerate's distributed type as a plain string ("MULTI_GPU", "FSDP", "DEEPSPEED", ...), from
+    an Accelerator or anything with its ``distributed_type`` (an enum, or a string in tests)."""
     return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
 
 

@@ -34,6 +34,7 @@ from dpscale.backends.deepspeed import DeepSpeedBackend
 from dpscale.config import DPConfig
 from dpscale.engine import PrivacyEngine
 from dpscale.errors import ConfigError
+from dpscale.integrations.accelerate import distributed_type
 from dpscale.layers import RuleRegistry
 from dpscale.noise import NoiseKey
 
@@ -41,8 +42,7 @@ __all__ = ["is_deepspeed", "make_private_deepspeed"]
 
 
 def is_deepspeed(accelerator) -> bool:
-    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    return kind == "DEEPSPEED"
+    return distributed_type(accelerator) == "DEEPSPEED"
 
 
 def make_private_deepspeed(accelerator, model, optimizer, config: DPConfig, *,

@@ -32,6 +32,7 @@ from dpscale.checkpoint import load_state, save_atomic
 from dpscale.config import DPConfig
 from dpscale.driver import RunOutcome, StepOutcome, run_steps
 from dpscale.errors import CheckpointError, ConfigError
+from dpscale.integrations.accelerate import distributed_type
 from dpscale.losses import causal_lm_losses, sequence_classification_losses
 from dpscale.noise import NoiseKey
 from dpscale.train.config import TrainConfig
@@ -74,7 +75,7 @@ def run(config: TrainConfig) -> TrainResult:
     output = Path(config.output_dir)
     accelerator = Accelerator(log_with=config.report_to or None, project_dir=str(output / "logs"),
                               **_placement_kwargs(config))
-    if str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)) == "FSDP":
+    if distributed_type(accelerator) == "FSDP":
         raise ConfigError(
             "dpscale train does not run under FSDP: its checkpoints, resume and evaluation read whole parameters "
             "on every rank. For FSDP2 use examples/accelerate_loop.py (or your own Accelerate loop with "
@@ -490,7 +491,7 @@ def _placement_kwargs(config: TrainConfig) -> dict:
 
 
 def _is_deepspeed(accelerator) -> bool:
-    return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)) == "DEEPSPEED"
+    return distributed_type(accelerator) == "DEEPSPEED"
 
 
 def _whole_parameters(accelerator, module):
