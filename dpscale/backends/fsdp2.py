@@ -177,7 +177,8 @@ class FSDP2Backend(OptimizerStepped):
         self._shards: dict[str, _Shard] = {}
         self._buckets: list[_Bucket] = []
         self._bucket_of: dict[str, _Bucket] = {}
-        self._in_flight: list[tuple[_Bucket, Tensor, dist.Work | None, Tensor]] = []
+        # the one reduction in flight: (its bucket, this rank's received block, the collective, the layout it reads)
+        self._pending: tuple[_Bucket, Tensor, dist.Work | None, Tensor] | None = None
         self._first: str | None = None
         self._padding = False
 
@@ -226,13 +227,13 @@ class FSDP2Backend(OptimizerStepped):
         bucket.filled += 1
         if bucket.filled == len(bucket.positions):
             self._reduce(bucket)
-            if bucket is self._buckets[-1]:  # the backward's last bucket: every reduction of it is done
-                self._absorb(len(self._in_flight))
+            if bucket is self._buckets[-1]:  # the backward's last bucket: its reduction is done here
+                self._absorb()
 
     def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
         """Noise this rank's rows of the summed, reduced clipped sums and give each parameter its
         DTensor shard gradient. A step without a backward on any rank is noise alone."""
-        self._absorb(len(self._in_flight))
+        self._absorb()
         self._reshard()  # a step without a backward on this rank still leaves nothing unsharded
         for bucket in self._buckets:
             sums, bucket.sums = bucket.sums, None
@@ -331,25 +332,26 @@ class FSDP2Backend(OptimizerStepped):
         """Start the SUM reduce-scatter of a full bucket, after absorbing the one before it: one
         reduction in flight while the next bucket fills, so at most two layouts are alive."""
         layout, bucket.layout = bucket.layout, None
-        self._absorb(len(self._in_flight))
+        self._absorb()
         if self.world_size == 1:
-            self._in_flight.append((bucket, layout.reshape(-1), None, layout))
+            self._pending = (bucket, layout.reshape(-1), None, layout)
             return
         received = torch.empty(bucket.per_rank, dtype=bucket.dtype, device=bucket.device)
         work = _REDUCE_SCATTER(received, layout.reshape(-1), op=dist.ReduceOp.SUM, group=self.process_group,
                                async_op=True)
-        self._in_flight.append((bucket, received, work, layout))  # the layout lives until the reduction is done
+        self._pending = (bucket, received, work, layout)  # the layout lives until the reduction is done
 
-    def _absorb(self, count: int) -> None:
-        """Wait for the oldest ``count`` reductions in flight and add each to its bucket's sums."""
-        for _ in range(max(0, count)):
-            bucket, received, work, _layout = self._in_flight.pop(0)
-            if work is not None:
-                work.wait()
-            if bucket.sums is None:
-                bucket.sums = received
-            else:
-                bucket.sums.add_(received)
+    def _absorb(self) -> None:
+        """Wait for the reduction in flight, if any, and add it to its bucket's sums."""
+        if self._pending is None:
+            return
+        (bucket, received, work, _layout), self._pending = self._pending, None
+        if work is not None:
+            work.wait()
+        if bucket.sums is None:
+            bucket.sums = received
+        else:
+            bucket.sums.add_(received)
 
 
 # torch 2.13 renamed reduce_scatter_tensor (which still works, with a FutureWarning per call)
