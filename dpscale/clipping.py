@@ -23,6 +23,8 @@ class ClippingPlan:
     thresholds: tuple[float, ...]
     clip_fn: str
     gamma: float
+    mode: str = "groups"  # "flat", "per_layer" or "groups": how the groups were given
+    max_grad_norm: float | None = None  # R, whose square the thresholds' squares add up to
 
     @property
     def sensitivity(self) -> float:
@@ -55,7 +57,8 @@ def build_plan(config: DPConfig, trainable: list[str]) -> ClippingPlan:
         thresholds = tuple(config.group_max_grad_norms)
     else:
         thresholds = (config.max_grad_norm / math.sqrt(len(groups)),) * len(groups)
-    return ClippingPlan(tuple(groups), thresholds, config.clip_fn, config.automatic_gamma)
+    mode = config.clipping if isinstance(config.clipping, str) else "groups"
+    return ClippingPlan(tuple(groups), thresholds, config.clip_fn, config.automatic_gamma, mode, config.max_grad_norm)
 
 
 def _resolve_groups(patterns: tuple[tuple[str, ...], ...], trainable: list[str]) -> list[tuple[str, ...]]:

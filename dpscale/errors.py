@@ -47,3 +47,9 @@ class SamplingError(DPScaleError, RuntimeError):
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed from as it is: missing, torn, altered, not dpscale's, or
     written by another model or mechanism. Nothing of it was loaded."""
+
+
+class ForeignGradientError(StepBoundaryError):
+    """A gradient reached a trainable parameter through a backward other than ``engine.backward``,
+    or an optimizer the engine does not know was stepped over its parameters. Nothing moved and
+    nothing was accounted."""

@@ -39,3 +39,53 @@ def plot_epsilon(curve: list[tuple[int, float]], report: dict, path: Path) -> No
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
+
+
+def build_report(engine, directory: str | Path | None = None, points: int = 50) -> dict:
+    """What was spent and how, read from the engine's execution plan and step counter; with
+    ``directory``, also privacy_report.json and epsilon.png written there."""
+    plan = engine.plan
+    accounts, delta = plan.accounts, plan.accounting.delta
+    sigma = plan.noise.noise_multiplier
+    curve = []
+    if accounts and sigma > 0:
+        curve = [(int(t), float(e)) for t, e in engine.accountant.epsilon_curve(delta, points)]
+    if not accounts:
+        sampling_source = "none: no dataset_size, so no accounting"
+    elif plan.sampling.declared_by_user:
+        sampling_source = (f"declared by the user (DPConfig.sampling_declared_by_user): dpscale did not draw "
+                           f"the batches and cannot check that they are {plan.sampling.kind} at q")
+    else:
+        sampling_source = "dpscale loader bound to the engine (checked at every step)"
+    sampling, clipping = plan.sampling, plan.clipping
+    report = {
+        "epsilon": engine.epsilon() if accounts else None,
+        "delta": delta,
+        "noise_multiplier": sigma,
+        "sample_rate": sampling.sample_rate,
+        "steps": engine.steps_taken,
+        "planned_steps": plan.accounting.planned_steps,
+        "budget_steps": plan.accounting.budget_steps,
+        "target_epsilon": plan.accounting.target_epsilon,
+        "allow_budget_overrun": plan.accounting.allow_budget_overrun,
+        "accountant": plan.accounting.accountant,
+        "sampling": sampling.kind,
+        "sampling_source": sampling_source,
+        "clipping": clipping.mode,
+        "clip_fn": clipping.clip_fn,
+        "max_grad_norm": clipping.max_grad_norm,
+        "group_max_grad_norms": list(clipping.thresholds),
+        "expected_batch_size": plan.noise.expected_batch_size,
+        "dataset_size": sampling.dataset_size,
+        "privacy_unit": sampling.privacy_unit,
+        "examples_per_user": sampling.examples_per_user,
+        "protects": (f"each user (all their examples; dataset_size and expected_batch_size count users, at most "
+                     f"{sampling.examples_per_user} example(s) per user per step)"
+                     if sampling.privacy_unit == "user" else "each example (one sequence)"),
+        "noise": {"scheme": plan.noise.scheme, "key_fingerprint": plan.noise.key_fingerprint,
+                  "schemes_by_first_step": [list(entry) for entry in engine.noise_schemes]},
+        "trainable_parameters": int(sum(p.numel() for p in engine.parameters.values())),
+    }
+    if directory is not None:
+        write_report(report, curve, directory)
+    return report

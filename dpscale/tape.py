@@ -128,10 +128,13 @@ class _RuleOnGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        on_output_grad, call = ctx.target
+        tape, call = ctx.target
+        if not tape.in_engine_backward:  # refused, or (paused) passed through without the rule
+            tape.refuse_outside_engine_backward(call.qualname)
+            return (None, None, grad) + (None,) * len(ctx.saved_tensors)
         saved = ctx.saved_tensors  # once: checkpointing lets each saved tensor be unpacked once
         if not call.dropped:
-            on_output_grad(call, grad, saved)
+            tape._on_output_grad(call, grad, saved)
         return (None, None, grad) + (None,) * len(saved)
 
 
@@ -174,11 +177,13 @@ class Tape:
         self, model: nn.Module, owners: list[Owner], default: Rule,
         batch_dim_inside: Callable[[nn.Module], int | None] = lambda module: None,
         on_output_grad: OnOutputGrad | None = None,
+        on_foreign_backward: Callable[[str], None] | None = None,
     ) -> None:
         self._model = model
         self._default = default
         self._batch_dim_inside = batch_dim_inside
         self._on_output_grad = on_output_grad
+        self._on_foreign_backward = on_foreign_backward
         self.anchor: Tensor | None = None  # this forward's; see the module docstring
         self._owners = {id(owner.module): owner for owner in owners}
         self._qualnames = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
@@ -212,9 +217,23 @@ class Tape:
             return self._frames
         return self._replays.setdefault(threading.get_ident(), [])
 
+    @property
+    def in_engine_backward(self) -> bool:
+        return self._replays is not None
+
+    def refuse_outside_engine_backward(self, qualname: str) -> None:
+        """Called as a gradient reaches a recorded module output, before autograd goes on to the
+        module's weights: a backward other than the engine's (``loss.backward()``,
+        ``accelerator.backward``, an auxiliary loss) is refused here, so no trainable parameter
+        receives a gradient the engine did not clip. While paused (``PrivacyEngine.paused``: analysis
+        with ``torch.autograd.grad``, which writes no ``p.grad``) it passes; a gradient accumulated
+        into a parameter is still refused by the parameters' own hooks (``dpscale.gradient_guard``)."""
+        if self._on_foreign_backward is not None and not self.in_engine_backward and not self._paused:
+            self._on_foreign_backward(qualname)
+
     @contextmanager
     def replaying(self):
-        """Around the engine's backward. Non-reentrant activation checkpointing re-runs the forward
+        """Around the engine's backward (what tells the engine's backward from any other). Non-reentrant activation checkpointing re-runs the forward
         of each checkpointed region inside the backward, to rebuild the tensors it did not keep, and
         that fires these hooks again. The re-run must compute what the first run computed (a
         broadcast output expanded to the batch is expanded again, or the rebuilt tensors would not
@@ -378,8 +397,15 @@ class Tape:
         )
         self.calls.append(call)
         if eager:
-            return _RuleOnGradient.apply(self.anchor, (self._on_output_grad, call), output, *saved)
+            return _RuleOnGradient.apply(self.anchor, (self, call), output, *saved)
+        self._guard(edge, owner.qualname)
         return output
+
+    def _guard(self, edge: GradientEdge, qualname: str) -> None:
+        """A gradient reaching a recorded output outside the engine's backward is refused before
+        the node that computes its module's weight gradient runs (eager calls: in their identity)."""
+        if self._on_foreign_backward is not None:
+            edge.node.register_prehook(lambda grad_outputs: self.refuse_outside_engine_backward(qualname))
 
     def _carries_batch(self, frame: _Frame) -> bool:
         return self.batch_size in leading_sizes((frame.args, frame.kwargs))
@@ -429,6 +455,8 @@ class Tape:
                 )
             indices.append(i)
             edges.append(self._edge(leaf))
+        for edge in edges:
+            self._guard(edge, frame.qualname)
         delegated = set(frame.delegated.values())
         kept = []
         for call in self.calls:

@@ -23,6 +23,8 @@ import dpscale
 from dpscale import (
     ConfigError,
     DPConfig,
+    DPScaleError,
+    ForeignGradientError,
     LossShapeError,
     NoTrainableParametersError,
     PrivacyBudgetError,
@@ -159,7 +161,7 @@ def two_forwards() -> None:
 def foreign_after_attach() -> None:
     model = mlp()
     engine = bound(model)
-    engine._optimizer.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+    engine._boundary.optimizer.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
     engine.backward(model(x()).sum(1))
 
 
@@ -168,8 +170,37 @@ def unseen_step() -> None:
     engine = bound(model)
     other = torch.optim.SGD(model.parameters(), lr=0.1)
     engine.backward(model(x()).sum(1))
-    other.step()  # consumes the clipped sums without noise
+    other.step()  # would consume the clipped sums without noise (it finds none, and is refused)
+
+
+def plain_backward() -> None:
+    model = mlp()
+    bound(model)
+    model(x()).sum().backward()
+
+
+def auxiliary_backward() -> None:
+    model = mlp()
+    engine = bound(model)
     engine.backward(model(x()).sum(1))
+    model(x()).pow(2).mean().backward()  # an auxiliary loss back-propagated on its own
+
+
+def plain_backward_then_step() -> None:
+    model = mlp()
+    engine = bound(model)
+    try:
+        model(x()).sum().backward()
+    except DPScaleError:
+        pass
+    engine.step()  # accepted, as an empty step: the refused gradient reached nothing
+    model(x()).sum().backward()
+
+
+def parameter_read_directly() -> None:
+    model = mlp()
+    bound(model)
+    (model(x()).sum() + model[0].weight.sum()).backward()
 
 
 def unbound_backward() -> None:
@@ -371,8 +402,16 @@ CASES: list[Case] = [
          "already attached"),
     Case("optimizer_none", "Optimizer", "`engine.backward` with no optimizer attached", unbound_backward,
          StepBoundaryError, "No optimizer"),
-    Case("optimizer_unseen_step", "Optimizer", "another optimizer stepped the clipped sums (no noise)", unseen_step,
-         StepBoundaryError, "NOT private"),
+    Case("optimizer_unseen_step", "Optimizer", "another optimizer (not attached) stepped after `engine.backward`",
+         unseen_step, ForeignGradientError, "not attached"),
+    Case("backward_plain", "Backward", "`loss.backward()` (or `accelerator.backward(loss)`) instead of `engine.backward`",
+         plain_backward, ForeignGradientError, "other than engine.backward"),
+    Case("backward_auxiliary", "Backward", "`engine.backward(losses)` plus an auxiliary loss back-propagated on its own",
+         auxiliary_backward, ForeignGradientError, "auxiliary term"),
+    Case("backward_then_step", "Backward", "`loss.backward(); engine.step()`", plain_backward_then_step,
+         ForeignGradientError, "other than engine.backward"),
+    Case("backward_direct_parameter", "Backward", "a plain backward through a parameter read outside its module",
+         parameter_read_directly, ForeignGradientError, "other than engine.backward"),
     # the model changed after the engine was built
     Case("changed_added", "Model changed", "a parameter added to the model",
          lambda: changed_model(lambda m: m[2].register_parameter("extra", nn.Parameter(torch.ones(2)))), ConfigError,

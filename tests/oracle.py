@@ -64,7 +64,7 @@ def check_engine(model: nn.Module, batches: list[dict], loss_fn: Callable, confi
         losses = loss_fn(model, inputs)
         engine.backward(losses)
         engine_norms.append(engine.last_norms.clone())
-    engine_grads = {n: p.grad.clone() for n, p in engine.parameters.items()}
+    engine_grads = {n: g.clone() for n, g in engine.clipped_sums().items()}
     engine.detach()
     model.zero_grad(set_to_none=True)
     expected = {n: torch.zeros_like(p) for n, p in engine.parameters.items()}

@@ -71,7 +71,7 @@ CONFIG = DPConfig(noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=4
 def engine_grads(model: nn.Module, losses_of) -> dict:
     engine = PrivacyEngine(model, CONFIG, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
     engine.backward(losses_of(model))
-    grads = {name: p.grad.clone() for name, p in engine.parameters.items()}
+    grads = {name: g.clone() for name, g in engine.clipped_sums().items()}
     engine.detach()
     return grads, engine
 

@@ -122,8 +122,8 @@ def config(R: float, B: float, clipping: str, clip_fn: str, gamma: float) -> dps
 
 
 def engine_grads(c: Case, cfg: dpscale.DPConfig, batches: list[list[dict]]) -> list[torch.Tensor]:
-    """B * p.grad, flattened over the trainable parameters, after one ``engine.backward`` on each
-    batch in turn: one engine for all of them, gradients zeroed before each."""
+    """B * the clipped sums, flattened over the trainable parameters, after one ``engine.backward``
+    on each batch in turn: one engine for all of them, each batch its own (noiseless, lr 0) step."""
     model = c.model
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
@@ -133,9 +133,9 @@ def engine_grads(c: Case, cfg: dpscale.DPConfig, batches: list[list[dict]]) -> l
         for examples in batches:
             model.zero_grad(set_to_none=True)
             engine.backward(c.loss_fn(model, c.collate(examples)))
-            params = dict(model.named_parameters())
-            grads = [params[n].grad if params[n].grad is not None else torch.zeros_like(params[n]) for n in c.names]
-            out.append(torch.cat([g.flatten() for g in grads]) * cfg.expected_batch_size)
+            sums = engine.clipped_sums()
+            out.append(torch.cat([sums[n].flatten() for n in c.names]) * cfg.expected_batch_size)
+            engine.step()
     finally:
         engine.detach()
         model.zero_grad(set_to_none=True)

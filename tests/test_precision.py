@@ -18,7 +18,7 @@ def _run(model, ids, autocast: bool):
         logits = model(input_ids=ids).logits
     engine.backward(causal_lm_losses(logits, ids))
     engine.detach()
-    grads = {n: p.grad.clone() for n, p in engine.parameters.items()}
+    grads = {n: g.clone() for n, g in engine.clipped_sums().items()}
     return engine, grads
 
 

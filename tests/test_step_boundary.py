@@ -17,6 +17,7 @@ import dpscale
 from dpscale import (
     ConfigError,
     DPConfig,
+    ForeignGradientError,
     PrivacyBudgetExhausted,
     PrivacyEngine,
     SamplingError,
@@ -59,7 +60,8 @@ def snapshot(net):
 
 def test_an_optimizer_that_is_not_attached_never_moves_a_parameter():
     """The quickstart trap: SGD over engine.parameters, never attached. The first backward is
-    refused, before the first optimizer step; nothing trained, nothing accounted."""
+    refused, before the first optimizer step, and the optimizer's own step is refused by name:
+    nothing trained, nothing accounted."""
     net = model()
     engine = PrivacyEngine(net, config(), noise_key=KEY)
     optimizer = torch.optim.SGD(engine.parameters.values(), lr=0.5)
@@ -69,28 +71,37 @@ def test_an_optimizer_that_is_not_attached_never_moves_a_parameter():
     micro = batch.micro_batches[0]
     with pytest.raises(StepBoundaryError, match="attach_optimizer"):
         engine.backward(losses_of(net)(micro))
-    optimizer.step()  # no gradient was written: nothing moves
+    with pytest.raises(ForeignGradientError, match="not attached"):
+        optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(net)))
     assert engine.steps_taken == 0 and engine.epsilon() == 0.0
 
 
-def test_a_second_optimizer_consuming_the_clipped_sums_is_caught():
-    """Optimizer A attached, optimizer B over the same parameters stepped instead: B's update
-    carried no noise. The engine sees the parameters move without its step and refuses to go on:
-    at its own step, at the next backward, at epsilon, report and checkpoint."""
+def test_a_second_optimizer_finds_no_gradient_and_is_refused_by_name():
+    """Optimizer A attached, optimizer B over the same parameters stepped after engine.backward:
+    the clipped sums are the engine's (p.grad is None), so B has nothing to apply, and its step is
+    refused by name before it runs. With the guard's hook removed, B still moves nothing; A's step
+    then applies the noised sums once."""
     net = model()
     engine = PrivacyEngine(net, config(sampling_declared_by_user=True), noise_key=KEY)
     attached = engine.attach_optimizer(torch.optim.SGD(net.parameters(), lr=0.1))
-    foreign = torch.optim.Adam(net.parameters(), lr=0.1)
+    foreign = torch.optim.Adam(net.parameters(), lr=0.1, weight_decay=0.5)
     x, y = data().tensors
     engine.backward((net(x[:B]) - y[:B]).pow(2).sum(1))
+    assert all(p.grad is None for p in net.parameters())
+    before = snapshot(net)
+    with pytest.raises(ForeignGradientError, match="Adam steps parameters of a PrivacyEngine that is not attached"):
+        foreign.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(net)))
+    guard = next(h for h in engine._handles if type(h).__name__ == "_OptimizerGuard")
+    guard.remove()  # by construction alone: no gradient to apply
     foreign.step()
-    with pytest.raises(StepBoundaryError, match="not attached"):
-        attached.step()
-    for call in (lambda: engine.backward((net(x[:B]) - y[:B]).pow(2).sum(1)), engine.epsilon,
-                 engine.privacy_report, engine.state_dict):
-        with pytest.raises(StepBoundaryError):
-            call()
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(net)))
+    assert engine.steps_taken == 0
+    attached.step()
+    assert engine.steps_taken == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, snapshot(net)))
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_one_optimizer_per_engine_and_none_over_deepspeed_like_backends():

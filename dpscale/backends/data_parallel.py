@@ -1,15 +1,15 @@
 """Data parallel over torch.distributed (plain DDP, or DDP through Accelerate), gloo or nccl alike.
 
 Each rank holds a disjoint part of the global Poisson batch. ``accumulate`` keeps that part's
-clipped sum (already divided by the *global* expected batch size B) in ``p.grad``; at the step
-boundary each rank adds the keyed noise of the coordinates it owns (each parameter's flattened
-elements cut into W contiguous ranges, rank r owning range r), then one SUM all-reduce over the
-data-parallel group, per flat bucket of gradients, leaves every rank with
+clipped sum (already divided by the *global* expected batch size B) in the backend's flat buckets,
+never in ``p.grad``; at the step boundary each rank adds the keyed noise of the coordinates it owns
+(each parameter's flattened elements cut into W contiguous ranges, rank r owning range r), then one
+SUM all-reduce over the data-parallel group, per flat bucket, leaves every rank with
 
     (sum over all ranks' examples of clip(g_i) + one noise draw per coordinate) / B.
 
-A rank whose draw is empty still calls ``finish_step`` (with zero gradients) so the collectives
-match. Per-example norms never cross data-parallel ranks: they belong to different examples.
+and each parameter's ``p.grad`` becomes its view of the bucket for the optimizer's update, then
+None again. A rank whose draw is empty still writes its (zero) buckets, so the collectives match. Per-example norms never cross data-parallel ranks: they belong to different examples.
 
 DDP's own gradient reducer must stay out of the way (the engine's backward produces no autograd
 weight gradient, so DDP would wait for reductions that never come). ``DataParallelBackend.for_ddp``
@@ -20,13 +20,13 @@ DDP's class is never touched. All DDP handling lives here, none in the engine.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dpscale.backends.base import NoiseFn, OptimizerStepped
+from dpscale.backends.base import BackendContext, NoiseFn, OptimizerStepped
 from dpscale.backends.shared_key import check_same_key
 from dpscale.errors import ConfigError
 
@@ -54,25 +54,28 @@ class _Bucket:
 
 
 class DataParallelBackend(OptimizerStepped):
-    """Gradients in ``p.grad``, noise sharded by coordinate, one SUM all-reduce per step.
+    """Clipped sums in flat buckets, noise sharded by coordinate, one SUM all-reduce per step.
 
     process_group: the data-parallel group (default: the whole world). Ranks of one
         tensor-parallel group are *not* data-parallel peers: give each its own data-parallel group.
     shard_offsets: for parameters this rank holds only a contiguous slice of (tensor-parallel
         shards), the slice's offset in the full parameter's flattened elements, so that the noise
         of element j of the full parameter is the same whatever the split.
+    model_parallel_group: with ``shard_offsets``, the group whose ranks hold the slices of one
+        example's gradient: the per-example squared norms of the sliced parameters are summed over
+        it before clipping (the others are replicated there and counted once). Data-parallel ranks
+        never belong in it.
     bucket_mb: gradients live in flat buckets of about this size, one all-reduce each.
 
-    Gradients are written straight into the buckets (``p.grad`` is a view, as DDP's
-    ``gradient_as_bucket_view`` does), so the step boundary neither concatenates nor copies back.
+    Clipped sums are written straight into the buckets, and at the step ``p.grad`` is a view of its
+    bucket (as DDP's ``gradient_as_bucket_view`` does), so the step boundary neither concatenates
+    nor copies back.
     The reduction of bucket k runs asynchronously while the noise of bucket k + 1 is drawn: the
     noise is data-independent work, and the wire is otherwise idle while it is computed.
     """
 
-    model_parallel = None
-
     def __init__(self, process_group=None, *, shard_offsets: Mapping[str, int] | None = None,
-                 bucket_mb: float = 25.0, ddp: "DDPAttachment | None" = None) -> None:
+                 bucket_mb: float = 25.0, ddp: DDPAttachment | None = None, model_parallel_group=None) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError(
                 "DataParallelBackend needs torch.distributed initialised (init_process_group, or "
@@ -82,9 +85,19 @@ class DataParallelBackend(OptimizerStepped):
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
         self.shard_offsets = dict(shard_offsets or {})
+        if model_parallel_group is not None and not self.shard_offsets:
+            raise ConfigError(
+                "model_parallel_group names the ranks that hold slices of one example's gradient: give the slices "
+                "too (shard_offsets={parameter name: offset of this rank's slice}), so that replicated parameters "
+                "are not counted once per rank."
+            )
+        self.model_parallel_group = model_parallel_group
+        self.sharded_parameters = frozenset(self.shard_offsets) if model_parallel_group is not None else frozenset()
         self.bucket_bytes = int(bucket_mb * 2**20)
         self._buckets: list[_Bucket] | None = None
         self._views: dict[str, Tensor] = {}
+        self._written: set[str] = set()  # parameters whose view holds this step's sums
+        self._parameters: Mapping[str, nn.Parameter] = {}
         self._ddp = ddp
 
     @property
@@ -99,48 +112,55 @@ class DataParallelBackend(OptimizerStepped):
         attachment = DDPAttachment(ddp)
         return cls(attachment.process_group, ddp=attachment, **options)
 
-    def bind(self, engine) -> list:
+    def bind(self, context: BackendContext) -> list:
         """Check that every rank holds the engine's key, then lay the trainable parameters out in
         buckets, in the model's order (the same on every rank, so bucket k holds the same parameters
         everywhere); silence DDP's reducer until the engine detaches."""
-        check_same_key(engine.noise_key, self.process_group)
-        self._buckets = _buckets(list(engine.parameters.items()), self.bucket_bytes)
+        check_same_key(context.key_fingerprint, self.process_group)
+        self._parameters = context.parameters
+        self._buckets = _buckets(list(context.parameters.items()), self.bucket_bytes)
         self._views = {name: view for bucket in self._buckets for name, view in bucket.views.items()}
         if self._ddp is None:
             return []
         self._ddp.silence()
         return [_Restore(self._ddp)]
 
-    def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
-        if param.grad is None:
-            view = self._views.get(name)
-            if view is None:
-                param.grad = clipped.reshape(param.shape).contiguous()
-            else:
-                param.grad = view.copy_(clipped.reshape(param.shape))
+    def accumulate(self, name: str, clipped: Tensor | None) -> None:
+        if clipped is None:  # this backward did not use the parameter
+            return
+        view = self._views[name]
+        if name in self._written:
+            view.add_(clipped.reshape(view.shape))
         else:
-            param.grad.add_(clipped.reshape(param.shape))
+            view.copy_(clipped.reshape(view.shape))
+            self._written.add(name)
 
-    def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
-        if self._buckets is None:  # used without an engine's bind(): lay out what we are given
-            self._buckets = _buckets(list(parameters.items()), self.bucket_bytes)
+    def write_gradients(self, add_noise: NoiseFn) -> None:
         pending = []
         for bucket in self._buckets:
             for name, p in bucket.named:
                 view = bucket.views[name]
-                if p.grad is None:
+                if name not in self._written:
                     view.zero_()  # an empty local draw: zeros, still reduced and noised
-                elif p.grad.data_ptr() != view.data_ptr() or p.grad.stride() != view.stride():
-                    view.copy_(p.grad)  # a gradient someone else allocated (or replaced)
-                p.grad = view
                 flat = view.view(-1)
                 a, b = owned_range(flat.numel(), self.rank, self.world_size)
                 add_noise(name, flat[a:b], self.shard_offsets.get(name, 0) + a)
             if self.world_size > 1:
                 pending.append(dist.all_reduce(bucket.flat, op=dist.ReduceOp.SUM,
                                                group=self.process_group, async_op=True))
+        self._written = set()
         for work in pending:
             work.wait()
+        for bucket in self._buckets:
+            for name, p in bucket.named:
+                p.grad = bucket.views[name]
+
+    def reduce_sharded_norms(self, norms2: Tensor) -> None:
+        if self.model_parallel_group is not None:
+            dist.all_reduce(norms2, group=self.model_parallel_group)
+
+    def local_sums(self) -> Mapping[str, Tensor]:
+        return {name: self._views[name] for name in self._written}
 
 
 def _buckets(named: list[tuple[str, nn.Parameter]], bucket_bytes: int) -> list[_Bucket]:

@@ -19,10 +19,15 @@ partition layout is read in ``zero_layout.py``):
   ``ds_engine(...)`` (whose backward scales by the accumulation steps and runs the reduction
   epilogue early). ZeRO-3's parameter fetch hooks live on the submodules, so they still fire.
 * ``accumulation()`` wraps ``ds_engine.coalesce_grad_reduction()`` (stages 1-3): the clipped sums
-  are written into ``p.grad`` (full shape ``ds_shape`` under ZeRO-3, where ``p.data`` is empty);
-  on exit every parameter has a gradient on every rank (zeros for an empty local draw, so the
-  collectives match) and DeepSpeed's flush reduces them once. Stage 0 has no ZeRO optimizer: the
-  backend all-reduces (SUM) in the step pre-hook instead.
+  accumulate in the backend's own buffers (full shape ``ds_shape`` under ZeRO-3, where ``p.data``
+  is empty); on exit each buffer becomes its parameter's ``p.grad`` on every rank (zeros for an
+  empty local draw, so the collectives match; no copy) and DeepSpeed's flush reduces them once
+  into its partitions. Stage 0 has no ZeRO optimizer: the buffers stay the backend's until the step
+  pre-hook, which noises them, all-reduces (SUM) and only then hands them to ``p.grad``.
+* DeepSpeed owns the gradient buffers from the block's exit on. A gradient that autograd
+  accumulates into a trainable parameter outside ``engine.backward`` (a plain ``loss.backward()``,
+  ``ds_engine.backward``) is refused by the engine as it happens, and the step pre-hook refuses to
+  step once one has been seen, since DeepSpeed's own hooks may already have taken it into a bucket.
 * DeepSpeed *averages* over the data-parallel group (stage 1/2 ``average_tensor`` /
   ``gradient_reduction_w_predivide``, stage 3 ``__avg_scatter_grads``): the local sums are
   multiplied by the group size as they accumulate. The first step checks the result against an
@@ -58,14 +63,14 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from dpscale.backends.autotp import autotp_layouts
-from dpscale.backends.base import NoiseFn
+from dpscale.backends.base import BackendContext, NoiseFn
 from dpscale.backends.shared_key import check_same_key
 from dpscale.backends.zero_layout import TESTED_DEEPSPEED, PartitionSlice, check_deepspeed_version, partition_slices
 from dpscale.errors import ConfigError
@@ -185,12 +190,15 @@ class DeepSpeedBackend:
         # AutoTP: which parameters are shards of one example's gradient, and where they sit in the
         # full parameters (the engine sums their squared norms over the tensor-parallel group).
         tp_group, self._layouts = autotp_layouts(ds_engine.module)
-        self.model_parallel = (tp_group, frozenset(self._layouts)) if self._layouts else None
+        self.model_parallel_group = tp_group if self._layouts else None
+        self.sharded_parameters = frozenset(self._layouts)
         # Stages 1-3 average the gradients over the group; stage 0 is reduced here, by a SUM.
         self._average_compensation = self.world_size if self.stage else 1
         _warn_if_weight_gradients_are_computed()
-        self._engine = None
-        self._parameters: dict[str, nn.Parameter] = {}
+        self._close_step = None
+        self.own_optimizers: tuple[torch.optim.Optimizer, ...] = ()
+        self._parameters: Mapping[str, nn.Parameter] = {}
+        self._sums: dict[str, Tensor] = {}  # the local clipped sums (times the compensation) until handed over
         self._slices: dict[int, list[PartitionSlice]] = {}
         self._inside = False
         self._padding = False
@@ -202,44 +210,57 @@ class DeepSpeedBackend:
 
     # the engine's side ----------------------------------------------------------------------
 
-    def bind(self, engine) -> list:
+    def bind(self, context: BackendContext) -> list:
         """Called by PrivacyEngine once built: map partitions to parameter slices and hook the
         base optimizer. Returns removable handles (engine.detach() removes them)."""
-        self._engine = engine
-        self._parameters = dict(engine.parameters)
-        names = {id(p): n for n, p in self._parameters.items()}
-        if engine.model is not self.ds_engine.module:
+        if context.model is not self.ds_engine.module:
             raise ConfigError("Build the PrivacyEngine on ds_engine.module (its parameter names key the noise).")
-        check_same_key(engine.noise_key, self.group)
+        self._close_step = context.close_step
+        self._parameters = context.parameters
+        names = {id(p): n for n, p in self._parameters.items()}
+        check_same_key(context.key_fingerprint, self.group)
         base = self._base_optimizer()
         self._slices = partition_slices(self.ds_engine, self.stage, base, self._parameters, names, self.rank,
                                        self.world_size)
         self._check_every_element_owned_once()
+        self.own_optimizers = (base,)
         return [base.register_step_pre_hook(self._pre_step)]
 
-    def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
+    def accumulate(self, name: str, clipped: Tensor | None) -> None:
         if not self._inside:
             raise ConfigError(
                 "Under DeepSpeed, call engine.backward inside `with backend.accumulation():` (one block per "
                 "logical batch, then ds_engine.step()), so that DeepSpeed reduces the clipped sums once."
             )
-        if self._padding:  # a ZeRO-3 padding pass: it ran for the collectives, its sums are dropped
+        if self._padding or clipped is None:  # a ZeRO-3 padding pass (dropped), or a parameter not used
             return
-        shape = _full_shape(param)
-        clipped = clipped.reshape(shape) if clipped.numel() else torch.zeros(shape, dtype=param.dtype, device=clipped.device)
+        param = self._parameters[name]
+        clipped = clipped.reshape(_full_shape(param)).to(param.dtype)
         # DeepSpeed averages over the data-parallel group (stages 1-3): scaling here, in the copy or
-        # addition the gradient needs anyway, makes its average the sum without another pass.
-        grad = param.grad
-        if grad is None:
-            first = clipped.to(param.dtype)
-            _set_grad(param, first * self._average_compensation if self._average_compensation != 1 else first.contiguous())
+        # addition the buffer needs anyway, makes its average the sum without another pass.
+        held = self._sums.get(name)
+        if held is None:
+            compensation = self._average_compensation
+            self._sums[name] = clipped * compensation if compensation != 1 else clipped.contiguous()
         else:
-            grad.add_(clipped.to(grad.dtype), alpha=self._average_compensation)
+            held.add_(clipped, alpha=self._average_compensation)
 
-    def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
-        """Called by the engine once per logical step (from the first base-optimizer call of a
-        DeepSpeed step): keep the step's noise function for the partitions stepped next."""
-        self._add_noise = add_noise
+    def write_gradients(self, add_noise: NoiseFn) -> None:
+        raise ConfigError("DeepSpeed steps its own optimizer: close each logical step with ds_engine.step().")
+
+    def release_gradients(self) -> None:
+        return None  # DeepSpeed clears its gradients in its own step
+
+    def local_sums(self) -> Mapping[str, Tensor]:
+        compensation = self._average_compensation
+        return {name: (held / compensation if compensation != 1 else held) for name, held in self._sums.items()}
+
+    def logical_shape(self, name: str) -> torch.Size:
+        return _full_shape(self._parameters[name])
+
+    def reduce_sharded_norms(self, norms2: Tensor) -> None:
+        if self.sharded_parameters:
+            dist.all_reduce(norms2, group=self.model_parallel_group)
 
     def step(self, optimizer=None) -> None:
         """Close the logical step: the DeepSpeedEngine's step (noise in the base optimizer's
@@ -262,9 +283,8 @@ class DeepSpeedBackend:
                 yield
             finally:
                 self._inside = False
-            for name, p in self._parameters.items():
-                if p.grad is None:  # an empty local draw: zeros, still reduced (collectives match)
-                    _set_grad(p, torch.zeros(_full_shape(p), dtype=p.dtype, device=p.device))
+            if self.stage:  # the buffers become DeepSpeed's gradients, reduced by its flush on exit
+                self._hand_over()
             if verify:
                 self._expected = self._sum_over_ranks()
         self._reduced = True
@@ -295,6 +315,14 @@ class DeepSpeedBackend:
         return int(count)
 
     # internals --------------------------------------------------------------------------------
+
+    def _hand_over(self) -> None:
+        """Every buffer becomes its parameter's ``p.grad`` (zeros for an empty local draw, still
+        reduced so that the collectives match)."""
+        sums, self._sums = self._sums, {}
+        for name, p in self._parameters.items():
+            held = sums.pop(name, None)
+            _set_grad(p, held if held is not None else torch.zeros(_full_shape(p), dtype=p.dtype, device=p.device))
 
     def _base_optimizer(self):
         optimizer = self.ds_engine.optimizer
@@ -345,13 +373,11 @@ class DeepSpeedBackend:
                 )
             self._reduced = False
             self._noise_step = step
+            self._add_noise = self._close_step()  # the engine's checks and accounting, then this step's noise
+            self._steps_seen += 1
             if self.stage == 0:
-                self._engine.finish_step()
-                self._steps_seen += 1
                 self._reduce_stage0()
                 return
-            self._engine.finish_step()
-            self._steps_seen += 1
         if self.stage == 0:
             return
         verify = self._expected
@@ -379,6 +405,7 @@ class DeepSpeedBackend:
 
     def _reduce_stage0(self) -> None:
         self._expected = None  # stage 0: the backend reduces itself, nothing of DeepSpeed's to verify
+        self._hand_over()
         grads = []
         for name, p in self._parameters.items():
             flat = p.grad.view(-1)

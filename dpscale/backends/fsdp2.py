@@ -70,7 +70,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dpscale.backends.base import NoiseFn, OptimizerStepped
+from dpscale.backends.base import BackendContext, NoiseFn, OptimizerStepped
 from dpscale.backends.shared_key import check_same_key
 from dpscale.errors import ConfigError
 
@@ -157,7 +157,6 @@ class FSDP2Backend(OptimizerStepped):
     model (or one of its submodules) is an ``FSDPModule``; pass ``FSDP2Backend(model)`` to choose it
     explicitly. The step is the attached torch optimizer's, over the sharded parameters."""
 
-    model_parallel = None  # each rank computes whole examples' gradients (sharding is storage only)
     swaps_parameters = True  # unsharded tensors stand in for the DTensors while a module is gathered
 
     def __init__(self, model: nn.Module, *, bucket_elements: int = BUCKET_ELEMENTS) -> None:
@@ -181,25 +180,27 @@ class FSDP2Backend(OptimizerStepped):
         self._pending: tuple[_Bucket, Tensor, dist.Work | None, Tensor] | None = None
         self._first: str | None = None
         self._padding = False
+        self._parameters: Mapping[str, nn.Parameter] = {}
 
     # the engine's side ----------------------------------------------------------------------
 
-    def bind(self, engine) -> list:
+    def bind(self, context: BackendContext) -> list:
         """Check that every trainable parameter is an FSDP2 shard on dim 0 and every rank holds the
         engine's key; keep parameters unsharded after backward (for the rules) while attached."""
-        if engine.model is not self.model:
+        if context.model is not self.model:
             raise ConfigError("Build the PrivacyEngine on the fully_shard'ed model itself (its names key the noise).")
-        check_same_key(engine.noise_key, self.process_group)
-        self._shards = {name: self._shard_of(name, p) for name, p in engine.parameters.items()}
-        self._buckets = _buckets(engine.parameters, self._shards, self.world_size, self.bucket_elements)
+        check_same_key(context.key_fingerprint, self.process_group)
+        self._parameters = context.parameters
+        self._shards = {name: self._shard_of(name, p) for name, p in context.parameters.items()}
+        self._buckets = _buckets(context.parameters, self._shards, self.world_size, self.bucket_elements)
         self._bucket_of = {name: bucket for bucket in self._buckets for name in bucket.positions}
-        self._first = next(iter(engine.parameters))
-        kept = self._modules_to_keep_gathered(engine.modules_read_after_backward)
+        self._first = next(iter(context.parameters))
+        kept = self._modules_to_keep_gathered(context.modules_read_after_backward)
         for module in kept:
             module.set_reshard_after_backward(False, recurse=False)
         return [_RestoreResharding(kept)]
 
-    def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
+    def accumulate(self, name: str, clipped: Tensor | None) -> None:
         """Write the local clipped sum into its bucket in FSDP2's layout; a full bucket starts its
         reduce-scatter. The engine hands the sums over in the order of ``engine.parameters`` once
         every rule of the backward has run: at the first one, the parameters kept unsharded for the
@@ -213,7 +214,7 @@ class FSDP2Backend(OptimizerStepped):
         if bucket.layout is None:
             bucket.layout = torch.zeros(self.world_size, bucket.per_rank, dtype=bucket.dtype, device=bucket.device)
             bucket.filled = 0
-        if not (self._padding or _is_dtensor(clipped)):  # else zeros (the engine's zeros_like(p) is a DTensor)
+        if not (self._padding or clipped is None):  # else zeros (a padding pass, or a parameter this backward did not use)
             shard = self._shards[name]
             position = bucket.positions[name]
             columns = bucket.layout[:, position : position + shard.chunk * shard.row]
@@ -230,7 +231,7 @@ class FSDP2Backend(OptimizerStepped):
             if bucket is self._buckets[-1]:  # the backward's last bucket: its reduction is done here
                 self._absorb()
 
-    def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
+    def write_gradients(self, add_noise: NoiseFn) -> None:
         """Noise this rank's rows of the summed, reduced clipped sums and give each parameter its
         DTensor shard gradient. A step without a backward on any rank is noise alone."""
         self._absorb()
@@ -240,10 +241,19 @@ class FSDP2Backend(OptimizerStepped):
             if sums is None:
                 sums = torch.zeros(bucket.per_rank, dtype=bucket.dtype, device=bucket.device)
             for name, position in bucket.positions.items():
-                shard, p = self._shards[name], parameters[name]
+                shard, p = self._shards[name], self._parameters[name]
                 own = sums[position : position + shard.rows * shard.row]
                 add_noise(name, own, shard.start * shard.row)
                 p.grad = _like_parameter(own.view(p.to_local().shape), p)
+
+    def local_sums(self) -> Mapping[str, Tensor]:
+        raise ConfigError(
+            "Under FSDP2 the clipped sums are reduce-scattered as each backward ends, so no process holds its "
+            "local sums whole: compare the noised, reduced gradients at the optimizer's step instead."
+        )
+
+    def logical_shape(self, name: str) -> torch.Size:
+        return self._parameters[name].shape  # a DTensor's shape is the whole parameter's
 
     # the driver's side --------------------------------------------------------------------------
 

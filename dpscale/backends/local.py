@@ -1,34 +1,50 @@
-"""One process, plain PyTorch: gradients live in ``p.grad`` and this process owns every
-coordinate of the noise."""
+"""One process, plain PyTorch: this process owns every coordinate of the noise.
+
+The clipped sums accumulate in the backend's own buffers; at the attached optimizer's step each
+buffer receives its noise and becomes ``p.grad`` (no copy), and after the step ``p.grad`` is None
+again. Between steps an optimizer the engine does not know finds no gradient to apply.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from dpscale.backends.base import NoiseFn, OptimizerStepped
+from dpscale.backends.base import BackendContext, NoiseFn, OptimizerStepped
 
 
 class LocalBackend(OptimizerStepped):
     rank = 0
     world_size = 1
-    model_parallel = None
 
-    def bind(self, engine) -> list:
+    def __init__(self) -> None:
+        self._parameters: Mapping[str, nn.Parameter] = {}
+        self._sums: dict[str, Tensor] = {}
+
+    def bind(self, context: BackendContext) -> list:
+        self._parameters = context.parameters
         return []
 
-    def accumulate(self, name: str, param: nn.Parameter, clipped: Tensor) -> None:
-        if param.grad is None:
-            param.grad = clipped.reshape(param.shape)
+    def accumulate(self, name: str, clipped: Tensor | None) -> None:
+        if clipped is None:  # this backward did not use the parameter
+            return
+        shape = self._parameters[name].shape
+        held = self._sums.get(name)
+        if held is None:
+            self._sums[name] = clipped.reshape(shape).contiguous()
         else:
-            param.grad.add_(clipped.reshape(param.shape))
+            held.add_(clipped.reshape(shape))
 
-    def finish_step(self, parameters: Mapping[str, nn.Parameter], add_noise: NoiseFn) -> None:
-        for name, p in parameters.items():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)  # an empty Poisson batch still gets its noise
-            elif not p.grad.is_contiguous():
-                p.grad = p.grad.contiguous()  # noise is added to the flattened, row-major view
-            add_noise(name, p.grad.view(-1), 0)
+    def write_gradients(self, add_noise: NoiseFn) -> None:
+        sums, self._sums = self._sums, {}
+        for name, p in self._parameters.items():
+            grad = sums.pop(name, None)
+            if grad is None:
+                grad = torch.zeros_like(p)  # an empty Poisson batch still gets its noise
+            add_noise(name, grad.view(-1), 0)
+            p.grad = grad
+
+    def local_sums(self) -> Mapping[str, Tensor]:
+        return dict(self._sums)

@@ -14,17 +14,16 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from dpscale.errors import ConfigError
-from dpscale.noise import NoiseKey
 
 __all__ = ["check_same_key"]
 
 
-def check_same_key(key: NoiseKey, group=None) -> None:
-    """Raise unless every rank of ``group`` holds a key with ``key``'s fingerprint."""
+def check_same_key(fingerprint: str, group=None) -> None:
+    """Raise unless every rank of ``group`` holds a key with this ``fingerprint``."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return
     fingerprints: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(fingerprints, key.fingerprint, group=group)
+    dist.all_gather_object(fingerprints, fingerprint, group=group)
     if len(set(fingerprints)) != 1:
         raise ConfigError(
             f"The ranks hold different noise keys (fingerprints {sorted(set(fingerprints))}): every rank must "

@@ -1,0 +1,102 @@
+"""Nothing but ``engine.backward`` gives a trainable parameter a gradient, and nothing but the
+attached optimizer (or the training engine's own) steps one: the two halves of "a parameter never
+moves without its noise", enforced as it happens rather than found afterwards.
+
+* Backward: the tape refuses a gradient that reaches a recorded module output outside the engine's
+  backward, before autograd computes the module's weight gradient (``Tape.refuse_outside_engine_
+  backward``). Behind it, ``register_post_accumulate_grad_hook`` on every trainable parameter
+  catches whatever reaches a parameter by another road (a parameter read outside its module, a
+  hook of another library): the gradient is dropped from ``p.grad`` and the backward stops.
+* Optimizers: the clipped sums live in the backend's buffers and ``p.grad`` is None between steps,
+  so an optimizer the engine does not know finds nothing to apply. Where torch lets us see it (a
+  global optimizer step pre-hook, held by a removable handle and through a weak reference, so that
+  several engines coexist and a collected engine leaves nothing behind), such an optimizer stepped
+  over the engine's parameters is refused by name before it runs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch import nn
+
+from dpscale.errors import ForeignGradientError
+
+__all__ = ["foreign_backward_error", "guard_optimizers", "guard_parameters"]
+
+_FIX = (
+    "Back-propagate one loss per example with engine.backward(per_example_losses) (dpscale.run_logical_step "
+    "does), and add any auxiliary term to those per-example losses (one value per example) before calling it. "
+    "Nothing was applied and no step was accounted."
+)
+
+
+def foreign_backward_error(where: str) -> ForeignGradientError:
+    return ForeignGradientError(
+        f"A gradient reached {where} through a backward other than engine.backward (a plain loss.backward(), "
+        "accelerator.backward(loss), ds_engine.backward(loss), or an auxiliary loss back-propagated on its own): "
+        f"it would train without per-example clipping. {_FIX}"
+    )
+
+
+def guard_parameters(parameters: Mapping[str, nn.Parameter], on_refused: Callable[[], None]) -> list:
+    """Post-accumulate hooks on every trainable parameter: a gradient autograd accumulated into it
+    is removed and refused. ``on_refused`` runs first (the engine marks the step, so that a
+    training engine that may have taken the gradient into its own buffers is not stepped)."""
+
+    def refuse(name: str) -> Callable[[nn.Parameter], None]:
+        def hook(p: nn.Parameter) -> None:
+            p.grad = None
+            on_refused()
+            raise foreign_backward_error(f"trainable parameter '{name}'")
+
+        return hook
+
+    return [p.register_post_accumulate_grad_hook(refuse(name)) for name, p in parameters.items()]
+
+
+class _OptimizerGuard:
+    """The removable handle of the global optimizer pre-hook; it removes itself once its engine is
+    gone."""
+
+    def __init__(self, ours: set[int], allowed: Callable[[torch.optim.Optimizer], bool] | None) -> None:
+        self._ours = ours
+        self._allowed = allowed
+        self._handle = register_optimizer_step_pre_hook(self._check)
+
+    def _check(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        allowed = self._allowed
+        if allowed is None or allowed(optimizer):
+            return
+        if any(id(p) in self._ours for group in optimizer.param_groups for p in group["params"]):
+            raise ForeignGradientError(
+                f"{type(optimizer).__name__} steps parameters of a PrivacyEngine that is not attached to it: its "
+                "updates would not carry the engine's noise (and it finds no gradient: the engine hands gradients "
+                "only to its attached optimizer). Use one optimizer over engine.parameters.values(), attached "
+                "with engine.attach_optimizer(optimizer) or PrivacyEngine(..., optimizer=optimizer), and step "
+                "only it (or engine.step())."
+            )
+
+    def remove(self) -> None:
+        self._allowed = None
+        self._handle.remove()
+
+
+def guard_optimizers(parameters: Mapping[str, nn.Parameter], owner, allowed: Callable[[object, torch.optim.Optimizer], bool]) -> _OptimizerGuard:
+    """Refuse the step of any torch optimizer over these parameters that ``allowed(owner, optimizer)``
+    rejects. ``owner`` (the engine) is held weakly: once collected, the hook removes itself."""
+    ref = weakref.ref(owner)
+    guard: _OptimizerGuard | None = None
+
+    def check(optimizer: torch.optim.Optimizer) -> bool:
+        engine = ref()
+        if engine is None:
+            guard.remove()
+            return True
+        return allowed(engine, optimizer)
+
+    guard = _OptimizerGuard({id(p) for p in parameters.values()}, check)
+    return guard
