@@ -340,8 +340,8 @@ def test_one_key_loader_one_epochs_conversion_one_padding_loop():
     def where(needle):
         return sorted(name for name, text in sources.items() if needle in text)
 
-    assert where("NoiseKey.from_file(key") == ["noise.py"]
-    assert where(".generate()") == ["noise.py"]
+    assert where("NoiseKey.from_file(key") == ["noise/key.py"]
+    assert where(".generate()") == ["noise/key.py"]
     assert where("round(epochs / ") == ["accounting.py"]  # steps_for_epochs
     # the protocol, the two backends whose engines gather in every pass, and the one caller
     assert where("micro_batch_count(") == ["backends/base.py", "backends/deepspeed.py", "backends/fsdp2.py", "driver.py"]
