@@ -16,8 +16,8 @@ computes `x + std * z` in float64 from the float64 sample and rounds once to the
 the small deviations listed in dpscale.noise.scheme ("Why this is exact enough") the released
 value is exactly the rounding of a Gaussian mechanism's output; 29 (float32) or 45 (bfloat16)
 low-order bits of the sample never leave the float64 computation, and every float32 value near x
-is a possible output whatever x is. Summing k Gaussians would cost k times the keystream and transcendentals and buy no
-more once the output is rounded this way.
+is a possible output whatever x is. Summing k Gaussians would cost k times the keystream and
+transcendentals and buy no more once the output is rounded this way.
 
 What is not claimed
 -------------------

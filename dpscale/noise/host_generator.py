@@ -88,7 +88,8 @@ def _reduce_unit(u: np.ndarray, scratch: _Scratch) -> tuple[np.ndarray, np.ndarr
     """(m, k) with u = m * 2^-k exactly, m in [sqrt(1/2), sqrt(2)] and k an integer in [0, 53],
     for float64 u in [2^-53, 1]: e = frexp's exponent of u * sqrt(2) (a rounded product, used only
     to choose e), k = 1 - e, m = ldexp(u, k). frexp and ldexp are exact, so any implementation
-    of this rule (the torch generator's works on the bits) gives the same m and k. In scratch.m, scratch.k."""
+    of this rule (the torch generator's works on the bits) gives the same m and k. In scratch.m,
+    scratch.k."""
     n = u.shape[0]
     m, k, exponent = scratch.m[:n], scratch.k[:n], scratch.exponent[:n]
     np.multiply(u, SQRT2, out=m)
@@ -103,9 +104,9 @@ def _log_unit(u: np.ndarray, out: np.ndarray, scratch: _Scratch) -> np.ndarray:
     """ln(u) for float64 u in [2^-53, 1], into `out` (which may be `u`), within 0.88 ulp (measured
     against a 160-bit log; tests/test_noise.py). numpy's own log is as accurate, but its last bit
     is the build's (AVX-512 code or the C library's) and torch's log differs from it in about 0.3%
-    of arguments; this one is exact reductions and IEEE-754 +, -, *, / only, so the torch generator,
-    which makes the same reduction and runs the same `log_series_into`, gets the same bits on any
-    device. scratch.sin, .cos and .phi are its work arrays (_box_muller fills them later)."""
+    of arguments; this one is exact reductions and IEEE-754 +, -, *, / only, so the torch
+    generator, which makes the same reduction and runs the same `log_series_into`, gets the same
+    bits on any device. scratch.sin, .cos and .phi are its work arrays (_box_muller fills them later)."""
     n = u.shape[0]
     m, k = _reduce_unit(u, scratch)
     return log_series_into(m, k, out, (scratch.sin[:n], scratch.cos[:n], scratch.phi[:n]))

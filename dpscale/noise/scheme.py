@@ -61,7 +61,8 @@ operation is either exact (53-bit integers to float64, products with powers of t
 ldexp, sign flips and swaps by bit masks) or an IEEE-754 correctly rounded +, -, *, / or sqrt
 (numpy's sqrt is; torch's is corrected by `torch_generator._sqrt`), one per pass over an array, so
 no compiler fuses a multiply and an add into an FMA. No intermediate is subnormal, so
-flush-to-zero modes change nothing either. Hence float64 outputs, and every rounding of them, are the same on any machine and device.
+flush-to-zero modes change nothing either. Hence float64 outputs, and every rounding of them,
+are the same on any machine and device.
 Scheme v1 took ln u from numpy's log and torch's log, which differ in the last bit for about 0.3%
 of arguments (float64 outputs up to 2 ulps apart, float32 equal but for about 2^-28 of those);
 v2 changed the values and the name (the subkey's message holds it), so no value of v1 reappears.

@@ -50,7 +50,9 @@ def _seed_bytes(seed: Seed | None) -> tuple[bytes, bool]:
         return bytes(seed), False
     value = int(seed)
     if value < 0:
-        raise ConfigError(f"seed must be non-negative, got {value}; pass seed=None (one process) or {_SHARED_SEED}")
+        raise ConfigError(
+            f"seed must be non-negative, got {value}; pass seed=None (one process) or {_SHARED_SEED}"
+        )
     return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "little"), False
 
 
