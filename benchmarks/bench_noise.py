@@ -1,8 +1,8 @@
 """Speed of dpscale's keyed Gaussian noise: the host generator (OpenSSL ChaCha20 and numpy, one
-CPU thread) and the torch generator (dpscale.noise_torch, the same values by tensor operations) on
---device, against torch.randn there and against the raw ChaCha20 keystream; then the time to noise
-a whole tiny Llama (about 21 M parameters: 4 layers, hidden 512, intermediate 1376, vocab 8192,
-untied head) for one step, with its gradients on --device.
+CPU thread) and the torch generator (dpscale.noise.torch_generator, the same values by tensor
+operations) on --device, against torch.randn there and against the raw ChaCha20 keystream; then the
+time to noise a whole tiny Llama (about 21 M parameters: 4 layers, hidden 512, intermediate 1376,
+vocab 8192, untied head) for one step, with its gradients on --device.
 
 Each row is the median over --reps repetitions, as wall time and as this process's CPU time (the
 second is the one to trust on a machine shared with other jobs, for CPU rows; device rows wait for

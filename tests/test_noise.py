@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from dpscale import noise
 from dpscale.errors import ConfigError
 from dpscale.noise import NoiseKey, add_gaussian_noise_, gaussian
+from dpscale.noise import host_generator, scheme
 
 KEY = NoiseKey(bytes(range(32)))
 OTHER_KEY = NoiseKey(bytes(range(1, 33)))
@@ -124,18 +124,18 @@ def test_any_other_key_step_or_name_gives_other_values(other):
 
 def test_step_and_name_encoding_is_unambiguous():
     # Without a length prefix, ("ab", step) and ("a", ...) style concatenations could collide.
-    assert noise._subkey(KEY, 1, "ab") != noise._subkey(KEY, 1, "a")
-    assert noise._subkey(KEY, 256, "a") != noise._subkey(KEY, 1, "\x00a")
-    assert noise._subkey(KEY, 0, "é") != noise._subkey(KEY, 0, "e\u0301")
+    assert scheme.subkey(KEY, 1, "ab") != scheme.subkey(KEY, 1, "a")
+    assert scheme.subkey(KEY, 256, "a") != scheme.subkey(KEY, 1, "\x00a")
+    assert scheme.subkey(KEY, 0, "é") != scheme.subkey(KEY, 0, "e\u0301")
 
 
 def test_transform_matches_a_scalar_reference():
     """An independent slow implementation of the documented map from keystream words to values
     (math.cos / math.sin of the full angle, no sign-bit tricks)."""
     n = 4096
-    subkey = noise._subkey(KEY, 5, "ref")
+    subkey = scheme.subkey(KEY, 5, "ref")
     buf = bytearray(8 * n)
-    noise._keystream_into(subkey, 0, bytes(8 * n), buf)
+    host_generator._keystream_into(subkey, 0, bytes(8 * n), buf)
     words = np.frombuffer(buf, dtype="<u8")
     got = draws(n, step=5, name="ref")
     for i in range(n // 2):
@@ -152,7 +152,7 @@ def test_keystream_is_rfc8439_chacha20():
     # RFC 8439, 2.3.2: key 00..1f, nonce 000000090000004a00000000, block counter 1.
     range_index = int.from_bytes(bytes.fromhex("000000090000004a"), "little")
     out = bytearray(64)
-    noise._keystream_into(bytes(range(32)), (range_index << 32) + 1, bytes(64), out)
+    host_generator._keystream_into(bytes(range(32)), (range_index << 32) + 1, bytes(64), out)
     assert out.hex() == (
         "10f1e7e4d13b5915500fdd1fa32071c4c7d1f4c733c068030422aa9ac3d46c4e"
         "d2826446079faa0914c2d705d98b02a2b5129cd1de164eb9cbd083e8a2503c4e"
@@ -163,10 +163,10 @@ def test_pinned_values_of_scheme_v2():
     """The scheme must not change silently: ranks or resumed runs on another version would add
     different noise. These four values were computed by this implementation when scheme v2 was
     made (the subkey's message starts with the scheme's name, so v1's values are unrelated to
-    them); change them only together with noise.SCHEME. They are compared bit for bit: since v2 the
+    them); change them only together with scheme.SCHEME. They are compared bit for bit: since v2 the
     float64 transform uses IEEE-754 operations only (the log and the sine are polynomials, sqrt is
     correctly rounded), so no libm or SIMD library can move their last bit."""
-    assert noise.SCHEME == "dpscale.noise.gaussian.v2"
+    assert scheme.SCHEME == "dpscale.noise.gaussian.v2"
     got = gaussian(KEY, 0, "model.embed_tokens.weight", 4, offset=10**9, dtype=torch.float64)
     pinned = [0.577997307508969, 0.08324986050214082, -0.42539481639101134, 1.444202636499784]
     assert got.tolist() == pinned
@@ -175,7 +175,7 @@ def test_pinned_values_of_scheme_v2():
 # --- partition invariance -----------------------------------------------------------------------
 
 
-N_PARTITION = 2 * noise._CHUNK + 4099  # crosses chunk boundaries; odd, not a multiple of 8 or 32
+N_PARTITION = 2 * host_generator._CHUNK + 4099  # crosses chunk boundaries; odd, not a multiple of 8 or 32
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_awkward_boundaries(whole, a, b):
 
 
 def test_values_do_not_depend_on_the_work_chunk(whole, monkeypatch):
-    monkeypatch.setattr(noise, "_CHUNK", 96)
+    monkeypatch.setattr(host_generator, "_CHUNK", 96)
     assert torch.equal(f64(2, "p", 5000, offset=77), whole[77:5077])
 
 
@@ -220,10 +220,10 @@ def test_nonce_range_boundary():
     split = torch.cat([f64(0, "huge", 45, offset=start), f64(0, "huge", 45, offset=RANGE_ELEMENTS)])
     assert torch.equal(across, split)
     # Element 2^35 comes from block 0 of nonce (range 1): check against cryptography directly.
-    subkey = noise._subkey(KEY, 0, "huge")
+    subkey = scheme.subkey(KEY, 0, "huge")
     nonce = (0).to_bytes(4, "little") + (1).to_bytes(8, "little") + bytes(4)
     block = Cipher(algorithms.ChaCha20(subkey, nonce), mode=None).encryptor().update(bytes(64))
-    expected = noise._box_muller(np.frombuffer(block, dtype="<u8"))
+    expected = host_generator._box_muller(np.frombuffer(block, dtype="<u8"))
     assert np.array_equal(across[45:53].numpy(), expected)
     assert not torch.equal(across[45:53], f64(0, "huge", 8))
 
@@ -291,7 +291,7 @@ def test_derived_seeds_are_keyed_and_separate_from_the_noise():
     seed = KEY.derive_seed("sampling")
     assert len(seed) == 32 and seed == NoiseKey(bytes(range(32))).derive_seed("sampling")
     assert seed != KEY.derive_seed("sampling2") and seed != OTHER_KEY.derive_seed("sampling")
-    assert seed != bytes(range(32)) and seed not in {noise._subkey(KEY, t, "sampling") for t in range(4)}
+    assert seed != bytes(range(32)) and seed not in {scheme.subkey(KEY, t, "sampling") for t in range(4)}
 
 
 def test_generate_gives_distinct_keys():
@@ -402,10 +402,10 @@ def test_add_noise_rejects_integer_tensors():
 
 def test_box_muller_scratch_reuse_leaves_no_trace():
     words = np.frombuffer(os.urandom(8 * 256), dtype="<u8")
-    fresh = noise._box_muller(words).copy()
-    scratch = noise._Scratch(512)
-    noise._box_muller(np.frombuffer(os.urandom(8 * 512), dtype="<u8"), scratch)  # dirty it
-    assert np.array_equal(noise._box_muller(words, scratch), fresh)
+    fresh = host_generator._box_muller(words).copy()
+    scratch = host_generator._Scratch(512)
+    host_generator._box_muller(np.frombuffer(os.urandom(8 * 512), dtype="<u8"), scratch)  # dirty it
+    assert np.array_equal(host_generator._box_muller(words, scratch), fresh)
 
 
 def test_sine_polynomial_is_within_one_ulp():
@@ -415,7 +415,7 @@ def test_sine_polynomial_is_within_one_ulp():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.random(4000) * (math.pi / 4), [0.0, 5e-324, 1e-300, 1e-8, math.pi / 4 - 1e-16],
                         np.ldexp(rng.random(500), -rng.integers(1, 60, 500))])
-    got = noise._sin_to_quarter_pi(x, np.empty_like(x), np.empty_like(x))
+    got = host_generator._sin_to_quarter_pi(x, np.empty_like(x), np.empty_like(x))
     exact = np.array([float(mpmath.sin(mpmath.mpf(float(v)))) for v in x])
     assert np.all(np.abs(got - exact) <= np.spacing(np.abs(exact)))
 
@@ -439,8 +439,8 @@ LOG_ULPS = 0.88  # measured: at most 0.879 ulp over 8.9 M arguments (docs/DEVICE
 
 
 def test_log_polynomial_is_within_its_measured_bound():
-    """noise._log_unit (reduction, minimax polynomial, ln 2 in two parts) on u in (0, 1] against a
-    160-bit log: within LOG_ULPS everywhere, and exactly 0 at u = 1. The arguments: u as the
+    """host_generator._log_unit (reduction, minimax polynomial, ln 2 in two parts) on u in (0, 1]
+    against a 160-bit log: within LOG_ULPS everywhere, and exactly 0 at u = 1. The arguments: u as the
     generator draws it, u spread over every exponent, and the edges (2^-53, powers of two, either
     side of sqrt(1/2) 2^-j where the reduction switches, 1 and just below it)."""
     rng = np.random.default_rng(0)
@@ -450,8 +450,8 @@ def test_log_polynomial_is_within_its_measured_bound():
     boundaries = [round(c * 2**53) for j in range(53) for c in (2.0**-j, math.sqrt(0.5) * 2.0**-j)]
     edges = [w + d for w in boundaries for d in (-2, -1, 0, 1, 2) if 1 <= w + d <= 2**53]
     u = np.concatenate([grid, spread, edges, [1, 2, 3, 2**53 - 2, 2**53 - 1, 2**53]]) * 2.0**-53
-    got = noise._log_unit(u, np.empty_like(u), noise._Scratch(2 * u.shape[0]))
+    got = host_generator._log_unit(u, np.empty_like(u), host_generator._Scratch(2 * u.shape[0]))
     errors = log_reference_ulps(got, u)
     assert errors.max() <= LOG_ULPS, (errors.max(), u[errors.argmax()].hex())
-    one = noise._log_unit(np.ones(32), np.empty(32), noise._Scratch(64))
+    one = host_generator._log_unit(np.ones(32), np.empty(32), host_generator._Scratch(64))
     assert np.all(one == 0) and not np.any(np.signbit(one))

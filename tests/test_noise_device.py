@@ -1,6 +1,6 @@
-"""The torch generator (dpscale.noise_torch) against the host one (dpscale.noise): the same
-keystream, the same values bit for bit in every dtype (float64 included: neither uses a library
-log or sine), the same composition of split requests, and the choice of generator by device."""
+"""The torch generator (dpscale.noise.torch_generator) against the host one (host_generator): the
+same keystream, the same values bit for bit in every dtype (float64 included: neither uses a
+library log or sine), the same composition of split requests, and the choice of generator by device."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpscale import noise, noise_torch
 from dpscale.errors import ConfigError
 from dpscale.noise import NoiseKey, add_gaussian_noise_, gaussian, select_generator
+from dpscale.noise import host_generator, scheme, torch_generator
 
 KEY = NoiseKey(bytes(range(32)))
 RANGE_ELEMENTS = 8 << 32  # elements of one ChaCha20 nonce range (2^32 blocks of 8)
@@ -82,9 +82,9 @@ def test_edge_arguments_of_the_logarithm_give_the_same_bits():
     """The two Box-Muller maps on crafted keystream words (every edge of ln u, which random
     requests reach with probability about 2^-40): the same float64 bits, including u = 1."""
     words = edge_words(np.random.default_rng(0))
-    want = noise._box_muller(words).copy()
+    want = host_generator._box_muller(words).copy()
     as_rows = torch.from_numpy(words.view("<u4").astype(np.int64).reshape(-1, 16).T.copy())  # (16, blocks)
-    got = noise_torch._box_muller(as_rows)
+    got = torch_generator._box_muller(as_rows)
     assert torch.equal(bits(got), bits(torch.from_numpy(want)))
 
 
@@ -97,10 +97,10 @@ def test_the_reductions_of_both_generators_agree():
     w = np.concatenate([rng.integers(1, 2**53, 5000, endpoint=True), [1, 2, 2**53 - 1, 2**53],
                         [t for t in near if 1 <= t <= 2**53]])
     u = w * 2.0**-53
-    m, k = noise._reduce_unit(u, noise._Scratch(2 * u.shape[0]))
+    m, k = host_generator._reduce_unit(u, host_generator._Scratch(2 * u.shape[0]))
     assert np.all((m >= 0.5**0.5 * (1 - 2.0**-52)) & (m <= 2**0.5 * (1 + 2.0**-52)))
     assert np.array_equal(k, np.round(k)) and np.array_equal(np.ldexp(m, -k.astype(np.int32)), u)
-    torch_m, torch_k = noise_torch._reduce_unit(torch.from_numpy(u))
+    torch_m, torch_k = torch_generator._reduce_unit(torch.from_numpy(u))
     assert np.array_equal(torch_m.numpy().view(np.int64), m.view(np.int64))
     assert np.array_equal(torch_k.numpy(), k)
 
@@ -115,17 +115,17 @@ def test_on_cuda_float64_is_bit_identical_to_the_host():
         assert torch.equal(bits(got.cpu()), bits(host(step, name, numel, offset)))
     words = edge_words(np.random.default_rng(0))
     as_rows = torch.from_numpy(words.view("<u4").astype(np.int64).reshape(-1, 16).T.copy()).to(cuda)
-    want = torch.from_numpy(noise._box_muller(words).copy())
-    assert torch.equal(bits(noise_torch._box_muller(as_rows).cpu()), bits(want))
+    want = torch.from_numpy(host_generator._box_muller(words).copy())
+    assert torch.equal(bits(torch_generator._box_muller(as_rows).cpu()), bits(want))
 
 
 @pytest.mark.parametrize("block", [0, 1, 5, (1 << 32) - 2, (1 << 32) - 1, 1 << 32, (1 << 60) - 3])
 def test_keystream_is_openssl_chacha20(block):
-    subkey = noise._subkey(KEY, 9, "stream")
+    subkey = scheme.subkey(KEY, 9, "stream")
     buf = bytearray(3 * 64)
-    noise._keystream_into(subkey, block, bytes(len(buf)), buf)
+    host_generator._keystream_into(subkey, block, bytes(len(buf)), buf)
     want = np.frombuffer(buf, dtype="<u4").reshape(3, 16).T.astype(np.int64)
-    assert np.array_equal(noise_torch._keystream_words(subkey, block, 3, CPU).numpy(), want)
+    assert np.array_equal(torch_generator._keystream_words(subkey, block, 3, CPU).numpy(), want)
 
 
 def test_split_requests_compose():
@@ -138,7 +138,7 @@ def test_split_requests_compose():
 
 def test_values_do_not_depend_on_the_chunk(monkeypatch):
     whole = device(3, "q", 900, offset=5)
-    monkeypatch.setattr(noise_torch, "_CHUNK_BLOCKS_CPU", 3)
+    monkeypatch.setattr(torch_generator, "_CHUNK_BLOCKS_CPU", 3)
     assert torch.equal(device(3, "q", 900, offset=5), whole)
 
 
@@ -152,7 +152,7 @@ def test_sqrt_is_correctly_rounded():
              np.nextafter(squares, 100), y * np.nextafter(y, 100), y * np.nextafter(y, 0),
              np.array([0.0, -0.0, 2.0**-52, 0.25, 0.5, 1.0, 2.0, 4.0, 1 - 2.0**-53, 73.6])]
     for x in cases:  # bit patterns: sqrt(-0.0) is -0.0 (r at u = 1); subnormal x never occur here
-        assert np.array_equal(noise_torch._sqrt(torch.from_numpy(x)).numpy().view(np.int64), np.sqrt(x).view(np.int64))
+        assert np.array_equal(torch_generator._sqrt(torch.from_numpy(x)).numpy().view(np.int64), np.sqrt(x).view(np.int64))
 
 
 # --- add_gaussian_noise_ through the torch generator ---------------------------------------------
@@ -201,8 +201,8 @@ def test_selection_refuses_unknown_generators(bad):
 def test_a_non_cpu_tensor_goes_to_the_torch_generator(monkeypatch):
     """Without a GPU: a meta tensor stands for one; the host path must not be entered."""
     calls = []
-    monkeypatch.setattr(noise_torch, "add_gaussian_noise_", lambda *args: calls.append(args) or args[0])
-    monkeypatch.setattr(noise, "_standard_normal_pieces", lambda *args: pytest.fail("host path used"))
+    monkeypatch.setattr(torch_generator, "add_gaussian_noise_", lambda *args: calls.append(args) or args[0])
+    monkeypatch.setattr(host_generator, "_standard_normal_pieces", lambda *args: pytest.fail("host path used"))
     tensor = torch.empty(10, device="meta")
     assert add_gaussian_noise_(tensor, KEY, 3, "w", std=0.5, offset=4) is tensor
     assert len(calls) == 1 and calls[0][1:] == (KEY, 3, "w", 0.5, 4)
@@ -218,7 +218,7 @@ def test_a_device_that_cannot_run_it_is_refused(monkeypatch):
     def missing(t):
         raise NotImplementedError("sqrt is not implemented for 'Double' on this device")
 
-    monkeypatch.setattr(noise_torch, "_sqrt", missing)
+    monkeypatch.setattr(torch_generator, "_sqrt", missing)
     with pytest.raises(ConfigError, match="generator='host'"):
         add_gaussian_noise_(torch.zeros(16), KEY, 0, "w", std=1.0, generator="torch")
     with pytest.raises(ConfigError, match="cannot run"):

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter, namedtuple
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpscale.errors import ConfigError
-from dpscale.sampling import (
-    DPDataLoader,
-    LogicalBatch,
-    PoissonBatchSampler,
-    ShuffleBatchSampler,
-    shared_seed,
-    split_physical,
-)
+from dpscale.noise import NoiseKey
+from dpscale.sampling import DPDataLoader, LogicalBatch, PoissonBatchSampler, ShuffleBatchSampler
+
+
+def _run_seed() -> bytes:
+    """The seed every rank of a run shares: derived from its noise key (PrivacyEngine's loader)."""
+    return NoiseKey.generate().derive_seed("sampling")
 
 
 def _within(count: float, mean: float, var: float, sds: float = 5.0) -> bool:
@@ -121,8 +118,6 @@ def test_batch_of_a_step_depends_only_on_seed_and_step():
 def test_fresh_seeds_differ():
     draws = {tuple(PoissonBatchSampler(1000, 0.5, seed=None).global_batch(0)) for _ in range(3)}
     assert len(draws) == 3
-    assert shared_seed() != shared_seed()
-    assert shared_seed().bit_length() <= 128
 
 
 def test_epochs_continue_the_step_count_and_never_repeat():
@@ -199,7 +194,7 @@ def test_malformed_state_is_refused():
 
 def test_ranks_split_the_global_batch_disjointly_and_agree_on_the_step_count():
     n, q, steps, world = 30, 0.05, 200, 4  # expected global size 1.5: many locally empty parts
-    seed = shared_seed()
+    seed = _run_seed()
     reference = PoissonBatchSampler(n, q, steps=steps, seed=seed)
     per_rank = [
         list(PoissonBatchSampler(n, q, steps=steps, seed=seed, rank=r, world_size=world))
@@ -218,13 +213,13 @@ def test_ranks_split_the_global_batch_disjointly_and_agree_on_the_step_count():
     assert locally_empty_while_global_not > 0
 
 
-def test_local_batch_matches_iteration():
+def test_a_rank_iterates_its_positions_of_the_global_batch():
     sampler = PoissonBatchSampler(100, 0.2, steps=5, seed=8, rank=1, world_size=2)
-    assert list(sampler) == [sampler.local_batch(t) for t in range(5)]
+    assert list(sampler) == [sampler.global_batch(t)[1::2] for t in range(5)]
 
 
 def test_several_ranks_without_a_seed_are_refused():
-    with pytest.raises(ConfigError, match="shared_seed"):
+    with pytest.raises(ConfigError, match=r"derive_seed\("):
         PoissonBatchSampler(100, 0.1, rank=0, world_size=2)
 
 
@@ -248,18 +243,6 @@ def test_bad_arguments_raise_config_error(kwargs):
         PoissonBatchSampler(**kwargs)
 
 
-def test_shared_seed_broadcasts_through_an_initialised_group():
-    store = torch.distributed.HashStore()
-    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        seed = shared_seed()
-        group = torch.distributed.new_group([0])
-        grouped = shared_seed(group)
-    finally:
-        torch.distributed.destroy_process_group()
-    assert isinstance(seed, int) and isinstance(grouped, int) and seed != grouped
-
-
 # ----------------------------------------------------------------------------- shuffle
 
 
@@ -279,7 +262,7 @@ def test_shuffle_gives_fixed_sizes_and_covers_the_dataset_once_per_epoch():
 
 
 def test_shuffle_ranks_and_resume():
-    seed = shared_seed()
+    seed = _run_seed()
     reference = ShuffleBatchSampler(60, 9, seed=seed)
     uninterrupted = list(reference) + list(reference)
     ranks = [ShuffleBatchSampler(60, 9, seed=seed, rank=r, world_size=2) for r in range(2)]
@@ -297,73 +280,6 @@ def test_poisson_and_shuffle_report_their_sampling():
     poisson = PoissonBatchSampler(100, 0.1, seed=1)
     assert (poisson.sampling, poisson.sample_rate, poisson.dataset_size) == ("poisson", 0.1, 100)
     assert poisson.steps == 10
-
-
-# ----------------------------------------------------------------------------- split_physical
-
-Pair = namedtuple("Pair", ["x", "y"])
-
-
-@settings(max_examples=40, deadline=None)
-@given(n=st.integers(0, 23), m=st.integers(1, 9))
-def test_split_physical_sizes_and_content(n, m):
-    x = torch.arange(n * 3).reshape(n, 3)
-    y = torch.arange(n)
-    for batch in [x, (x, y), [x, y], {"x": x, "y": y}, Pair(x, y), {"a": {"b": (x, y)}}]:
-        parts = split_physical(batch, m)
-        sizes = [_size(p) for p in parts]
-        assert sizes == [m] * (n // m) + ([n % m] if n % m else [])
-        assert all(type(part) is type(batch) for part in parts)
-        assert bool(parts) == (n > 0)
-        rebuilt = torch.cat([_first(p) for p in parts]) if parts else x[:0]
-        assert torch.equal(rebuilt, x)
-
-
-def _first(batch):
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict):
-        return _first(next(iter(batch.values())))
-    return _first(batch[0])
-
-
-def _size(batch):
-    return _first(batch).shape[0]
-
-
-def test_split_physical_keeps_batch_encoding_and_none_fields():
-    from transformers import BatchEncoding
-
-    batch = BatchEncoding({"input_ids": torch.ones(5, 4, dtype=torch.long), "labels": None})
-    parts = split_physical(batch, 2)
-    assert [type(p) for p in parts] == [BatchEncoding] * 3
-    assert [p["input_ids"].shape[0] for p in parts] == [2, 2, 1]
-    assert parts[0]["labels"] is None
-
-
-def test_split_physical_of_an_empty_batch_is_empty():
-    assert split_physical(torch.empty(0, 4), 3) == []
-    assert split_physical({"input_ids": torch.empty(0, 7)}, 3) == []
-    assert split_physical([], 3) == []
-
-
-@pytest.mark.parametrize(
-    "batch",
-    [
-        {"a": torch.zeros(3, 2), "b": torch.zeros(4)},
-        {"a": torch.zeros(3), "text": ["x", "y", "z"]},
-        torch.tensor(1.0),
-        {"a": None},
-    ],
-)
-def test_split_physical_refuses_what_it_cannot_split(batch):
-    with pytest.raises(ConfigError):
-        split_physical(batch, 2)
-
-
-def test_split_physical_refuses_a_bad_size():
-    with pytest.raises(ConfigError, match="max_physical_batch_size"):
-        split_physical(torch.zeros(3), 0)
 
 
 # ----------------------------------------------------------------------------- DPDataLoader
@@ -411,8 +327,7 @@ def test_dp_data_loader_on_a_tensor_dataset():
         assert batch.size == batch.global_size == len(batch.indices)
         micro = list(batch.micro_batches)
         assert len(micro) == len(batch.micro_batches) == math.ceil(batch.size / m)
-        assert [mb[0].shape[0] for mb in micro] == batch.micro_batches.sizes
-        assert all(0 < s <= m for s in batch.micro_batches.sizes)
+        assert [mb[0].shape[0] for mb in micro] == [min(m, batch.size - i) for i in range(0, batch.size, m)]
         if micro:
             x, y = (torch.cat(parts) for parts in zip(*micro))
             assert torch.equal(y, torch.tensor(batch.indices))
@@ -496,7 +411,7 @@ def test_dp_data_loader_shuffle_mode():
     )
     assert (loader.sampling, loader.steps, loader.sample_rate) == ("shuffle", 5, 0.2)
     batches = list(loader)
-    assert [b.micro_batches.sizes for b in batches] == [[4, 2]] * 5
+    assert [[len(mb[0]) for mb in b.micro_batches] for b in batches] == [[4, 2]] * 5
     flat = [i for b in batches for i in b.indices]
     assert sorted(flat) == list(range(30))
 
@@ -540,34 +455,9 @@ def test_poisson_sampler_drives_a_plain_torch_data_loader():
 
 
 def test_draws_do_not_depend_on_the_chunking_of_the_stream(monkeypatch):
-    import dpscale.sampling as sampling
+    import dpscale.sampling.samplers as samplers
 
     whole = [PoissonBatchSampler(50, 0.3, seed=12).global_batch(t) for t in range(5)]
-    monkeypatch.setattr(sampling, "_CHUNK", 7)  # 50 examples in 8 chunks of one stream
+    monkeypatch.setattr(samplers, "_CHUNK", 7)  # 50 examples in 8 chunks of one stream
     chunked = [PoissonBatchSampler(50, 0.3, seed=12).global_batch(t) for t in range(5)]
     assert chunked == whole
-
-
-def _two_rank_worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2
-    )
-    try:
-        seed = shared_seed()
-        batches = list(PoissonBatchSampler(40, 0.1, steps=20, seed=seed, rank=rank, world_size=2))
-    finally:
-        torch.distributed.destroy_process_group()
-    with open(f"{out_dir}/rank{rank}.json", "w") as f:
-        json.dump({"seed": seed, "batches": batches}, f)
-
-
-@pytest.mark.slow
-def test_shared_seed_agrees_across_two_processes(tmp_path):
-    torch.multiprocessing.spawn(
-        _two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
-    )
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["seed"] == ranks[1]["seed"]
-    reference = PoissonBatchSampler(40, 0.1, steps=20, seed=ranks[0]["seed"])
-    for step, (a, b) in enumerate(zip(ranks[0]["batches"], ranks[1]["batches"])):
-        assert sorted(a + b) == reference.global_batch(step) and not set(a) & set(b)

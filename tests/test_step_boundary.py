@@ -290,7 +290,7 @@ def test_the_plan_is_public_and_logged_once(caplog):
 def test_dp_accounting_warnings_go_to_debug(caplog):
     from absl import logging as absl_logging
 
-    from dpscale.accounting import _absl_warnings_as_debug
+    from dpscale.accounting.epsilon import _absl_warnings_as_debug
 
     with caplog.at_level(logging.DEBUG):
         with _absl_warnings_as_debug():
@@ -351,9 +351,9 @@ def test_one_key_loader_one_epochs_conversion_one_padding_loop():
     def where(needle):
         return sorted(name for name, text in sources.items() if needle in text)
 
-    assert where("NoiseKey.from_file(key") == ["noise.py"]
-    assert where(".generate()") == ["noise.py"]
-    assert where("round(epochs / ") == ["accounting.py"]  # steps_for_epochs
+    assert where("NoiseKey.from_file(key") == ["noise/key.py"]
+    assert where(".generate()") == ["noise/key.py"]
+    assert where("round(epochs / ") == ["accounting/inputs.py"]  # steps_for_epochs
     # the protocol, the two backends whose engines gather in every pass, and the one caller
     assert where("micro_batch_count(") == ["backends/base.py", "backends/deepspeed.py", "backends/fsdp2.py", "driver.py"]
     assert where(".padding_batch()") == ["driver.py"]

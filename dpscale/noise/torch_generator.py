@@ -1,22 +1,24 @@
-"""The keyed Gaussian noise of dpscale.noise, computed by torch tensor operations wherever the
-tensor lives, so that a gradient on an accelerator is noised in place instead of being copied to
-the host, noised at about 80 M coordinates/s by one process (scheme v2), and copied back.
+"""The torch generator: the keyed Gaussian noise of dpscale.noise, computed by torch tensor
+operations wherever the tensor lives, so that a gradient on an accelerator is noised in place
+instead of being copied to the host, noised at about 80 M coordinates/s by one process (scheme
+v2), and copied back.
 
 Same scheme, same values
 ------------------------
-This is scheme "dpscale.noise.gaussian.v2" as dpscale/noise.py defines it, not a look-alike: the
-subkey is `noise._subkey`, the block counter layout `noise._counter_words`, the request checks and
-the choice of generator (`noise.select_generator`) are noise.py's, and the Box-Muller map runs
-noise.py's own polynomials for the logarithm and the sine (`noise.log_series_into`,
-`noise.sin_series_into`: the same functions, given tensors instead of arrays) with its constants,
-in the same order of operations. What differs is only who runs the two halves:
+This is scheme "dpscale.noise.gaussian.v2" as dpscale/noise/scheme.py defines it, not a
+look-alike: the subkey is `scheme.subkey`, the block counter layout `scheme.counter_words`, the
+request checks and the choice of generator (`select_generator`) are dpscale.noise's, and the
+Box-Muller map runs the scheme's own polynomials for the logarithm and the sine
+(`scheme.log_series_into`, `scheme.sin_series_into`: the same functions the host generator runs,
+given tensors instead of arrays) with its constants, in the same order of operations. What
+differs is only who runs the two halves:
 
 - ChaCha20 (RFC 8439) in int64 tensors holding uint32 words, masked to 32 bits after every
   addition and rotation, for a whole chunk of blocks at once (the four quarter rounds of a column
   or diagonal round are one tensor operation over rows of the state). Words 12 and 13 hold the
-  block index as the 64-bit counter noise.py reaches by splitting requests per nonce range, so
-  no request needs splitting here. Integer arithmetic is exact on every device: the keystream is
-  bit-identical to OpenSSL's.
+  block index as the 64-bit counter the host generator reaches by splitting requests per nonce
+  range, so no request needs splitting here. Integer arithmetic is exact on every device: the
+  keystream is bit-identical to OpenSSL's.
 - The transform in float64, from operations of two kinds. Exact ones: int64 -> float64 of 53-bit
   integers, products with powers of two, the logarithm's reduction u = m * 2^-k (`_reduce_unit`,
   from the bits of u * sqrt(2)), negations and selections. Correctly rounded ones: additions,
@@ -54,14 +56,24 @@ from typing import TypeVar
 
 import torch
 
-from dpscale import noise
 from dpscale.errors import ConfigError
+from dpscale.noise.key import NoiseKey
+from dpscale.noise.scheme import (
+    PHI_SCALE,
+    SQRT2,
+    U53,
+    WORDS_PER_BLOCK,
+    counter_words,
+    log_series_into,
+    sin_series_into,
+    subkey,
+)
 
 __all__ = ["add_gaussian_noise_", "gaussian"]
 
 _MASK = 0xFFFFFFFF
 _SIGMA = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)  # "expand 32-byte k"
-_ELEMENTS_PER_BLOCK = noise._WORDS_PER_BLOCK
+_ELEMENTS_PER_BLOCK = WORDS_PER_BLOCK
 # Blocks per chunk (8 Gaussians each). On a CPU, 2^14 keeps the rows in cache (measured: 7.6 M/s
 # against 5.9 M/s at 2^17 and 3.3 M/s at 2^10, one thread). On an accelerator each of the ~700
 # operations of a chunk is a kernel launch, so a chunk must be large enough that the launches
@@ -95,15 +107,15 @@ def _quarter_rounds_(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch
         _rotl_(b, rotate_b)
 
 
-def _keystream_words(subkey: bytes, first_block: int, nblocks: int, device: torch.device) -> torch.Tensor:
-    """The ChaCha20 blocks first_block..first_block+nblocks-1 under `subkey`, as a (16, nblocks)
+def _keystream_words(stream_key: bytes, first_block: int, nblocks: int, device: torch.device) -> torch.Tensor:
+    """The ChaCha20 blocks first_block..first_block+nblocks-1 under `stream_key`, as a (16, nblocks)
     int64 tensor of their little-endian 32-bit words (row j: word j of every block)."""
     blocks = torch.arange(first_block, first_block + nblocks, dtype=torch.int64, device=device)
-    key = struct.unpack("<8I", subkey)
+    key = struct.unpack("<8I", stream_key)
     rows = torch.tensor([_SIGMA, key[:4], key[4:]], dtype=torch.int64, device=device)  # (3, 4)
     initial = [rows[i].unsqueeze(1) for i in range(3)]
     initial.append(torch.stack([torch.as_tensor(w, dtype=torch.int64, device=device).expand(nblocks)
-                                for w in noise._counter_words(blocks)]))
+                                for w in counter_words(blocks)]))
     a, b, c, d = (row.expand(4, nblocks).clone() for row in initial)
     for _ in range(10):  # 20 rounds: a column round, then a diagonal round
         _quarter_rounds_(a, b, c, d)
@@ -148,50 +160,50 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sin_to_quarter_pi(x: torch.Tensor) -> torch.Tensor:
-    """noise._sin_to_quarter_pi, the same passes in the same order."""
-    return noise.sin_series_into(x, x * x, torch.empty_like(x))
+    """host_generator._sin_to_quarter_pi, the same passes in the same order."""
+    return sin_series_into(x, x * x, torch.empty_like(x))
 
 
 def _reduce_unit(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """noise._reduce_unit's m and k (u = m * 2^-k, k = 1 - e with e the frexp exponent of
+    """host_generator._reduce_unit's m and k (u = m * 2^-k, k = 1 - e with e the frexp exponent of
     u * sqrt(2)), from the bits of that product instead of torch.frexp and torch.ldexp: its biased
     exponent B gives e = B - 1022, so k = 1023 - B; 2^k is assembled from its bits
     ((k + 1023) << 52) and u * 2^k is an exact product. Only integer operations and one exact
     multiplication, which every device does alike (torch.ldexp multiplies by a pow(2, k) that
     nothing promises to be exact)."""
-    biased = (u * noise._SQRT2).view(torch.int64) >> 52
+    biased = (u * SQRT2).view(torch.int64) >> 52
     k = 1023 - biased
     scale = (k + 1023) << 52
     return u * scale.view(torch.float64), k.to(torch.float64)
 
 
 def _log_unit(u: torch.Tensor) -> torch.Tensor:
-    """noise._log_unit, the same bits: the same reduction, then noise.log_series_into."""
+    """host_generator._log_unit, the same bits: the same reduction, then scheme.log_series_into."""
     m, k = _reduce_unit(u)
     work = (torch.empty_like(u), torch.empty_like(u), torch.empty_like(u))
-    return noise.log_series_into(m, k, torch.empty_like(u), work)
+    return log_series_into(m, k, torch.empty_like(u), work)
 
 
 def _box_muller(words: torch.Tensor) -> torch.Tensor:
-    """noise._box_muller on (16, nblocks) keystream words: the 8 * nblocks float64 Gaussians in
+    """host_generator._box_muller on (16, nblocks) keystream words: the 8 * nblocks float64 Gaussians in
     stream order. Pair p of a block takes its 64-bit words w, v from 32-bit words 4p..4p+3."""
     u_lo, u_hi, v_lo, v_hi = words[0::4], words[1::4], words[2::4], words[3::4]  # (4, nblocks)
     w = u_hi << 21
     w |= u_lo >> 11
     w += 1
     r = w.to(torch.float64)
-    r *= noise._U53  # u in (0, 1], exact
+    r *= U53  # u in (0, 1], exact
     r = _log_unit(r)
     r *= -2.0
     r = _sqrt(r)
     w = v_hi << 21
     w |= v_lo >> 11
     phi = w.to(torch.float64)
-    phi *= noise._PHI_SCALE
+    phi *= PHI_SCALE
     sin_phi = _sin_to_quarter_pi(phi)
     cos_phi = sin_phi * sin_phi
     cos_phi.neg_()
-    cos_phi += 1.0  # 1 - sin^2: negation is exact, so this is noise's np.subtract(1.0, .)
+    cos_phi += 1.0  # 1 - sin^2: negation is exact, so this is the host's np.subtract(1.0, .)
     cos_phi = _sqrt(cos_phi)
     octant = v_lo & 7
     mask = octant ^ (octant >> 1)  # bit 0: b0 ^ b1 (swap), bit 1: b1 ^ b2 (cos negative)
@@ -206,19 +218,19 @@ def _box_muller(words: torch.Tensor) -> torch.Tensor:
 
 
 def _standard_normal_pieces(
-    key: noise.NoiseKey, step: int, name: str, numel: int, offset: int, device: torch.device
+    key: NoiseKey, step: int, name: str, numel: int, offset: int, device: torch.device
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (position in the request, float64 values on `device`) covering elements
     offset..offset+numel-1, a chunk of whole ChaCha20 blocks at a time."""
     if numel == 0:
         return
-    subkey = noise._subkey(key, step, name)
+    stream_key = subkey(key, step, name)
     end = offset + numel
     first, last = offset // _ELEMENTS_PER_BLOCK, -(-end // _ELEMENTS_PER_BLOCK)
     chunk = _CHUNK_BLOCKS_CPU if device.type == "cpu" else _CHUNK_BLOCKS_DEVICE
     for block in range(first, last, chunk):
         nblocks = min(chunk, last - block)
-        z = _box_muller(_keystream_words(subkey, block, nblocks, device))
+        z = _box_muller(_keystream_words(stream_key, block, nblocks, device))
         start = block * _ELEMENTS_PER_BLOCK
         lo, hi = max(start, offset), min(start + z.shape[0], end)
         yield lo - offset, z[lo - start : hi - start]
@@ -241,10 +253,10 @@ def _refusing_failures(device: torch.device, work: Callable[[], _T]) -> _T:
 
 
 def gaussian(
-    key: noise.NoiseKey, step: int, name: str, numel: int, offset: int, dtype: torch.dtype,
+    key: NoiseKey, step: int, name: str, numel: int, offset: int, dtype: torch.dtype,
     device: torch.device | str,
 ) -> torch.Tensor:
-    """noise.gaussian on `device` (arguments already checked there; call that one)."""
+    """dpscale.noise.gaussian on `device` (arguments already checked there; call that one)."""
     device = torch.device(device)
 
     def work() -> torch.Tensor:
@@ -257,9 +269,9 @@ def gaussian(
 
 
 def add_gaussian_noise_(
-    tensor: torch.Tensor, key: noise.NoiseKey, step: int, name: str, std: float, offset: int
+    tensor: torch.Tensor, key: NoiseKey, step: int, name: str, std: float, offset: int
 ) -> torch.Tensor:
-    """noise.add_gaussian_noise_ where `tensor` lives (arguments already checked there; call that
+    """dpscale.noise.add_gaussian_noise_ where `tensor` lives (arguments already checked there; call that
     one): round(x + std * z) computed in float64 on the device, rounded once to the dtype."""
     target = tensor.detach()  # shares storage: in-place writes reach `tensor`, autograd stays out
 
