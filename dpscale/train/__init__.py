@@ -1,10 +1,15 @@
 """``dpscale train``: the main job. Private fine-tuning of a real pretrained model on real data,
 configured by flags and a YAML file, on the same step driver as every other entry point.
 
-    config.py    TrainConfig: every knob of the job, from YAML and flags
-    data.py      tables from CSV / TSV / JSON lines / a saved datasets folder; tokenised datasets
-                 for classification and causal LM; the packaged E2E default
-    models.py    loading a hub id, a local folder or a GGUF file; trainable subsets; saving
-    evaluate.py  eval loss and accuracy, generations and BLEU
-    job.py       the run: accelerator, engine, loader, steps, checkpoints, outputs
+    config.py      TrainConfig: every knob of the job, from YAML and flags
+    data.py        tables from CSV / TSV / JSON lines / a saved datasets folder; tokenised datasets
+                   for classification and causal LM; the packaged E2E default
+    models.py      loading a hub id, a local folder or a GGUF file; trainable subsets; saving
+    evaluate.py    eval loss and accuracy, generations and BLEU
+    job.py         the run: accelerator, model, data, evaluation, and the private steps through the
+                   step driver; launch/train.py and ``dpscale train`` call its ``run``
+    baseline.py    the non-private baseline loop (--non-private)
+    checkpoint.py  output_dir/checkpoint: save, check and resume parameters, optimizer and
+                   privacy state (dpscale.checkpoint containers)
+    report.py      progress and tracker values per step, metrics.json, training.png, the summary
 """

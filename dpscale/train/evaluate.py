@@ -16,7 +16,13 @@ from torch import nn
 
 from dpscale.errors import ConfigError
 from dpscale.losses import causal_lm_losses, sequence_classification_losses
-from dpscale.train.data import CausalLMData, ClassificationData, end_id, padding_id, prompt_ids
+from dpscale.train.data import (
+    CausalLMData,
+    ClassificationData,
+    end_id,
+    padding_id,
+    prompt_ids,
+)
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
