@@ -38,14 +38,14 @@ def main() -> None:
                                    noise_key=NoiseKey.generate())
     optimizer = engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=1e-4))
     noise_times, step_times = [], []
-    original = engine.backend.finish_step
+    original = engine.backend.write_gradients
 
     def timed_finish(*a):
         start = time.perf_counter()
         original(*a)
         noise_times.append(time.perf_counter() - start)
 
-    engine.backend.finish_step = timed_finish
+    engine.backend.write_gradients = timed_finish
     ids = torch.randint(0, 8192, (args.micro, args.seq))
     for _ in range(args.steps):
         start = time.perf_counter()

@@ -50,7 +50,7 @@ def main() -> None:
             return result
         return wrapper
 
-    for owner, name in ((fsdp2.FSDP2Backend, "finish_step"), (fsdp2.FSDP2Backend, "_reduce"), (fsdp2.FSDP2Backend, "_absorb"),
+    for owner, name in ((fsdp2.FSDP2Backend, "write_gradients"), (fsdp2.FSDP2Backend, "_reduce"), (fsdp2.FSDP2Backend, "_absorb"),
                         (fsdp2.FSDP2Backend, "accumulate"), (fsdp2.FSDP2Backend, "_reshard"),
                         (engine.PrivacyEngine, "backward")):
         setattr(owner, name, timed(f"{owner.__name__}.{name}", getattr(owner, name)))

@@ -100,7 +100,7 @@ def reference(clipping: str, bf16: bool = False, optimizer: str = "sgd") -> dict
         for rank in sorted(step):
             for micro in step[rank]:
                 engine.backward(losses(model, x[micro].bfloat16(), y[micro].bfloat16()))
-        engine.finish_step()  # noise on the fp32 gradients of the master weights
+        engine.backend.close()  # the step's checks and accounting; noise on the fp32 gradients of the masters
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -111,23 +111,36 @@ def reference(clipping: str, bf16: bool = False, optimizer: str = "sgd") -> dict
 
 
 class _MasterWeights(LocalBackend):
-    """Single-process backend for the bf16 reference: clipped sums accumulate in the bf16 ``p.grad``
-    (as under DeepSpeed), then are widened to fp32 on the master weights, where the noise goes. It
-    owns the step as DeepSpeed does: the reference calls ``engine.finish_step()`` and then steps
-    the masters' optimizer."""
+    """Single-process backend for the bf16 reference: clipped sums accumulate in bf16 (as under
+    DeepSpeed), then are widened to fp32 on the master weights, where the noise goes. It owns the
+    step as DeepSpeed does: the reference calls ``close()`` (the engine's ``close_step``, as
+    DeepSpeed's base-optimizer pre-hook does) and then steps the masters' optimizer."""
 
     owns_step = True
 
     def __init__(self, masters: dict[str, nn.Parameter]) -> None:
+        super().__init__()
         self.masters = masters
+        self._close_step = None
 
-    def accumulate(self, name, param, clipped) -> None:
-        clipped = clipped.reshape(param.shape).to(param.dtype)
-        param.grad = clipped if param.grad is None else param.grad + clipped
+    def bind(self, context) -> list:
+        self._close_step = context.close_step
+        return super().bind(context)
 
-    def finish_step(self, parameters, add_noise) -> None:
-        for name, p in parameters.items():
-            grad = torch.zeros(p.shape) if p.grad is None else p.grad.float()
+    def accumulate(self, name, clipped) -> None:
+        if clipped is None:
+            return
+        p = self._parameters[name]
+        clipped = clipped.reshape(p.shape).to(p.dtype)
+        held = self._sums.get(name)
+        self._sums[name] = clipped if held is None else held + clipped
+
+    def close(self) -> None:
+        add_noise = self._close_step()
+        sums, self._sums = self._sums, {}
+        for name, p in self._parameters.items():
+            held = sums.get(name)
+            grad = torch.zeros(p.shape) if held is None else held.float()
             add_noise(name, grad.view(-1), 0)
             self.masters[name].grad = grad
 

@@ -195,9 +195,8 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tenso
         # one rank each (every rank must create every group, in the same order).
         singles = [dist.new_group([r]) for r in range(world_size)]
         model, offsets = mlp(dist.group.WORLD)
-        backend = DataParallelBackend(singles[rank], shard_offsets=offsets)
-        engine = PrivacyEngine(model, config(spec), noise_key=KEY, backend=backend,
-                               model_parallel_group=dist.group.WORLD, sharded_parameters=offsets)
+        backend = DataParallelBackend(singles[rank], shard_offsets=offsets, model_parallel_group=dist.group.WORLD)
+        engine = PrivacyEngine(model, config(spec), noise_key=KEY, backend=backend)
         optimizer = engine.attach_optimizer(torch.optim.SGD(engine.parameters.values(), lr=0.5))
         share = (0, 1)  # (this rank's position, ranks sharing the batch): all examples
     else:

@@ -192,9 +192,10 @@ def test_launch_script_under_accelerate_launch_runs_two_processes(tmp_path):
 
 
 def test_gradients_live_in_the_reduction_buckets(tmp_path):
-    """In one gloo process: DataParallelBackend leaves every ``p.grad`` as a view of its flat
-    bucket (several buckets, two dtypes), takes in a gradient someone else allocated (strided),
-    zero-fills parameters of an empty draw, and trains exactly as LocalBackend does."""
+    """In one gloo process: DataParallelBackend hands every ``p.grad`` over as a view of its flat
+    bucket inside the step (several buckets, two dtypes) and None after it, discards a gradient
+    someone else assigned (the engine's replaces it, on either backend), zero-fills parameters of
+    an empty draw, and trains exactly as LocalBackend does."""
     import torch.distributed as dist
     from torch import nn
 
@@ -223,18 +224,22 @@ def test_gradients_live_in_the_reduction_buckets(tmp_path):
             engine = PrivacyEngine(model, cfg, backend=backend, noise_key=worker.KEY)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
             engine.attach_optimizer(optimizer)
+            seen = {}
+            optimizer.register_step_pre_hook(
+                lambda *_, engine=engine, seen=seen: seen.update({n: p.grad for n, p in engine.parameters.items()}))
             for step in range(3):
-                if step == 1:  # a strided gradient allocated elsewhere, which the step adds to
+                if step == 1:  # a strided gradient assigned by hand: discarded at the step
                     model[0].weight.grad = torch.full((6, 5), 0.25).t()
                 if step != 2:  # step 2: an empty draw
                     engine.backward(losses(model, x))
                 optimizer.step()
+                assert all(p.grad is None for p in model.parameters())
                 if label == "buckets":
                     buckets = backend._buckets
                     assert len(buckets) >= 3 and {b.flat.dtype for b in buckets} == {torch.float32, torch.float64}
                     views = {name: view for b in buckets for name, view in b.views.items()}
-                    for name, p in engine.parameters.items():
-                        assert p.grad.data_ptr() == views[name].data_ptr(), name
+                    for name in engine.parameters:
+                        assert seen[name].data_ptr() == views[name].data_ptr(), name
                 optimizer.zero_grad(set_to_none=True)
             results[label] = {n: p.detach().clone() for n, p in model.named_parameters()}
             engine.detach()

@@ -174,7 +174,7 @@ def full_size(engine: PrivacyEngine) -> dict[str, torch.Tensor]:
     if layouts:
         from tests.autotp_worker import full_parameters
 
-        full = full_parameters(engine.model, layouts, engine.model_parallel_group)
+        full = full_parameters(engine.model, layouts, engine.backend.model_parallel_group)
         params = {name: full[name] for name in params}
     return params
 
