@@ -416,9 +416,13 @@ class PrivacyEngine:
 
 
 def _may_step(engine: PrivacyEngine, optimizer: torch.optim.Optimizer) -> bool:
-    """The optimizers allowed to step the engine's parameters: the attached one and the training
-    engine's own (DeepSpeed's base optimizer)."""
-    return optimizer is engine._boundary.optimizer or any(optimizer is own for own in engine.backend.own_optimizers)
+    """The optimizers allowed to step the engine's parameters: the attached one, a wrapper whose
+    step is the attached one's (Accelerate's ``AcceleratedOptimizer`` holds it as ``.optimizer``),
+    and the training engine's own (DeepSpeed's base optimizer)."""
+    attached = engine._boundary.optimizer
+    if attached is not None and (optimizer is attached or getattr(optimizer, "optimizer", None) is attached):
+        return True
+    return any(optimizer is own for own in engine.backend.own_optimizers)
 
 
 def _refuse_second_engine(model: nn.Module) -> None:

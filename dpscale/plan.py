@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from dpscale.accounting import calibrate_noise_multiplier, compute_epsilon, default_delta, steps_for_epochs
 from dpscale.clipping import ClippingPlan
 from dpscale.config import DPConfig
+from dpscale.errors import ConfigError
 from dpscale.noise import SCHEME as NOISE_SCHEME
 
 __all__ = ["AccountingPlan", "ExecutionPlan", "NoisePlan", "SamplingPlan", "build_execution_plan", "planned_steps"]
@@ -147,6 +148,7 @@ def build_execution_plan(config: DPConfig, clipping: ClippingPlan, *, key_finger
         accounting=AccountingPlan(config.accountant, delta, config.target_epsilon, steps, None,
                                   config.allow_budget_overrun),
     )
+    _refuse_unrepresentable_scales(plan)
     if config.target_epsilon is not None:
         budget = _budget_steps(plan, config.target_epsilon, steps)
         plan = ExecutionPlan(plan.sampling, plan.clipping, plan.noise,
@@ -190,3 +192,22 @@ def _budget_steps(plan: ExecutionPlan, target: float, planned: int) -> int:
         else:
             high = middle
     return low
+
+
+# float32's normal range (bf16 shares its exponent): a noise std or a clip bound per example (R / B)
+# outside it becomes 0 or inf in the parameters' dtype, so the noise would silently vanish or the
+# update overflow.
+_FLOAT32_TINY, _FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
+def _refuse_unrepresentable_scales(plan: ExecutionPlan) -> None:
+    noise = plan.noise
+    scales = {"the noise std sigma * R / B": noise.std} if noise.noise_multiplier > 0 else {}
+    scales["R / B, the largest clipped contribution of one example"] = noise.sensitivity / noise.expected_batch_size
+    for what, value in scales.items():
+        if not _FLOAT32_TINY <= value <= _FLOAT32_MAX:
+            raise ConfigError(
+                f"{what} is {value:.3g}, outside float32's range [{_FLOAT32_TINY:.3g}, {_FLOAT32_MAX:.3g}]: in the "
+                "parameters' dtype it would become 0 (the noise silently vanishes) or inf. Choose max_grad_norm, "
+                "expected_batch_size and the noise multiplier so that these scales are ordinary numbers."
+            )

@@ -222,12 +222,9 @@ class Tape:
         return self._replays is not None
 
     def refuse_outside_engine_backward(self, qualname: str) -> None:
-        """Called as a gradient reaches a recorded module output, before autograd goes on to the
-        module's weights: a backward other than the engine's (``loss.backward()``,
-        ``accelerator.backward``, an auxiliary loss) is refused here, so no trainable parameter
-        receives a gradient the engine did not clip. While paused (``PrivacyEngine.paused``: analysis
-        with ``torch.autograd.grad``, which writes no ``p.grad``) it passes; a gradient accumulated
-        into a parameter is still refused by the parameters' own hooks (``dpscale.gradient_guard``)."""
+        """As a gradient reaches a recorded output, before autograd reaches the module's weights: a
+        backward other than the engine's is refused (``dpscale.gradient_guard``). While paused
+        (analysis with ``torch.autograd.grad``, which writes no ``p.grad``) it passes."""
         if self._on_foreign_backward is not None and not self.in_engine_backward and not self._paused:
             self._on_foreign_backward(qualname)
 

@@ -242,3 +242,11 @@ def test_unused_trainable_parameters_get_zero_gradients():
 def test_public_api():
     for name in dpscale.__all__:
         assert hasattr(dpscale, name)
+
+
+@pytest.mark.parametrize("fields", [{"max_grad_norm": 1e-60, "noise_multiplier": 1.0, "expected_batch_size": 4},
+                                    {"max_grad_norm": 1.0, "noise_multiplier": 0.0, "expected_batch_size": 1e-60}])
+def test_scales_outside_float32_are_refused(fields):
+    """A noise std that underflows float32 would add no noise at all; R / B that overflows, inf."""
+    with pytest.raises(ConfigError, match="outside float32's range"):
+        PrivacyEngine(mlp(), DPConfig(**fields))
