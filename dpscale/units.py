@@ -1,6 +1,7 @@
-"""Whether a dataset fits the privacy unit a config protects, checked in one place: by the
-engine's loader (``PrivacyEngine.make_data_loader``) and, before any engine exists, by DPTrainer,
-which refuses a misfit when the trainer is built rather than when training starts.
+"""Whether a dataset fits the privacy unit a config protects, as a function of the config and the
+dataset alone, so that it can be checked before any engine exists: DPTrainer refuses a misfit when
+the trainer is built rather than when training starts. ``PrivacyEngine.make_data_loader`` makes the
+same checks (today with its own copy of them; it is meant to call this).
 
 The accountant's q = B / N counts units: examples at example level, users at user level, so N must
 be the number of the dataset's examples or of its distinct users. At user level every example must
