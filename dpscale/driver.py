@@ -14,15 +14,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dpscale.sampling import LogicalBatch
 
-__all__ = ["RunOutcome", "StepOutcome", "run_logical_step", "run_steps"]
+__all__ = ["RunOutcome", "StepOutcome", "budget_reached", "run_logical_step", "run_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,20 @@ class RunOutcome:
 
     steps: int
     stopped: str
+
+
+def budget_reached(engine) -> bool:
+    """Whether the next step would take epsilon past the target, and if so, the one log line that
+    says the run stops there. Every loop that stops at the budget (``run_steps``, DPTrainer's loader
+    and its stop-and-save callback) asks here, so the decision and its message are the same for
+    every entry point; callers ask once per stop, so it is logged once."""
+    if not engine.budget_exhausted:
+        return False
+    logger.warning(
+        "Privacy budget reached after %d steps (epsilon %.4g, target %g): stopping.",
+        engine.steps_taken, engine.epsilon(), engine.target_epsilon,
+    )
+    return True
 
 
 def run_logical_step(engine, batch: LogicalBatch, losses_fn: LossesFn, *, close_step: bool = True) -> StepOutcome:
@@ -105,12 +120,8 @@ def run_steps(engine, loader: Iterable[LogicalBatch], losses_fn: LossesFn, *, ma
         if max_steps is not None and taken >= max_steps:
             stopped = "max_steps"
             break
-        if engine.budget_exhausted:
+        if budget_reached(engine):
             stopped = "budget"
-            logger.warning(
-                "Privacy budget reached: %d steps taken, epsilon %.4g of target %g; stopping.",
-                engine.steps_taken, engine.epsilon(), engine.target_epsilon,
-            )
             break
         batch = next(batches, None)
         if batch is None and max_steps is not None:  # steps to go: the loader's next pass

@@ -37,9 +37,10 @@ from dpscale.owners import find_owners, refuse_example_mixing, refuse_training_b
 from dpscale.plan import ExecutionPlan, build_execution_plan
 from dpscale.report import build_report
 from dpscale.resume import load_privacy_state, privacy_state
-from dpscale.sampling import DPDataLoader, resolve_user_ids
+from dpscale.sampling import DPDataLoader
 from dpscale.step_boundary import StepBoundary
 from dpscale.tape import Tape
+from dpscale.units import check_privacy_units
 
 __all__ = ["PrivacyEngine"]
 
@@ -321,34 +322,7 @@ class PrivacyEngine:
         sampling = self.plan.sampling
         if sampling.sample_rate is None:
             raise ConfigError("make_data_loader needs DPConfig(dataset_size=N).")
-        if sampling.privacy_unit == "user":
-            if user_ids is None:
-                raise ConfigError(
-                    "DPConfig(privacy_unit='user') protects users, so the loader must know whose each example is: "
-                    "engine.make_data_loader(dataset, ..., user_ids=[the user of each example] or a column name)."
-                )
-            k = sampling.examples_per_user
-            if k > max_physical_batch_size:
-                raise ConfigError(
-                    f"DPConfig(examples_per_user={k}) exceeds max_physical_batch_size={max_physical_batch_size}: a "
-                    "user's examples are clipped as one unit and must fit in one micro-batch. Lower examples_per_user "
-                    f"or use max_physical_batch_size >= {k}."
-                )
-            user_ids = resolve_user_ids(dataset, user_ids)
-            users = len(set(user_ids))
-            if users != sampling.dataset_size:
-                raise ConfigError(
-                    f"The dataset's {len(dataset)} examples belong to {users} users but DPConfig(dataset_size="
-                    f"{sampling.dataset_size}); at user level dataset_size is the number of users."
-                )
-        else:
-            if user_ids is not None:
-                raise ConfigError(
-                    "user_ids= was given but DPConfig(privacy_unit='example') protects single examples; set "
-                    "DPConfig(privacy_unit='user', dataset_size=<number of users>) for user-level privacy."
-                )
-            if len(dataset) != sampling.dataset_size:
-                raise ConfigError(f"The dataset has {len(dataset)} examples but DPConfig(dataset_size={sampling.dataset_size}).")
+        user_ids = check_privacy_units(sampling, dataset, user_ids, micro_batch=max_physical_batch_size)
         loader = DPDataLoader(
             dataset, sample_rate=sampling.sample_rate, max_physical_batch_size=max_physical_batch_size,
             collate_fn=collate_fn, steps=sampling.steps, seed=self.noise_key.derive_seed("sampling"),

@@ -1,7 +1,11 @@
 """One loss per example from model outputs: the privacy unit is one example (one sequence), so a
-sequence's loss is the mean over its own tokens, never a mean over the batch's tokens."""
+sequence's loss is the mean over its own tokens, never a mean over the batch's tokens. Label
+smoothing, where asked, is applied per example for the same reason (the Trainer's LabelSmoother
+averages over the batch's tokens, which mixes examples)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,8 +13,11 @@ from torch import Tensor
 from dpscale.errors import LossShapeError
 from dpscale.per_example import accumulation_dtype
 
+__all__ = ["causal_lm_losses", "per_example_losses", "sequence_classification_losses", "token_mean_losses"]
 
-def token_mean_losses(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+
+def token_mean_losses(logits: Tensor, labels: Tensor, ignore_index: int = -100, *,
+                      label_smoothing: float = 0.0) -> Tensor:
     """[B] mean cross-entropy over each example's positions whose label is not ``ignore_index``
     (no shift: seq2seq decoders, token classification). An example with no labelled token has
     loss 0 and so gradient 0."""
@@ -21,27 +28,46 @@ def token_mean_losses(logits: Tensor, labels: Tensor, ignore_index: int = -100) 
     batch, vocab = logits.shape[0], logits.shape[-1]
     dtype = accumulation_dtype(logits)
     per_token = F.cross_entropy(
-        logits.reshape(-1, vocab).to(dtype), labels.reshape(-1), ignore_index=ignore_index, reduction="none"
+        logits.reshape(-1, vocab).to(dtype), labels.reshape(-1), ignore_index=ignore_index, reduction="none",
+        label_smoothing=label_smoothing,
     ).reshape(batch, -1)
     counts = (labels.reshape(batch, -1) != ignore_index).sum(1).clamp(min=1)
     return per_token.sum(1) / counts
 
 
-def causal_lm_losses(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+def causal_lm_losses(logits: Tensor, labels: Tensor, ignore_index: int = -100, *,
+                     label_smoothing: float = 0.0) -> Tensor:
     """[B] next-token losses: position t predicts label t+1, as Hugging Face causal LMs do."""
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise LossShapeError(
             f"Expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}."
         )
-    return token_mean_losses(logits[:, :-1], labels[:, 1:], ignore_index)
+    return token_mean_losses(logits[:, :-1], labels[:, 1:], ignore_index, label_smoothing=label_smoothing)
 
 
-def sequence_classification_losses(logits: Tensor, labels: Tensor) -> Tensor:
+def sequence_classification_losses(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
     """[B] cross-entropy for class labels; squared error for a regression head (one output,
-    floating-point labels), as ``*ForSequenceClassification`` models do."""
+    floating-point labels), as ``*ForSequenceClassification`` models do (label smoothing does not
+    apply to a regression head)."""
     if logits.dim() != 2 or labels.shape[0] != logits.shape[0]:
         raise LossShapeError(f"Expected logits [B, C] and labels [B], got {tuple(logits.shape)} and {tuple(labels.shape)}.")
     dtype = accumulation_dtype(logits)
     if logits.shape[1] == 1 and labels.is_floating_point():
         return (logits[:, 0].to(dtype) - labels.to(dtype)) ** 2
-    return F.cross_entropy(logits.to(dtype), labels, reduction="none")
+    return F.cross_entropy(logits.to(dtype), labels, reduction="none", label_smoothing=label_smoothing)
+
+
+def per_example_losses(outputs, labels: Tensor, *, causal: bool, label_smoothing: float = 0.0) -> Tensor:
+    """[B] losses of a transformers model's outputs, chosen by the logits' shape: [B, C] sequence
+    classification, [B, T, V] token cross-entropy, shifted when ``causal`` (decide it with
+    ``dpscale.models_kind.is_causal_lm``). DPTrainer's ``per_example_loss="auto"``."""
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+    if logits.dim() == 2:
+        return sequence_classification_losses(logits, labels, label_smoothing=label_smoothing)
+    if logits.dim() == 3:
+        losses = causal_lm_losses if causal else token_mean_losses
+        return losses(logits, labels, label_smoothing=label_smoothing)
+    raise LossShapeError(
+        f"per_example_loss='auto' knows logits [B, C] and [B, T, V], got {tuple(logits.shape)}: pass "
+        "per_example_loss=fn(outputs, labels) -> [B]."
+    )

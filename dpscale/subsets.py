@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from dpscale.errors import ConfigError
+from dpscale.models_kind import task_of
 
 logger = logging.getLogger(__name__)
 
@@ -163,26 +164,6 @@ def train_only(model: nn.Module, patterns: Sequence[str]) -> nn.Module:
         parameter.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
     _log(model, f"patterns {list(patterns)}")
     return model
-
-
-def task_of(model: nn.Module) -> str | None:
-    """"classification" or "causal-lm" for a transformers task model, read from transformers' own
-    auto-model mappings (so a new architecture is known as soon as transformers knows it); None
-    for anything else, where callers ask for the task explicitly."""
-    from transformers.models.auto import modeling_auto
-
-    def class_names(mapping) -> set[str]:
-        out: set[str] = set()
-        for value in mapping.values():
-            out.update((value,) if isinstance(value, str) else value)
-        return out
-
-    class_name = type(model).__name__
-    if class_name in class_names(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
-        return "classification"
-    if class_name in class_names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        return "causal-lm"
-    return None
 
 
 def _refuse_peft(model: nn.Module, helper: str) -> None:

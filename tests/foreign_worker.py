@@ -56,9 +56,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dpscale import DPConfig, ForeignGradientError, PrivacyEngine  # noqa: E402
-from dpscale.losses import causal_lm_losses  # noqa: E402
-from dpscale.noise import NoiseKey, add_gaussian_noise_  # noqa: E402
+from dpscale import DPConfig, ForeignGradientError, PrivacyEngine
+from dpscale.losses import causal_lm_losses
+from dpscale.noise import NoiseKey, add_gaussian_noise_
 
 KEY = NoiseKey(bytes(range(32)))
 FOREIGN = "through a backward other than engine.backward"
@@ -72,8 +72,8 @@ VOCAB, T, B, N, LR = 64, 6, 4, 64, 0.25
 def config(**changes) -> DPConfig:
     """Accounted (dataset_size), so that epsilon is checked (by RDP, which is quick to ask after
     every path); the batches are the test's own."""
-    values = dict(max_grad_norm=1.0, expected_batch_size=B, noise_multiplier=1.0, dataset_size=N,
-                  sampling_declared_by_user=True, accountant="rdp")
+    values = {"max_grad_norm": 1.0, "expected_batch_size": B, "noise_multiplier": 1.0, "dataset_size": N,
+              "sampling_declared_by_user": True, "accountant": "rdp"}
     return DPConfig(**{**values, **changes})
 
 
@@ -108,7 +108,7 @@ def lm_losses(model: nn.Module, ids: torch.Tensor, **kwargs):
     return causal_lm_losses(out.logits, ids), out
 
 
-def full_value(p: torch.Tensor) -> torch.Tensor:
+def stored_value(p: torch.Tensor) -> torch.Tensor:
     """What this rank stores of a parameter: a DTensor's local shard, a ZeRO-3 partition, or the
     tensor itself."""
     if hasattr(p, "to_local"):
@@ -137,7 +137,7 @@ class Probe:
         self._epsilons: dict = {}
 
     def state(self) -> dict[str, torch.Tensor]:
-        state = {name: full_value(p).clone() for name, p in self.engine.parameters.items()}
+        state = {name: stored_value(p).clone() for name, p in self.engine.parameters.items()}
         if self.held is not None:
             state.update({f"held:{k}": v.detach().clone() for k, v in self.held().items()})
         return state

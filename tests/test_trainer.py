@@ -203,14 +203,14 @@ def test_training_stops_and_saves_at_the_privacy_budget(tmp_path, caplog):
     t = DPTrainer(model=worker.gpt2(), args=worker.training_arguments({"steps": 10}, str(tmp_path)),
                   train_dataset=worker.TokenDataset(), data_collator=worker.collate, dp_config=config,
                   noise_key=worker.KEY)
-    with caplog.at_level(logging.WARNING, logger="dpscale.integrations.trainer"):
+    with caplog.at_level(logging.WARNING, logger="dpscale"):  # the stop is the driver's, the warning ahead the trainer's
         t.train()
     engine = t.privacy_engine
     assert 2 <= engine.budget_steps < 10
     assert engine.steps_taken == engine.budget_steps == t.state.global_step
     assert engine.epsilon() <= 8.0 and engine.budget_exhausted
     assert (tmp_path / f"checkpoint-{engine.budget_steps}" / PRIVACY_STATE_NAME).is_file()
-    assert "Privacy budget reached" in caplog.text and "allows" in caplog.text
+    assert caplog.text.count("Privacy budget reached") == 1 and "allows" in caplog.text
 
 
 def test_label_smoothing_is_per_example(tmp_path):

@@ -33,16 +33,16 @@ import os
 from dpscale.backends.deepspeed import DeepSpeedBackend
 from dpscale.config import DPConfig
 from dpscale.engine import PrivacyEngine
-from dpscale.errors import ConfigError
-from dpscale.integrations.accelerate import distributed_type
+from dpscale.integrations.accelerate_checks import (
+    check_accelerator,
+    check_prepared,
+    is_deepspeed,
+)
 from dpscale.layers import RuleRegistry
 from dpscale.noise import NoiseKey
 
+# is_deepspeed is re-exported: callers imported it from here first.
 __all__ = ["is_deepspeed", "make_private_deepspeed"]
-
-
-def is_deepspeed(accelerator) -> bool:
-    return distributed_type(accelerator) == "DEEPSPEED"
 
 
 def make_private_deepspeed(accelerator, model, optimizer, config: DPConfig, *,
@@ -51,18 +51,7 @@ def make_private_deepspeed(accelerator, model, optimizer, config: DPConfig, *,
     """A PrivacyEngine on the DeepSpeedEngine that ``accelerator.prepare`` returned (as ``model``).
     The optimizer is DeepSpeed's: the backend hooks its base optimizer, so ``optimizer`` is only
     checked to be the one Accelerate wrapped."""
-    import deepspeed
-
-    from dpscale.integrations.accelerate import check_accelerator
-
     check_accelerator(accelerator, deepspeed=True)  # fp16 scaler, accumulation, torch.compile
-    if not isinstance(model, deepspeed.DeepSpeedEngine):
-        raise ConfigError(
-            f"Accelerate runs DeepSpeed but the model is a {type(model).__name__}: pass the model returned by "
-            "accelerator.prepare(model, optimizer) (a DeepSpeedEngine)."
-        )
-    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's DeepSpeedOptimizerWrapper
-    if inner is not model.optimizer:
-        raise ConfigError("Pass the optimizer returned by accelerator.prepare together with its model.")
+    check_prepared(accelerator, model, optimizer)  # the DeepSpeedEngine and its optimizer
     backend = DeepSpeedBackend(model)  # refuses engine clipping, fp16, DeepSpeed-side accumulation, ...
     return PrivacyEngine(model.module, config, noise_key=noise_key, rules=rules, backend=backend)

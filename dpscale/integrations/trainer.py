@@ -55,6 +55,11 @@ config the Trainer is not running (``use_cpu=True`` silently falls back to DDP),
 process count differs from torch.distributed's. Under DeepSpeed, the DeepSpeed backend refuses
 engine clipping, fp16 and DeepSpeed's own gradient accumulation, naming the config key.
 
+The pieces beside this file: ``trainer_refusals.py`` (what is refused when the trainer is built),
+``trainer_data.py`` (the engine's loader as the Trainer's loop takes it), ``trainer_callback.py``
+(the privacy state in the Trainer's checkpoints, the stop at the budget); the per-example losses
+are ``dpscale.losses``, the causal-LM test ``dpscale.models_kind``.
+
 DeepSpeed on a CPU-only machine: Accelerate 1.15 finds no backend for it and counts one process
 (refused above); configure its state first::
 
@@ -74,165 +79,40 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
-from dpscale.accounting import steps_for_epochs
-from dpscale.checkpoint import load_state, save_atomic
+from dpscale.checkpoint import save_atomic
 from dpscale.config import DPConfig
 from dpscale.driver import run_logical_step
 from dpscale.engine import PrivacyEngine
-from dpscale.integrations.accelerate import check_accelerator
 from dpscale.errors import ConfigError, LossShapeError
+from dpscale.integrations.accelerate import make_private
+from dpscale.integrations.trainer_callback import (
+    PRIVACY_STATE_NAME,
+    PrivacyStateCallback,
+    load_privacy_state,
+)
+from dpscale.integrations.trainer_data import LogicalBatches, LogicalStep, to_device
+from dpscale.integrations.trainer_refusals import (
+    check_dp_arguments,
+    check_trainer,
+    check_training_arguments,
+    trainer_user_ids,
+)
 from dpscale.layers import RuleRegistry
-from dpscale.losses import causal_lm_losses, sequence_classification_losses, token_mean_losses
+from dpscale.losses import per_example_losses
+from dpscale.models_kind import is_causal_lm
 from dpscale.noise import NoiseKey
-from dpscale.per_example import accumulation_dtype
-from dpscale.plan import planned_steps
-from dpscale.sampling import LogicalBatch, resolve_user_ids
 
+# PRIVACY_STATE_NAME, LogicalStep and check_training_arguments live in the trainer_* modules; they are
+# re-exported here, where callers imported them first.
 __all__ = ["PRIVACY_STATE_NAME", "DPTrainer", "LogicalStep", "check_training_arguments"]
 
 logger = logging.getLogger(__name__)
 
-PRIVACY_STATE_NAME = "privacy.pt"
-
 PerExampleLoss = Callable[[object, Tensor], Tensor]
-
-
-def check_training_arguments(args) -> None:
-    """Refuse ``TrainingArguments`` that would weaken or change the DP step, naming the argument."""
-    if args.max_grad_norm not in (0, None):
-        raise ConfigError(
-            f"TrainingArguments(max_grad_norm={args.max_grad_norm}): the Trainer would clip the summed, "
-            "noised DP gradient (it clips at 1.0 by default). Per-example clipping is dpscale's "
-            "(DPConfig.max_grad_norm): set max_grad_norm=0."
-        )
-    if args.fp16:
-        raise ConfigError(
-            "TrainingArguments(fp16=True) scales the loss with a GradScaler: it would unscale gradients dpscale "
-            "never scaled and skip steps on overflow, which the accountant still counts. Use bf16=True or fp32."
-        )
-    if args.gradient_accumulation_steps != 1:
-        raise ConfigError(
-            f"TrainingArguments(gradient_accumulation_steps={args.gradient_accumulation_steps}): DPTrainer "
-            "accumulates the micro-batches of each Poisson batch itself (their number varies). Set it to 1; "
-            "per_device_train_batch_size is the micro-batch and DPConfig.expected_batch_size the logical batch."
-        )
-    for name in ("activation_checkpointing", "gradient_checkpointing"):
-        kwargs = dict(getattr(args, f"{name}_kwargs", None) or {})
-        kwargs.pop("every_n_layers", None)  # the Trainer takes these two out before torch sees the rest
-        kwargs.pop("offload", None)
-        # No kwargs: transformers passes use_reentrant=False. Kwargs without it: torch's default, True.
-        if getattr(args, name, None) and kwargs and kwargs.get("use_reentrant", True):
-            raise ConfigError(
-                f"TrainingArguments({name}_kwargs={kwargs}) asks for reentrant checkpointing, which back-propagates "
-                "each checkpointed layer in a nested backward that writes non-private weight gradients. Pass "
-                f"{name}_kwargs={{'use_reentrant': False}} (or none): dpscale supports that kind exactly."
-            )
-    strategy = getattr(args, "train_sampling_strategy", "random")
-    if strategy != "random" or getattr(args, "group_by_length", False):
-        raise ConfigError(
-            f"TrainingArguments(train_sampling_strategy={strategy!r}): the accountant assumes Poisson "
-            "sampling, which DPTrainer's loader does; leave train_sampling_strategy='random' (it is ignored)."
-        )
-    if getattr(args, "torch_compile", False):
-        raise ConfigError("TrainingArguments(torch_compile=True) fuses the modules whose activations dpscale records.")
-    if getattr(args, "auto_find_batch_size", False):
-        raise ConfigError(
-            "TrainingArguments(auto_find_batch_size=True) restarts the training loop after an out-of-memory "
-            "error, after privacy steps were taken; choose per_device_train_batch_size yourself."
-        )
-    if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False, None):
-        raise ConfigError(
-            "TrainingArguments(include_num_input_tokens_seen=...) logs the token count of the sampled examples, "
-            "a non-private statistic; set it to 'no'."
-        )
-    if "lomo" in str(getattr(args.optim, "value", args.optim)).lower():
-        raise ConfigError(f"TrainingArguments(optim={args.optim!r}) runs its own fused backward; use another optimizer.")
-    version = int(dict(getattr(args, "fsdp_config", None) or {}).get("version", 2))
-    if getattr(args, "fsdp", None) and version != 2:
-        raise ConfigError(
-            f"TrainingArguments(fsdp_config={{'version': {version}}}): FSDP1 flattens parameters into FlatParameters, "
-            "so dpscale cannot key the noise by parameter name nor hook the layers' own weights. Use FSDP2: "
-            "fsdp_config={'version': 2} (transformers' default)."
-        )
-    if getattr(args, "n_gpu", 1) > 1:
-        raise ConfigError(
-            f"{args.n_gpu} GPUs in one process (nn.DataParallel): launch one process per GPU (torchrun, "
-            "accelerate launch) so that the Trainer uses DDP."
-        )
-
-
-class LogicalStep:
-    """What the Trainer's loop takes as one batch: one logical (Poisson) batch of this rank, cut
-    into micro-batches. It holds no tensor until ``training_step`` collates each micro-batch, and
-    answers ``"labels" in step`` with False so the Trainer counts no tokens."""
-
-    __slots__ = ("batch", "flops")
-
-    def __init__(self, batch: LogicalBatch) -> None:
-        self.batch = batch
-        self.flops = 0.0
-
-    def __contains__(self, key) -> bool:
-        return False
-
-
-class _LogicalBatches:
-    """The Trainer's view of the engine's loader. ``len`` is the loader's pass (the planned steps,
-    or one epoch-equivalent); iterating builds the privacy engine on the prepared model the first
-    time (the loader is the engine's, split by the backend's data-parallel position), continues
-    from the loader's position (a resumed run continues where its privacy state says), and ends
-    before drawing a batch the budget would refuse."""
-
-    def __init__(self, trainer: "DPTrainer") -> None:
-        self.trainer = trainer
-        self.dataset = trainer.train_dataset
-
-    def __len__(self) -> int:
-        config = self.trainer.dp_config
-        return planned_steps(config) or steps_for_epochs(1.0, config.sample_rate)
-
-    def __iter__(self):
-        engine = self.trainer._engine_for(self.trainer.model_wrapped)
-        batches = iter(engine.data_loader)
-        while not engine.budget_exhausted:
-            batch = next(batches, None)
-            if batch is None:
-                return
-            yield LogicalStep(batch)
-
-
-class _PrivacyStateCallback(TrainerCallback):
-    """Writes the privacy state into the checkpoint folder the Trainer has just written; stops and
-    saves at the privacy budget; keeps ``state.epoch`` in logical-batch passes across resumes."""
-
-    def __init__(self, trainer: "DPTrainer") -> None:
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        engine = self.trainer.privacy_engine
-        if engine is None:
-            return control
-        # The Trainer restarts its step count within an epoch on resume (the loader continues, it
-        # does not skip): the epoch is the logical steps taken over the steps of one pass.
-        state.epoch = state.global_step / len(self.trainer.get_train_dataloader())
-        if engine.budget_exhausted and state.global_step < state.max_steps:
-            logger.warning(
-                "Privacy budget reached after %d steps (epsilon %.4g, target %g): stopping and saving a checkpoint.",
-                engine.steps_taken, engine.epsilon(), engine.target_epsilon,
-            )
-            control.should_training_stop = True
-            control.should_save = True
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        self.trainer.save_privacy_state(folder)
-        return control
 
 
 class DPTrainer(Trainer):
@@ -265,47 +145,11 @@ class DPTrainer(Trainer):
                  fresh_noise_key: bool = False, new_noise_scheme: bool = False, rules: RuleRegistry | None = None,
                  per_example_loss: str | PerExampleLoss = "auto", log_train_loss: bool = False,
                  user_ids: Sequence | str | None = None, **kwargs) -> None:
-        if not isinstance(dp_config, DPConfig):
-            raise TypeError("dp_config must be a dpscale.DPConfig")
-        if dp_config.dataset_size is None:
-            raise ConfigError("DPTrainer needs DPConfig(dataset_size=N): the Poisson rate is B / N.")
-        if per_example_loss != "auto" and not callable(per_example_loss):
-            raise ConfigError("per_example_loss must be 'auto' or a function (outputs, labels) -> [B] losses.")
+        check_dp_arguments(dp_config, per_example_loss)
         super().__init__(*args, **kwargs)
-        check_training_arguments(self.args)
-        if self.args.fsdp and not self.is_fsdp_enabled:
-            raise ConfigError(
-                "TrainingArguments(fsdp=...) is set but the Trainer is not running FSDP: Accelerate enables its FSDP "
-                "plugin only on accelerators (GPUs and the like) and runs DDP on a CPU. Drop fsdp on a CPU-only "
-                "machine, or run on GPUs."
-            )
-        check_accelerator(self.accelerator, deepspeed=True)  # FSDP1 or a dropped FSDP config from `accelerate launch`
-        if self.args.deepspeed and not self.is_deepspeed_enabled:
-            raise ConfigError(
-                "TrainingArguments(deepspeed=...) is set but the Trainer is not running DeepSpeed (use_cpu=True or "
-                "ACCELERATE_USE_CPU=true makes it fall back to DDP): drop use_cpu (DS_ACCELERATOR=cpu runs DeepSpeed "
-                "on the CPU), or drop the DeepSpeed config."
-            )
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() != self.args.world_size:
-            raise ConfigError(
-                f"torch.distributed has {torch.distributed.get_world_size()} ranks but the Trainer counts "
-                f"{self.args.world_size} process(es): each rank would take the wrong part of the Poisson batch. "
-                "(Accelerate finds no backend for DeepSpeed on a CPU-only machine: create "
-                "accelerate.PartialState(backend='gloo') with ACCELERATE_USE_DEEPSPEED=true first and pass "
-                "TrainingArguments(accelerator_config={'use_configured_state': True}).)"
-            )
-        if self.compute_loss_func is not None:
-            raise ConfigError(
-                "compute_loss_func returns one loss for the batch; DPTrainer needs one loss per example: pass "
-                "per_example_loss=fn(outputs, labels) -> [B] instead."
-            )
-        self.user_ids = self._check_units(dp_config, user_ids)
-        if self.user_ids is None and self.train_dataset is not None and len(self.train_dataset) != dp_config.dataset_size:
-            raise ConfigError(
-                f"The train dataset has {len(self.train_dataset)} examples but DPConfig(dataset_size="
-                f"{dp_config.dataset_size}); the accountant's q = B / N would be wrong."
-            )
+        check_trainer(self)
+        self.user_ids = trainer_user_ids(dp_config, self.train_dataset, user_ids,
+                                         self.args.per_device_train_batch_size)
         self.dp_config = dp_config
         self.noise_key = noise_key  # loaded by the engine (dpscale.noise.load_noise_key)
         self.fresh_noise_key = fresh_noise_key
@@ -317,52 +161,17 @@ class DPTrainer(Trainer):
         self._resume_state: dict | None = None
         # The loader's position is restored from the privacy state, never by skipping batches.
         self.args.ignore_data_skip = True
-        self.add_callback(_PrivacyStateCallback(self))
+        self.add_callback(PrivacyStateCallback(self))
 
     # data ---------------------------------------------------------------------------------------
 
-    def _check_units(self, dp_config: DPConfig, user_ids) -> list | None:
-        """At user level the users of the train dataset, read now (a column name resolved before the
-        Trainer drops unused columns) and checked against the config: their number is N, and k
-        fits in a micro-batch. Refused: user ids at example level, none at user level."""
-        if dp_config.privacy_unit != "user":
-            if user_ids is not None:
-                raise ConfigError(
-                    "DPTrainer(user_ids=...) was given but DPConfig(privacy_unit='example') protects single "
-                    "examples; for user-level privacy use DPConfig(privacy_unit='user', dataset_size=<number of "
-                    "users>, expected_batch_size=<users per step>)."
-                )
-            return None
-        if user_ids is None:
-            raise ConfigError(
-                "DPConfig(privacy_unit='user') protects users, so DPTrainer must know whose each example is: pass "
-                "user_ids=[the user of each training example] or the name of a train_dataset column."
-            )
-        if self.train_dataset is None:
-            raise ConfigError("DPTrainer(user_ids=...) names the users of the train_dataset: pass train_dataset too.")
-        ids = resolve_user_ids(self.train_dataset, user_ids)
-        users = len(set(ids))
-        if users != dp_config.dataset_size:
-            raise ConfigError(
-                f"The train dataset's {len(ids)} examples belong to {users} users but DPConfig(dataset_size="
-                f"{dp_config.dataset_size}); at user level dataset_size is the number of users."
-            )
-        k, micro = dp_config.examples_per_user, self.args.per_device_train_batch_size
-        if k > micro:
-            raise ConfigError(
-                f"DPConfig(examples_per_user={k}) exceeds per_device_train_batch_size={micro}, the micro-batch: a "
-                f"user's examples are clipped as one unit and must fit in one micro-batch. Raise "
-                f"per_device_train_batch_size to at least {k} or lower examples_per_user."
-            )
-        return ids
-
-    def get_train_dataloader(self) -> _LogicalBatches:
+    def get_train_dataloader(self) -> LogicalBatches:
         """The engine's Poisson logical batches for this rank, micro-batched at
         ``per_device_train_batch_size``. One loader per trainer: a second ``train()`` continues the
         draw, never repeats it."""
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
-        return _LogicalBatches(self)
+        return LogicalBatches(self)
 
     def get_total_train_batch_size(self, args) -> int:
         """The expected logical batch B (the Trainer's throughput counts the examples of each step;
@@ -388,7 +197,7 @@ class DPTrainer(Trainer):
         module = engine.model  # DDP's inner module (its reducer is idle) or the DeepSpeedEngine's module
 
         def losses_of(micro):
-            micro = self._to_device(micro)
+            micro = to_device(micro, self.args.device, next(self.model.parameters()).dtype)
             with self.compute_loss_context_manager():
                 losses = self.compute_loss(module, micro)
             inputs.flops += float(super(DPTrainer, self).floating_point_ops(micro))
@@ -413,7 +222,8 @@ class DPTrainer(Trainer):
         if callable(self.per_example_loss):
             losses = self.per_example_loss(outputs, labels)
         else:
-            losses = self._auto_losses(outputs, labels)
+            losses = per_example_losses(outputs, labels, causal=is_causal_lm(self.model),
+                                        label_smoothing=float(self.args.label_smoothing_factor or 0.0))
         if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != labels.shape[0]:
             raise LossShapeError(
                 f"per_example_loss must return one loss per example, shape [{labels.shape[0]}], got "
@@ -458,14 +268,7 @@ class DPTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         if resume_from_checkpoint:
-            path = Path(resume_from_checkpoint) / PRIVACY_STATE_NAME
-            if not path.is_file():
-                raise ConfigError(
-                    f"{resume_from_checkpoint} has no {PRIVACY_STATE_NAME}: it was not written by DPTrainer (or the "
-                    "run died between the Trainer's checkpoint and the privacy state). Resuming would restart "
-                    "the accountant and the Poisson draw; resume from an earlier checkpoint."
-                )
-            self._resume_state = load_state(path)
+            self._resume_state = load_privacy_state(resume_from_checkpoint)
             if self.privacy_engine is not None:
                 self.privacy_engine.load_state_dict(self._resume_state, fresh_key=self.fresh_noise_key,
                                                      new_noise_scheme=self.new_noise_scheme)
@@ -487,8 +290,6 @@ class DPTrainer(Trainer):
         backend), with its loader."""
         if self.privacy_engine is not None:
             return self.privacy_engine
-        from dpscale.integrations.accelerate import make_private
-
         engine = make_private(self.accelerator, model, self.optimizer, self.dp_config, noise_key=self.noise_key,
                               rules=self.rules)
         collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
@@ -505,61 +306,3 @@ class DPTrainer(Trainer):
                                    new_noise_scheme=self.new_noise_scheme)
         self.privacy_engine = engine
         return engine
-
-    def _to_device(self, data):
-        """Micro-batches onto the device; floating inputs in the parameters' dtype (a bf16
-        DeepSpeed module takes bf16 inputs)."""
-        if isinstance(data, Mapping):
-            return type(data)({k: self._to_device(v) for k, v in data.items()})
-        if isinstance(data, (tuple, list)):
-            return type(data)(self._to_device(v) for v in data)
-        if isinstance(data, Tensor):
-            if data.is_floating_point():
-                return data.to(self.args.device, dtype=next(self.model.parameters()).dtype)
-            return data.to(self.args.device)
-        return data
-
-    def _auto_losses(self, outputs, labels: Tensor) -> Tensor:
-        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-        smoothing = float(self.args.label_smoothing_factor or 0.0)
-        if logits.dim() == 2:
-            if smoothing and not (logits.shape[1] == 1 and labels.is_floating_point()):
-                return F.cross_entropy(logits.to(accumulation_dtype(logits)), labels, reduction="none",
-                                       label_smoothing=smoothing)
-            return sequence_classification_losses(logits, labels)
-        if logits.dim() == 3:
-            causal = self._is_causal_lm()
-            if not smoothing:
-                return causal_lm_losses(logits, labels) if causal else token_mean_losses(logits, labels)
-            if causal:
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            return _smoothed_token_mean_losses(logits, labels, smoothing)
-        raise LossShapeError(
-            f"per_example_loss='auto' knows logits [B, C] and [B, T, V], got {tuple(logits.shape)}: pass "
-            "per_example_loss=fn(outputs, labels) -> [B]."
-        )
-
-    def _is_causal_lm(self) -> bool:
-        # The same test the Trainer applies for its label smoother: the model class is a causal LM.
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        model = self.model
-        base = getattr(model, "get_base_model", None)  # PEFT
-        if callable(base):
-            model = base()
-        # By the class and its bases: FSDP2's fully_shard swaps the class for a subclass (FSDPLlamaForCausalLM).
-        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-        return any(cls.__name__ in causal for cls in type(model).__mro__)
-
-
-def _smoothed_token_mean_losses(logits: Tensor, labels: Tensor, smoothing: float, ignore_index: int = -100) -> Tensor:
-    """[B] label-smoothed cross-entropy averaged over each example's own labelled tokens (the
-    Trainer's LabelSmoother averages over the batch's tokens, which mixes examples)."""
-    batch, vocab = logits.shape[0], logits.shape[-1]
-    per_token = F.cross_entropy(
-        logits.reshape(-1, vocab).to(accumulation_dtype(logits)), labels.reshape(-1), ignore_index=ignore_index,
-        reduction="none", label_smoothing=smoothing,
-    ).reshape(batch, -1)
-    counts = (labels.reshape(batch, -1) != ignore_index).sum(1).clamp(min=1)
-    return per_token.sum(1) / counts
-

@@ -45,6 +45,7 @@ from torch import nn
 
 from dpscale import subsets
 from dpscale.errors import ConfigError
+from dpscale.models_kind import task_of
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +367,7 @@ def save_model(
     folder.mkdir(parents=True, exist_ok=True)
     is_lora = subsets.is_peft_model(model)
     inner = model.get_base_model() if is_lora else model
-    task = task if task is not None else subsets.task_of(inner)
+    task = task if task is not None else task_of(inner)
     if task is not None:
         _check_task(task)
     if labels is not None:
