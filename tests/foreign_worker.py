@@ -22,22 +22,27 @@ The paths (one engine per setting, legit steps in between, each rank running the
 
 * plain: ``loss.backward()`` of a batch-mean loss from a forward of the model;
 * aux: ``engine.backward(per_example_losses)``, then an auxiliary loss of the same forward
-  back-propagated on its own (the clipped sums already held must survive, and be stepped);
+  back-propagated on its own (the clipped sums already held must survive, and be stepped); and an
+  auxiliary loss back-propagated first on a retained graph (the engine's backward then still runs);
 * accelerator / ds_engine: ``accelerator.backward(loss)`` where Accelerate prepared the model,
   ``ds_engine.backward(loss)`` under DeepSpeed (after a forward through ``ds_engine(...)``);
 * shared: a second forward through a shared module (the input embedding, the tied head, the first
   layer) whose output is back-propagated plainly;
 * then_step: ``loss.backward()`` then ``engine.step()``: the backward is refused and the step that
-  follows is an empty one, taken and accounted, that moves each parameter by its noise alone
-  (checked against the keyed noise, bit for bit where the update is plain SGD);
+  follows is an empty one, taken and accounted, that moves each parameter by exactly its keyed
+  noise (plain SGD: bit for bit);
 * optimizer: a torch optimizer not attached to the engine, stepped after ``engine.backward``:
   refused by name, nothing moves, and the attached optimizer's step then applies the sums;
 * param_hook (last: it poisons the engine on purpose): a shared module called when no forward of
   the model is recorded (after an evaluation forward under ``no_grad``), so that the gradient
   reaches the parameter itself: refused there, and every later backward and step refused too.
 
-After the paths (but param_hook) a legit step must still work on every rank, and the ranks must
-still hold the same parameters.
+All of them must be refused as the gradient reaches a recorded module output, before any weight
+gradient exists (the message names the module), but param_hook, refused at the parameter. Under
+DeepSpeed each refusal inside ``with backend.accumulation():`` is tried caught inside the block and
+raised out of it (DeepSpeed reduces on the block's exit), and param_hook also outside any block, on
+a fresh engine. After the paths (but param_hook) a legit step must still work on every rank, and
+the ranks must still hold the same parameters.
 """
 
 from __future__ import annotations
@@ -221,7 +226,7 @@ def noise_only_step(probe: Probe, label: str, step: Callable[[], None], full: Ca
             expected = old[name].clone()
             expected.view(-1).add_(noise, alpha=-lr)
             got = full(p)
-            if not torch.allclose(got, expected, rtol=0, atol=1e-6):
+            if not torch.equal(got, expected):
                 problems.append(f"{name} moved by {float((got - old[name]).abs().max()):.3g}, not by its noise "
                                 f"(off by {float((got - expected).abs().max()):.3g})")
         grads = probe.with_gradient()
@@ -240,8 +245,7 @@ def optimizer_paths(probe: Probe, model: nn.Module, ids: torch.Tensor, key: Nois
     """The paths of an engine with an attached torch optimizer (local, DDP, FSDP2): ``model`` is
     what the user calls forward on (a DDP wrapper's inner module is ``inner``), ``step`` the user's
     close of a logical step (engine.step())."""
-    engine = probe.engine
-    backward = engine.backward
+    engine, backward = probe.engine, probe.engine.backward
     inner = inner if inner is not None else model
     embedding = inner.get_input_embeddings()
 
@@ -288,11 +292,11 @@ def optimizer_paths(probe: Probe, model: nn.Module, ids: torch.Tensor, key: Nois
 
 
 def poison_paths(probe: Probe, model: nn.Module, ids: torch.Tensor, *, step: Callable[[], None],
-                 backward: Callable[[torch.Tensor], None] | None = None, evaluate=None) -> None:
+                 evaluate: nn.Module | None = None) -> None:
     """Last: a gradient that reaches a parameter itself (no recorded forward to stop it) is
-    refused there, and the engine takes no further backward or step."""
-    engine = probe.engine
-    backward = backward or engine.backward
+    refused there, and the engine takes no further backward or step. ``model`` holds the modules
+    (a DDP wrapper's inner module), ``evaluate`` what the evaluation forward runs (the wrapper)."""
+    backward = probe.engine.backward
     embedding = model.get_input_embeddings()
     with torch.no_grad():  # an evaluation forward: nothing is recorded, so no output is guarded
         (evaluate or model)(input_ids=ids)

@@ -9,7 +9,12 @@ process or in one 2-process launch, and every path must come back "ok":
 * one process under Accelerate (``accelerator.backward``);
 * DPTrainer: a plain backward from a callback, ``accelerator.backward`` and a plain backward of an
   auxiliary loss inside a ``training_step`` override; the error reaches ``trainer.train()``'s caller;
-* 2 processes over gloo: DDP (and Accelerate's DDP), DeepSpeed ZeRO-2 and ZeRO-3, FSDP2.
+* 2 processes over gloo: DDP (and Accelerate's DDP), DeepSpeed ZeRO-2 and ZeRO-3, FSDP2;
+* and the guards themselves: an engine never detached is collected with its model, leaving no
+  guard behind to break a later optimizer's step.
+
+Where a setting's paths split into two tests (DeepSpeed, FSDP2), the second holds the case that
+fails for a reason of its own, named in its docstring; both read the same launch.
 """
 
 from __future__ import annotations
@@ -75,6 +80,51 @@ def test_local_backend_refuses_every_foreign_path(kind):
 
 def test_accelerator_backward_is_refused():
     assert_all_ok(worker.accelerate_run(), ACCELERATE_PATHS, "accelerate")
+
+
+def test_an_engine_never_detached_is_collected_and_leaves_no_guard_behind():
+    """What dpscale.gradient_guard promises of its guards: the optimizer guard holds its engine
+    through a weak reference and removes itself once the engine is collected, so that engines come
+    and go without detach() (a DPTrainer never detaches its engine). Dropped with their models, two
+    engines must be collected, and an unrelated optimizer stepped afterwards must step."""
+    import gc
+    import weakref
+
+    from torch.optim import optimizer as torch_optimizer
+
+    from dpscale import DPConfig, PrivacyEngine
+
+    hooks = torch_optimizer._global_optimizer_pre_hooks
+    before = set(hooks)
+
+    def dropped() -> weakref.ref:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        engine = PrivacyEngine(model, DPConfig(max_grad_norm=1.0, expected_batch_size=2, noise_multiplier=1.0),
+                               noise_key=worker.KEY)
+        engine.attach_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        engine.backward(model(torch.randn(2, 3)).pow(2).sum(1))
+        return weakref.ref(engine)
+
+    try:
+        engines = [dropped(), dropped()]
+        gc.collect()
+        other = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+        other(torch.randn(2, 3)).sum().backward()
+        problems = []
+        try:
+            optimizer.step()
+        except RuntimeError as error:
+            problems.append(f"an unrelated optimizer's step raised {error!r} (a collected engine's guard removed "
+                            "itself while torch iterated over its global optimizer pre-hooks)")
+        alive = sum(ref() is not None for ref in engines)
+        if alive:
+            problems.append(f"{alive} of 2 dropped engines (and their models) were not collected; their guards "
+                            f"stay registered ({len(set(hooks) - before)} global optimizer pre-hooks left)")
+        assert not problems, "; ".join(problems)
+    finally:
+        for key in set(hooks) - before:  # leave no guard to the next tests, whatever happened
+            del hooks[key]
 
 
 # DPTrainer --------------------------------------------------------------------------------------
