@@ -7,8 +7,8 @@ live here; they are the engine's business.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from dpscale.errors import ConfigError
 

@@ -20,8 +20,8 @@ import weakref
 from collections.abc import Callable, Mapping
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dpscale.errors import ForeignGradientError
 

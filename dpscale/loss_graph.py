@@ -32,7 +32,6 @@ from torch import Tensor
 
 from dpscale.errors import LossShapeError, TapeError, UnsupportedModuleError
 
-
 # The backward node of torch.utils.checkpoint's reentrant Function, named as autograd names the
 # nodes of every custom Function (no public handle on the class). Should torch rename it, torch's
 # own error (reentrant checkpointing refuses torch.autograd.grad) still stops the backward.

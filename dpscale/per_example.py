@@ -20,7 +20,6 @@ clip factor computed in bf16 can be off by ~1%, enough to break the sensitivity 
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +78,7 @@ class Outer:
     def positions(self) -> int:
         return self.left.shape[1]
 
-    def left_gram_with(self, other: "Outer", dtype: torch.dtype, cache: "GramCache | None" = None) -> Tensor:
+    def left_gram_with(self, other: Outer, dtype: torch.dtype, cache: GramCache | None = None) -> Tensor:
         """[B, T_self, T_other] inner products of left factors."""
         if other is self and not self.one_hot and cache is not None:
             return cache.gram(self.left, dtype)
@@ -93,7 +92,7 @@ class Outer:
             return self.left.to(dtype).gather(2, ids)
         return torch.bmm(self.left.to(dtype), other.left.to(dtype).transpose(1, 2))
 
-    def right_gram_with(self, other: "Outer", dtype: torch.dtype, cache: "GramCache | None" = None) -> Tensor:
+    def right_gram_with(self, other: Outer, dtype: torch.dtype, cache: GramCache | None = None) -> Tensor:
         if other is self and cache is not None:
             return cache.gram(self.right, dtype)
         return torch.bmm(self.right.to(dtype), other.right.to(dtype).transpose(1, 2))
@@ -110,7 +109,7 @@ class Outer:
             out = torch.bmm(self.left.to(dtype).transpose(1, 2), right)
         return Dense(out.reshape(batch, *self.shape))
 
-    def cheapest(self) -> "Dense | Outer":
+    def cheapest(self) -> Dense | Outer:
         """This use in the cheaper exact form for its shapes (see ``prefers_materialized``)."""
         return self.materialize() if self.prefers_materialized() else self
 

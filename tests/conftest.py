@@ -2,7 +2,6 @@ import os
 import sys
 
 import pytest
-
 from hypothesis import HealthCheck, settings
 
 # CI runs a dozen fuzzed shapes per rule; HYPOTHESIS_PROFILE=thorough runs many more.

@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dpscale import DPConfig, PrivacyEngine  # noqa: E402
 from dpscale.backends import DataParallelBackend  # noqa: E402
 from dpscale.driver import run_logical_step  # noqa: E402
-from dpscale.sampling import LogicalBatch, MicroBatches, PoissonBatchSampler  # noqa: E402
 from dpscale.losses import causal_lm_losses  # noqa: E402
 from dpscale.noise import NoiseKey  # noqa: E402
+from dpscale.sampling import LogicalBatch, MicroBatches, PoissonBatchSampler  # noqa: E402
 
 KEY = NoiseKey(bytes(range(32)))
 N, T, VOCAB, MICRO = 24, 6, 32, 2

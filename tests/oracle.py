@@ -3,7 +3,7 @@ float64, autograd on one example at a time, then clipping and summing by the boo
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

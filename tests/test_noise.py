@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import logging
 import math
 import os
 import pickle
@@ -21,8 +20,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from dpscale.errors import ConfigError
-from dpscale.noise import NoiseKey, add_gaussian_noise_, gaussian
-from dpscale.noise import host_generator, scheme
+from dpscale.noise import NoiseKey, add_gaussian_noise_, gaussian, host_generator, scheme
 
 KEY = NoiseKey(bytes(range(32)))
 OTHER_KEY = NoiseKey(bytes(range(1, 33)))

@@ -13,8 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpscale.errors import ConfigError
-from dpscale.noise import NoiseKey, add_gaussian_noise_, gaussian, select_generator
-from dpscale.noise import host_generator, scheme, torch_generator
+from dpscale.noise import (
+    NoiseKey,
+    add_gaussian_noise_,
+    gaussian,
+    host_generator,
+    scheme,
+    select_generator,
+    torch_generator,
+)
 
 KEY = NoiseKey(bytes(range(32)))
 RANGE_ELEMENTS = 8 << 32  # elements of one ChaCha20 nonce range (2^32 blocks of 8)

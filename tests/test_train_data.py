@@ -14,10 +14,10 @@ import importlib.util
 import json
 import os
 import random
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import torch.nn.functional as F
 import transformers

@@ -13,8 +13,8 @@ check of the DeepSpeed backend).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from torch import nn
 

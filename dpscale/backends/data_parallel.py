@@ -106,7 +106,7 @@ class DataParallelBackend(OptimizerStepped):
         return None if self._ddp is None else self._ddp.ddp
 
     @classmethod
-    def for_ddp(cls, ddp: nn.parallel.DistributedDataParallel, **options) -> "DataParallelBackend":
+    def for_ddp(cls, ddp: nn.parallel.DistributedDataParallel, **options) -> DataParallelBackend:
         """The backend for a DDP-wrapped model: its process group, and its reducer kept idle while
         the engine is attached (the engine hooks ``ddp.module``)."""
         attachment = DDPAttachment(ddp)

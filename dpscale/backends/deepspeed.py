@@ -62,8 +62,8 @@ partition layout is read in ``zero_layout.py``):
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist

@@ -123,7 +123,7 @@ class _Bucket:
     sums: Tensor | None = None
 
 
-def _buckets(parameters: Mapping[str, nn.Parameter], shards: Mapping[str, "_Shard"], world_size: int,
+def _buckets(parameters: Mapping[str, nn.Parameter], shards: Mapping[str, _Shard], world_size: int,
              capacity: int) -> list[_Bucket]:
     """Consecutive parameters of one dtype, at most ``capacity`` unsharded (padded) elements a
     bucket (a larger parameter alone)."""
@@ -338,7 +338,7 @@ class FSDP2Backend(OptimizerStepped):
             )
         return _Shard(start, rows, chunk, full_rows, row)
 
-    def _reduce(self, bucket: "_Bucket") -> None:
+    def _reduce(self, bucket: _Bucket) -> None:
         """Start the SUM reduce-scatter of a full bucket, after absorbing the one before it: one
         reduction in flight while the next bucket fills, so at most two layouts are alive."""
         layout, bucket.layout = bucket.layout, None

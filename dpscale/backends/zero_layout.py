@@ -11,8 +11,8 @@ for stage 3). ``check_deepspeed_version`` refuses any other version before anyth
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch.distributed as dist
 from torch import nn

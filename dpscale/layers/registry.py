@@ -16,7 +16,7 @@ custom layer changes that engine only: no import-time or process-global state.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -91,7 +91,7 @@ class RuleRegistry:
                 return rule
         return self._default
 
-    def copy(self) -> "RuleRegistry":
+    def copy(self) -> RuleRegistry:
         other = RuleRegistry()
         other._entries = list(self._entries)
         other._through_parent = set(self._through_parent)

@@ -32,8 +32,9 @@ Two optional declarations, for modules that break the tape's shape conventions:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -47,7 +48,7 @@ class CallInputs(tuple):
 
     kwargs: dict[str, Any]
 
-    def __new__(cls, args: tuple = (), kwargs: dict[str, Any] | None = None) -> "CallInputs":
+    def __new__(cls, args: tuple = (), kwargs: dict[str, Any] | None = None) -> CallInputs:
         inputs = super().__new__(cls, args)
         inputs.kwargs = {} if kwargs is None else kwargs
         return inputs
