@@ -142,10 +142,10 @@ class PrivacyEngine:
             for module in model.modules()
             if isinstance(module, nn.modules.batchnorm._BatchNorm)
         ]
-        self._handles.extend(guard_parameters(self.parameters, self._mark_foreign_gradient))
+        self._handles.extend(guard_parameters(self.parameters, self._boundary.foreign))
         self._handles.append(guard_optimizers(self.parameters, self, _may_step))
         context = BackendContext(model, self.parameters, self.noise_key.fingerprint,
-                                 self.modules_read_after_backward, self._boundary.close)
+                                 self.modules_read_after_backward, self._boundary.close, self._boundary.foreign)
         self._handles.extend(self.backend.bind(context))
         if optimizer is not None:
             self.attach_optimizer(optimizer)
@@ -384,9 +384,6 @@ class PrivacyEngine:
 
     def _refuse_foreign_backward(self, qualname: str) -> None:
         raise foreign_backward_error(f"the output of module '{qualname}'" if qualname else "the model's output")
-
-    def _mark_foreign_gradient(self) -> None:
-        self._boundary.foreign_gradient = True
 
 
 def _may_step(engine: PrivacyEngine, optimizer: torch.optim.Optimizer) -> bool:

@@ -11,7 +11,13 @@ moves without its noise", enforced as it happens rather than found afterwards.
   so an optimizer the engine does not know finds nothing to apply. Where torch lets us see it (a
   global optimizer step pre-hook, held by a removable handle and through a weak reference, so that
   several engines coexist and a collected engine leaves nothing behind), such an optimizer stepped
-  over the engine's parameters is refused by name before it runs.
+  over the engine's parameters is refused by name before it runs. Once its engine is collected the
+  hook is disarmed (it does nothing), never removed from inside torch's loop over the hooks;
+  ``engine.detach()`` removes it.
+
+Neither kind of hook holds the engine: a parameter's hooks live in torch's C++ side, out of reach of
+the garbage collector's cycle detection, so they hold only a ``ForeignGradientFlag``, and the
+optimizer hook a weak reference. An engine that is never detached is collected with its model.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dpscale.errors import ForeignGradientError
 
-__all__ = ["foreign_backward_error", "guard_optimizers", "guard_parameters"]
+__all__ = ["ForeignGradientFlag", "foreign_backward_error", "guard_optimizers", "guard_parameters"]
 
 _FIX = (
     "Back-propagate one loss per example with engine.backward(per_example_losses) (dpscale.run_logical_step "
@@ -42,15 +48,22 @@ def foreign_backward_error(where: str) -> ForeignGradientError:
     )
 
 
-def guard_parameters(parameters: Mapping[str, nn.Parameter], on_refused: Callable[[], None]) -> list:
+class ForeignGradientFlag:
+    """Set once a gradient from outside ``engine.backward`` reached a trainable parameter: the step
+    boundary then refuses every later step (a training engine's own hooks may already hold it)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+
+def guard_parameters(parameters: Mapping[str, nn.Parameter], flag: ForeignGradientFlag) -> list:
     """Post-accumulate hooks on every trainable parameter: a gradient autograd accumulated into it
-    is removed and refused. ``on_refused`` runs first (the engine marks the step, so that a
-    training engine that may have taken the gradient into its own buffers is not stepped)."""
+    is removed and refused, and ``flag`` set first."""
 
     def refuse(name: str) -> Callable[[nn.Parameter], None]:
         def hook(p: nn.Parameter) -> None:
             p.grad = None
-            on_refused()
+            flag.seen = True
             raise foreign_backward_error(f"trainable parameter '{name}'")
 
         return hook
@@ -59,8 +72,7 @@ def guard_parameters(parameters: Mapping[str, nn.Parameter], on_refused: Callabl
 
 
 class _OptimizerGuard:
-    """The removable handle of the global optimizer pre-hook; it removes itself once its engine is
-    gone."""
+    """The removable handle of the global optimizer pre-hook; disarmed once its engine is gone."""
 
     def __init__(self, ours: set[int], allowed: Callable[[torch.optim.Optimizer], bool] | None) -> None:
         self._ours = ours
@@ -80,23 +92,24 @@ class _OptimizerGuard:
                 "only it (or engine.step())."
             )
 
-    def remove(self) -> None:
+    def disarm(self) -> None:
         self._allowed = None
+        self._ours = set()
+
+    def remove(self) -> None:
+        self.disarm()
         self._handle.remove()
 
 
 def guard_optimizers(parameters: Mapping[str, nn.Parameter], owner, allowed: Callable[[object, torch.optim.Optimizer], bool]) -> _OptimizerGuard:
     """Refuse the step of any torch optimizer over these parameters that ``allowed(owner, optimizer)``
-    rejects. ``owner`` (the engine) is held weakly: once collected, the hook removes itself."""
+    rejects. ``owner`` (the engine) is held weakly: once collected, the hook is disarmed."""
     ref = weakref.ref(owner)
-    guard: _OptimizerGuard | None = None
 
     def check(optimizer: torch.optim.Optimizer) -> bool:
         engine = ref()
-        if engine is None:
-            guard.remove()
-            return True
-        return allowed(engine, optimizer)
+        return engine is None or allowed(engine, optimizer)
 
     guard = _OptimizerGuard({id(p) for p in parameters.values()}, check)
+    weakref.finalize(owner, guard.disarm)
     return guard

@@ -28,6 +28,7 @@ from dpscale.errors import (
     SamplingError,
     StepBoundaryError,
 )
+from dpscale.gradient_guard import ForeignGradientFlag
 from dpscale.noise import NoiseKey, add_gaussian_noise_
 from dpscale.plan import ExecutionPlan
 from dpscale.sampling import LogicalBatch
@@ -53,7 +54,7 @@ class StepBoundary:
         self.optimizer: torch.optim.Optimizer | None = None
         self.step_norms: Tensor | None = None  # per-unit norms of the last finished step (all its backwards)
         self.nonfinite_examples = 0  # units zeroed by the non-finite rule, this process
-        self.foreign_gradient = False  # a gradient from outside engine.backward reached a parameter
+        self.foreign = ForeignGradientFlag()  # a gradient from outside engine.backward reached a parameter
         self.reset_step()
 
     def reset_step(self) -> None:
@@ -118,7 +119,7 @@ class StepBoundary:
             )
 
     def check_no_foreign_gradient(self) -> None:
-        if self.foreign_gradient:
+        if self.foreign.seen:
             raise ForeignGradientError(
                 "A gradient from a backward other than engine.backward reached a trainable parameter earlier (it "
                 "was refused then). The training engine may have taken it into its own gradient buffers, so this "
@@ -153,6 +154,23 @@ class StepBoundary:
                     "attached (add_param_group?): they would be updated without noise. Build the optimizer over "
                     "engine.parameters.values() and do not add parameters to it."
                 )
+
+    def check_no_stray_gradient(self) -> None:
+        """Checks second: where the engine owns the gradient, every trainable ``p.grad`` is None
+        until this step writes it; one that is not came from somewhere else (a path the guards did
+        not see, e.g. a training engine's own gradient hooks left in a broken state by an earlier
+        refusal). Refused before anything moves."""
+        if self.backend.owns_step:
+            return  # the training engine holds its gradients in p.grad by design (DeepSpeed)
+        stray = sorted(name for name, p in self._current_parameters().items() if p.grad is not None)
+        if stray:
+            self.foreign.seen = True
+            raise ForeignGradientError(
+                f"Trainable parameters {stray[:5]} hold gradients that engine.backward did not write (the engine "
+                "keeps its clipped sums to itself until the optimizer's step): a backward other than "
+                "engine.backward reached them. No step was taken. Back-propagate per-example losses only through "
+                "engine.backward, and restart from the last checkpoint."
+            )
 
     def check_drawn(self) -> None:
         if self.checks_sampling and self.drawn_step is None:
@@ -194,6 +212,7 @@ class StepBoundary:
         the step index, so no (key, step) pair is used twice)."""
         self.check_model_unchanged()
         self.check_no_foreign_gradient()
+        self.check_no_stray_gradient()
         self.check_budget()
         if self.checks_sampling and self.drawn_step is None:
             raise SamplingError(

@@ -197,6 +197,14 @@ def plain_backward_then_step() -> None:
     model(x()).sum().backward()
 
 
+def gradient_written_by_hand() -> None:
+    model = mlp()
+    engine = bound(model)
+    engine.backward(model(x()).sum(1))
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # e.g. copied from a non-private run
+    engine.step()
+
+
 def parameter_read_directly() -> None:
     model = mlp()
     bound(model)
@@ -410,6 +418,8 @@ CASES: list[Case] = [
          auxiliary_backward, ForeignGradientError, "auxiliary term"),
     Case("backward_then_step", "Backward", "`loss.backward(); engine.step()`", plain_backward_then_step,
          ForeignGradientError, "other than engine.backward"),
+    Case("backward_stray_grad", "Backward", "a gradient written into `p.grad` by other code before the step",
+         gradient_written_by_hand, ForeignGradientError, "did not write"),
     Case("backward_direct_parameter", "Backward", "a plain backward through a parameter read outside its module",
          parameter_read_directly, ForeignGradientError, "other than engine.backward"),
     # the model changed after the engine was built

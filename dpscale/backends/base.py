@@ -23,6 +23,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from dpscale.gradient_guard import ForeignGradientFlag
+
 NoiseFn = Callable[[str, Tensor, int], None]
 """add_noise(name, flat_view, offset): add the noise of elements [offset, offset + numel) of
 parameter ``name`` to ``flat_view`` in place."""
@@ -45,6 +47,8 @@ class BackendContext:
         before the update, it runs the engine's step checks, records the step with the accountant
         and returns the step's noise function. A backend that does not own the step never calls it
         (the attached optimizer's pre-hook does, through the engine).
+    foreign: its ``seen`` is set once a gradient from outside ``engine.backward`` reached a
+        parameter; a backend whose training engine keeps gradient buffers refuses to go on then.
     """
 
     model: nn.Module
@@ -52,6 +56,7 @@ class BackendContext:
     key_fingerprint: str
     modules_read_after_backward: tuple[nn.Module, ...] | None
     close_step: Callable[[], NoiseFn]
+    foreign: ForeignGradientFlag
 
 
 class GradientBackend(Protocol):

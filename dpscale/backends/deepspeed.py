@@ -73,7 +73,7 @@ from dpscale.backends.autotp import autotp_layouts
 from dpscale.backends.base import BackendContext, NoiseFn
 from dpscale.backends.shared_key import check_same_key
 from dpscale.backends.zero_layout import TESTED_DEEPSPEED, PartitionSlice, check_deepspeed_version, partition_slices
-from dpscale.errors import ConfigError
+from dpscale.errors import ConfigError, ForeignGradientError
 
 __all__ = ["DeepSpeedBackend", "TESTED_DEEPSPEED", "check_deepspeed_config"]
 
@@ -196,6 +196,7 @@ class DeepSpeedBackend:
         self._average_compensation = self.world_size if self.stage else 1
         _warn_if_weight_gradients_are_computed()
         self._close_step = None
+        self._foreign = None
         self.own_optimizers: tuple[torch.optim.Optimizer, ...] = ()
         self._parameters: Mapping[str, nn.Parameter] = {}
         self._sums: dict[str, Tensor] = {}  # the local clipped sums (times the compensation) until handed over
@@ -216,6 +217,7 @@ class DeepSpeedBackend:
         if context.model is not self.ds_engine.module:
             raise ConfigError("Build the PrivacyEngine on ds_engine.module (its parameter names key the noise).")
         self._close_step = context.close_step
+        self._foreign = context.foreign
         self._parameters = context.parameters
         names = {id(p): n for n, p in self._parameters.items()}
         check_same_key(context.key_fingerprint, self.group)
@@ -275,6 +277,15 @@ class DeepSpeedBackend:
         on exit DeepSpeed reduces them once. Call ds_engine.step() after the block."""
         if self._inside:
             raise ConfigError("backend.accumulation() blocks do not nest.")
+        if self._foreign is not None and self._foreign.seen:
+            # DeepSpeed's own hooks may have queued the refused gradient for reduction: entering
+            # the coalesced block would end in DeepSpeed's error on exit, hiding ours.
+            raise ForeignGradientError(
+                "A gradient from a backward other than engine.backward reached a trainable parameter earlier (it "
+                "was refused then) and DeepSpeed may hold it in its reduction buffers: this run takes no further "
+                "step. Restart from the last checkpoint, and back-propagate per-example losses only through "
+                "engine.backward."
+            )
         verify = self.stage > 0 and self._steps_seen < self.verify_steps
         coalesce = self.ds_engine.coalesce_grad_reduction() if self.stage else _null()
         with coalesce:
