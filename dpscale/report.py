@@ -65,6 +65,7 @@ def build_report(engine, directory: str | Path | None = None, points: int = 50) 
         "sample_rate": sampling.sample_rate,
         "steps": engine.steps_taken,
         "planned_steps": plan.accounting.planned_steps,
+        "planned_epsilon": plan.planned_epsilon() if sigma > 0 else None,  # what the whole planned run spends
         "budget_steps": plan.accounting.budget_steps,
         "target_epsilon": plan.accounting.target_epsilon,
         "allow_budget_overrun": plan.accounting.allow_budget_overrun,

@@ -162,8 +162,11 @@ class StepBoundary:
         refusal). Refused before anything moves."""
         if self.backend.owns_step:
             return  # the training engine holds its gradients in p.grad by design (DeepSpeed)
-        stray = sorted(name for name, p in self._current_parameters().items() if p.grad is not None)
+        current = self._current_parameters()
+        stray = sorted(name for name, p in current.items() if p.grad is not None)
         if stray:
+            for name in stray:
+                current[name].grad = None
             self.foreign.seen = True
             raise ForeignGradientError(
                 f"Trainable parameters {stray[:5]} hold gradients that engine.backward did not write (the engine "

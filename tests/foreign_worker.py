@@ -292,15 +292,22 @@ def optimizer_paths(probe: Probe, model: nn.Module, ids: torch.Tensor, key: Nois
 
 
 def poison_paths(probe: Probe, model: nn.Module, ids: torch.Tensor, *, step: Callable[[], None],
-                 evaluate: nn.Module | None = None) -> None:
+                 evaluate: nn.Module | None = None, at_step: bool = False) -> None:
     """Last: a gradient that reaches a parameter itself (no recorded forward to stop it) is
     refused there, and the engine takes no further backward or step. ``model`` holds the modules
-    (a DDP wrapper's inner module), ``evaluate`` what the evaluation forward runs (the wrapper)."""
+    (a DDP wrapper's inner module), ``evaluate`` what the evaluation forward runs (the wrapper).
+    at_step: FSDP2, whose own post-backward (which reduces into the sharded parameters the hooks
+    are on) no longer runs once a refusal stopped a backward midway: the stray gradient left on
+    the registered parameter is refused at the step instead, before anything moves."""
     backward = probe.engine.backward
     embedding = model.get_input_embeddings()
     with torch.no_grad():  # an evaluation forward: nothing is recorded, so no output is guarded
         (evaluate or model)(input_ids=ids)
-    probe.refused("param_hook", lambda: embedding(ids).pow(2).mean().backward(), AT_PARAMETER)
+    if at_step:
+        probe.refused("param_hook", lambda: (embedding(ids).pow(2).mean().backward(), step()),
+                      AT_PARAMETER + "|hold gradients that engine.backward did not write")
+    else:
+        probe.refused("param_hook", lambda: embedding(ids).pow(2).mean().backward(), AT_PARAMETER)
     probe.refused("param_hook: later backward refused", lambda: backward(lm_losses(model, ids)[0]), EARLIER)
     probe.refused("param_hook: later step refused", step, EARLIER)
 
@@ -460,7 +467,7 @@ def fsdp2_run(spec: dict, rank: int) -> dict[str, str]:
     probe.check("a legit step after the paths", lambda: _legit_step(probe, model, ids, engine.step))
     probe.check("the ranks hold the same parameters",
                 lambda: _same_on_every_rank({n: p.detach().full_tensor() for n, p in engine.parameters.items()}))
-    poison_paths(probe, model, ids, step=engine.step)
+    poison_paths(probe, model, ids, step=engine.step, at_step=True)
     engine.detach()
     return {f"fsdp2 {label}": value for label, value in probe.results.items()}
 

@@ -254,9 +254,10 @@ def test_fsdp2_refuses_every_foreign_path(fsdp2_reports):
 def test_fsdp2_refuses_a_gradient_reaching_a_parameter_after_refused_backwards(fsdp2_reports):
     """FSDP2 runs the forward on unsharded parameters of its own, so autograd accumulates there,
     not into the sharded parameters the engine's hooks are on; FSDP2 calls those hooks itself when
-    its post-backward reduces the gradient. After the foreign backwards refused at module outputs
-    before it, that post-backward must still run, and the embedding called after an evaluation
-    forward must be refused at its parameter, and the engine take no further step."""
+    its post-backward reduces the gradient, which it no longer does once an earlier refusal stopped
+    a backward midway. The embedding called after an evaluation forward and back-propagated plainly
+    is then refused at the step (a gradient the engine did not write), before anything moves, and
+    the engine takes no further step."""
     expected = {f"fsdp2 {label}" for label in FSDP2_PARAMETER}
     for rank, results in enumerate(fsdp2_reports):
         assert_all_ok({k: v for k, v in results.items() if k in expected}, expected, f"FSDP2 rank {rank}")
