@@ -435,7 +435,7 @@ def measure_memory(args, modes) -> dict[str, dict]:
     env = dict(os.environ) if args.glibc_default else {**os.environ, **CHILD_MALLOC}
     for mode in modes:
         proc = subprocess.run(child_argv(args, mode), stdout=subprocess.PIPE, text=True, env=env)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith(CHILD_MARKER)]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_MARKER)]
         if proc.returncode != 0 or not lines:
             results[mode] = {"status": "error", "reason": f"child exited {proc.returncode}"}
             continue

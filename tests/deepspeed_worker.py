@@ -211,7 +211,7 @@ def run(spec: dict) -> None:
             # accumulation block, then ds_engine.step().
             rows = torch.utils.data.TensorDataset(x.to(dtype), y.to(dtype))
             batch = LogicalBatch(engine.steps_taken, (), 0, MicroBatches(rows, torch.utils.data.default_collate, step[rank]))
-            run_logical_step(engine, batch, lambda micro: losses(ds_engine.module, *micro))
+            run_logical_step(engine, batch, lambda micro, ds_engine=ds_engine: losses(ds_engine.module, *micro))
         assert ds_engine.global_steps == len(STEPS), ds_engine.global_steps
         assert engine.steps_taken == len(STEPS), engine.steps_taken
         params = dict(ds_engine.module.named_parameters())

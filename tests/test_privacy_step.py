@@ -154,7 +154,7 @@ def test_the_key_never_reaches_the_state(tmp_path):
     raw = (tmp_path / "state.pt").read_bytes()
     assert secret not in raw and engine.noise_key.derive_seed("sampling") not in raw
     assert "seed" not in engine.state_dict()["data_loader"]
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError, match="cannot be pickled"):
         pickle.dumps(engine.noise_key)
     state = load_state(tmp_path / "state.pt")
     assert state["steps_taken"] == 0

@@ -72,7 +72,7 @@ def test_200_private_steps_on_sst2(tmp_path, capsys):
     optimizer = engine.attach_optimizer(torch.optim.AdamW(engine.parameters.values(), lr=2e-3))
     loader = engine.make_data_loader(dataset, max_physical_batch_size=32, collate_fn=collate)
     losses_seen, sizes = [], []
-    for step, logical in zip(range(steps), loader):
+    for _step, logical in zip(range(steps), loader):
         sizes.append(logical.size)
         for micro in logical.micro_batches:
             out = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"])

@@ -138,7 +138,7 @@ class DataParallelBackend(OptimizerStepped):
     def write_gradients(self, add_noise: NoiseFn) -> None:
         pending = []
         for bucket in self._buckets:
-            for name, p in bucket.named:
+            for name, _p in bucket.named:
                 view = bucket.views[name]
                 if name not in self._written:
                     view.zero_()  # an empty local draw: zeros, still reduced and noised
