@@ -9,7 +9,8 @@ SUM all-reduce over the data-parallel group, per flat bucket, leaves every rank 
     (sum over all ranks' examples of clip(g_i) + one noise draw per coordinate) / B.
 
 and each parameter's ``p.grad`` becomes its view of the bucket for the optimizer's update, then
-None again. A rank whose draw is empty still writes its (zero) buckets, so the collectives match. Per-example norms never cross data-parallel ranks: they belong to different examples.
+None again. A rank whose draw is empty still writes its (zero) buckets, so the collectives match.
+Per-example norms never cross data-parallel ranks: they belong to different examples.
 
 DDP's own gradient reducer must stay out of the way (the engine's backward produces no autograd
 weight gradient, so DDP would wait for reductions that never come). ``DataParallelBackend.for_ddp``
