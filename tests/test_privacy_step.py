@@ -40,7 +40,9 @@ def test_noise_is_added_once_per_step_whatever_the_number_of_backwards():
     model, x = model_and_data()
     twin, _ = model_and_data()
     engine = PrivacyEngine(model, config(), noise_key=KEY)
-    clean = PrivacyEngine(twin, config(noise_multiplier=0.0), noise_key=KEY, optimizer=torch.optim.SGD(twin.parameters(), lr=0.0))
+    clean = PrivacyEngine(
+        twin, config(noise_multiplier=0.0), noise_key=KEY, optimizer=torch.optim.SGD(twin.parameters(), lr=0.0)
+    )
     seen = {}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     engine.attach_optimizer(optimizer)
