@@ -30,7 +30,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024, use_cache=False)
+                                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+                                   use_cache=False)
     model = transformers.LlamaForCausalLM(cfg)
     engine = dpscale.PrivacyEngine(model, dpscale.DPConfig(max_grad_norm=1.0, expected_batch_size=args.batch,
                                                            noise_multiplier=1.0, dataset_size=50_000,

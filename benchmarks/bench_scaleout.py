@@ -446,7 +446,9 @@ def measure_bytes(args, mode: Mode, batches, rank: int) -> dict:
                          for name, (c, b) in sorted(counter.executed.items())},
         "requested_per_step": {name: c / steps for name, c in sorted(counter.requested.items())},
         "unknown_dtype": sorted(counter.unknown_dtype),
-        "wire_bytes_per_step_per_rank": None if wire0 is None or wire1 is None else (wire1 - wire0) / steps / args.world,
+        "wire_bytes_per_step_per_rank": (
+            None if wire0 is None or wire1 is None else (wire1 - wire0) / steps / args.world
+        ),
     }
 
 
@@ -634,6 +636,10 @@ def render(args, meta, results) -> str:
                 f"| {fmt(_ratio(n['bytes_per_step'], full_np), '.4f')} "
                 f"| {fmt(_ratio(d['bytes_per_step'], n['bytes_per_step']), '.4f')} |"
             )
+    rmsnorm_rule = (
+        "dpscale built-in" if args.rmsnorm_rule == "builtin"
+        else "closed form registered by this script (--rmsnorm-rule direct), not the built-in one"
+    )
     lines += [
         "",
         f"- command: `{meta['command']}`",
@@ -644,7 +650,7 @@ def render(args, meta, results) -> str:
         f"`{meta['attn_implementation']}`; optimizer {args.optimizer} lr {args.lr}; DP: flat Abadi clipping "
         f"max_grad_norm {args.max_grad_norm}, noise_multiplier {args.noise_multiplier} "
         f"(keyed noise on the coordinates each rank owns), expected batch {args.batch}",
-        f"- DP rule for LlamaRMSNorm: {'dpscale built-in' if args.rmsnorm_rule == 'builtin' else 'closed form registered by this script (--rmsnorm-rule direct), not the built-in one'}",
+        f"- DP rule for LlamaRMSNorm: {rmsnorm_rule}",
         f"- each rank trains on {args.batch // args.world} of the {args.batch} examples of every global batch, "
         "one micro-batch per step; non-private: mean of per-example losses, `loss.backward()` (DDP) or "
         "`ds_engine.backward(loss)` + `ds_engine.step()`; DeepSpeed configs: `ds_configs/zero{2,3}.json` "

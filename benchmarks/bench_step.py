@@ -435,7 +435,7 @@ def measure_memory(args, modes) -> dict[str, dict]:
     env = dict(os.environ) if args.glibc_default else {**os.environ, **CHILD_MALLOC}
     for mode in modes:
         proc = subprocess.run(child_argv(args, mode), stdout=subprocess.PIPE, text=True, env=env)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith(CHILD_MARKER)]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_MARKER)]
         if proc.returncode != 0 or not lines:
             results[mode] = {"status": "error", "reason": f"child exited {proc.returncode}"}
             continue
@@ -498,7 +498,9 @@ def render(args, meta, modes, status, timing, memory) -> str:
     ]
     for mode in modes:
         if mode in status:
-            rows.append(f"| {mode} | {status[mode]['status']} | – | – | – | " + ("– | – | " if with_full else "") + "– |")
+            rows.append(
+                f"| {mode} | {status[mode]['status']} | – | – | – | " + ("– | – | " if with_full else "") + "– |"
+            )
             continue
         t = timing.get(mode, {})
         m = memory.get(mode, {})
@@ -538,7 +540,8 @@ def render(args, meta, modes, status, timing, memory) -> str:
         f"- memory: fresh process per mode, {args.mem_steps} steps; baseline = RSS once model, "
         "optimizer, DP wrapper and first batch are built; peak = the child's VmHWM (its own "
         "ru_maxrss; getrusage would also carry the parent's peak across exec)"
-        + ("" if args.glibc_default else "; children run with MALLOC_MMAP_THRESHOLD_=65536, so RSS follows live tensors"),
+        + ("" if args.glibc_default
+           else "; children run with MALLOC_MMAP_THRESHOLD_=65536, so RSS follows live tensors"),
     ]
     for mode in modes:
         t = timing.get(mode, {})

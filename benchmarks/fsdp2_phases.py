@@ -50,8 +50,9 @@ def main() -> None:
             return result
         return wrapper
 
-    for owner, name in ((fsdp2.FSDP2Backend, "write_gradients"), (fsdp2.FSDP2Backend, "_reduce"), (fsdp2.FSDP2Backend, "_absorb"),
-                        (fsdp2.FSDP2Backend, "accumulate"), (fsdp2.FSDP2Backend, "_reshard"),
+    for owner, name in ((fsdp2.FSDP2Backend, "write_gradients"), (fsdp2.FSDP2Backend, "_reduce"),
+                        (fsdp2.FSDP2Backend, "_absorb"), (fsdp2.FSDP2Backend, "accumulate"),
+                        (fsdp2.FSDP2Backend, "_reshard"),
                         (engine.PrivacyEngine, "backward")):
         setattr(owner, name, timed(f"{owner.__name__}.{name}", getattr(owner, name)))
     modes = {"dp": fsdp2_mode(args, True), "nonprivate": fsdp2_mode(args, False)}

@@ -92,7 +92,8 @@ def render(args) -> str:
         compute = p["extra"] / p["base"]
         out += ["", f"Norm computation, full fine-tuning: **{100 * compute:.1f}%** of the step's flops "
                 f"({p['extra'] / 1e9:.2f} of {p['base'] / 1e9:.1f} GFLOP per token).", "",
-                "| GPUs | non-private step s | norms s | noise s (own shard) | extra communication | DP / non-private |",
+                "| GPUs | non-private step s | norms s | noise s (own shard) | extra communication "
+                "| DP / non-private |",
                 "|---:|---:|---:|---:|---:|---:|"]
         for gpus in (8, 64, 512):
             step = p["base"] * args.global_tokens / (gpus * args.gpu_tflops * 1e12)

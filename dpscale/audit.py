@@ -252,7 +252,9 @@ def audit_one_run(
     n = _positive_int("examples", examples)
     _positive_int("steps", steps)
     if not canary_norm >= 1:
-        raise ConfigError(f"canary_norm is the canaries' gradient norm over max_grad_norm; it must be >= 1, got {canary_norm!r}.")
+        raise ConfigError(
+            f"canary_norm is the canaries' gradient norm over max_grad_norm; it must be >= 1, got {canary_norm!r}."
+        )
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample_rate must lie in (0, 1], got {sample_rate!r}.")
 

@@ -104,12 +104,16 @@ class BackwardPipeline:
 
     def _check_losses(self, losses: Tensor) -> int:
         if not isinstance(losses, Tensor):
-            raise LossShapeError(f"engine.backward expects a tensor of per-example losses, got {type(losses).__name__}.")
+            raise LossShapeError(
+                f"engine.backward expects a tensor of per-example losses, got {type(losses).__name__}."
+            )
         batch = self.tape.batch_size
         if batch is None:
             if passes_reentrant_checkpointing(losses):  # the whole model checkpointed: no autograd in its forward
                 raise UnsupportedModuleError(REENTRANT_CHECKPOINTING)
-            raise TapeError("No forward pass with gradients enabled was recorded; run the model before engine.backward.")
+            raise TapeError(
+                "No forward pass with gradients enabled was recorded; run the model before engine.backward."
+            )
         if losses.dim() != 1:
             raise LossShapeError(
                 f"engine.backward expects one loss per example, shape [{batch}], got shape {tuple(losses.shape)}. "
@@ -145,7 +149,9 @@ class BackwardPipeline:
             )
         ids = users.tolist() if isinstance(users, Tensor) else list(users)
         if len(ids) != batch:
-            raise LossShapeError(f"users= names {len(ids)} users for a forward pass over {batch} examples: give one per example.")
+            raise LossShapeError(
+                f"users= names {len(ids)} users for a forward pass over {batch} examples: give one per example."
+            )
         layout = UnitLayout.from_ids(ids, device)
         counts = torch.bincount(layout.unit, minlength=layout.units)
         crowded = [ids[int((layout.unit == u).nonzero()[0])] for u in (counts > k).nonzero().flatten().tolist()]

@@ -143,20 +143,30 @@ class DPConfig:
             if not _positive(self.target_epsilon):
                 raise ConfigError(f"target_epsilon must be a positive finite number, got {self.target_epsilon!r}.")
             if self.dataset_size is None:
-                raise ConfigError("target_epsilon needs dataset_size, to know the sampling rate q = expected_batch_size / dataset_size.")
+                raise ConfigError(
+                    "target_epsilon needs dataset_size, to know the sampling rate "
+                    "q = expected_batch_size / dataset_size."
+                )
             if (self.steps is None) == (self.epochs is None):
-                raise ConfigError("target_epsilon needs exactly one of steps or epochs, the length of the run to calibrate for.")
+                raise ConfigError(
+                    "target_epsilon needs exactly one of steps or epochs, the length of the run to calibrate for."
+                )
         if self.steps is not None and self.epochs is not None:
             raise ConfigError(
                 f"steps={self.steps!r} and epochs={self.epochs!r} both give the length of the run; give one of them."
             )
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
             raise ConfigError(f"steps must be a positive integer, got {self.steps!r}.")
         if self.epochs is not None and not _positive(self.epochs):
             raise ConfigError(f"epochs must be positive, got {self.epochs!r}.")
         if self.target_delta is not None and not (_positive(self.target_delta) and self.target_delta < 1):
             raise ConfigError(f"target_delta must lie in (0, 1), got {self.target_delta!r}.")
-        if self.target_delta is not None and self.dataset_size is not None and self.target_delta >= 1 / self.dataset_size:
+        if (
+            self.target_delta is not None and self.dataset_size is not None
+            and self.target_delta >= 1 / self.dataset_size
+        ):
             raise ConfigError(
                 f"target_delta {self.target_delta:g} is not below 1/N = {1 / self.dataset_size:g}: such a delta "
                 "allows publishing an example outright. Use a smaller delta (default: N^-1.1)."
@@ -178,22 +188,29 @@ class DPConfig:
         if self.clip_fn not in CLIP_FUNCTIONS:
             raise ConfigError(f"clip_fn must be one of {CLIP_FUNCTIONS}, got {self.clip_fn!r}.")
         if self.clip_fn == "automatic" and not _positive(self.automatic_gamma):
-            raise ConfigError(f"automatic_gamma must be > 0 (gamma = 0 divides by a zero norm), got {self.automatic_gamma!r}.")
+            raise ConfigError(
+                f"automatic_gamma must be > 0 (gamma = 0 divides by a zero norm), got {self.automatic_gamma!r}."
+            )
         if isinstance(self.clipping, str):
             if self.clipping not in CLIPPING_MODES:
-                raise ConfigError(f"clipping must be one of {CLIPPING_MODES} or a list of parameter groups, got {self.clipping!r}.")
+                raise ConfigError(
+                    f"clipping must be one of {CLIPPING_MODES} or a list of parameter groups, got {self.clipping!r}."
+                )
         else:
             groups = _groups(self.clipping)
             if not groups or any(not group or not all(isinstance(p, str) for p in group) for group in groups):
                 raise ConfigError(
-                    f"clipping must be one of {CLIPPING_MODES} or a non-empty list of parameter groups, each a non-empty "
-                    f"list of parameter names or patterns (e.g. [['encoder.*'], ['head.*']]); got {self.clipping!r}."
+                    f"clipping must be one of {CLIPPING_MODES} or a non-empty list of parameter groups, each a "
+                    f"non-empty list of parameter names or patterns (e.g. [['encoder.*'], ['head.*']]); "
+                    f"got {self.clipping!r}."
                 )
             object.__setattr__(self, "clipping", tuple(tuple(group) for group in groups))
         if self.group_max_grad_norms is not None:
             norms = tuple(self.group_max_grad_norms) if _iterable(self.group_max_grad_norms) else ()
             if not norms or not all(_positive(r) for r in norms):
-                raise ConfigError(f"group_max_grad_norms must be a list of positive numbers, got {self.group_max_grad_norms!r}.")
+                raise ConfigError(
+                    f"group_max_grad_norms must be a list of positive numbers, got {self.group_max_grad_norms!r}."
+                )
             norms = tuple(float(r) for r in norms)
             total = math.sqrt(sum(r * r for r in norms))
             if not math.isclose(total, self.max_grad_norm, rel_tol=1e-6):

@@ -246,7 +246,9 @@ class PrivacyEngine:
         boundary.check_budget()
         boundary.check_drawn()
         result = self._pipeline.run(losses, users, boundary.users_this_step)
-        self.last_norms, self.last_group_norms, self.last_clip_factors = result.norms, result.group_norms, result.factors
+        self.last_norms, self.last_group_norms, self.last_clip_factors = (
+            result.norms, result.group_norms, result.factors
+        )
         boundary.record_backward(result.norms, result.users, result.nonfinite)
 
     @contextlib.contextmanager
@@ -308,7 +310,9 @@ class PrivacyEngine:
 
     # data -------------------------------------------------------------------------------------
 
-    def make_data_loader(self, dataset, *, max_physical_batch_size: int, collate_fn=None, user_ids=None) -> DPDataLoader:
+    def make_data_loader(
+        self, dataset, *, max_physical_batch_size: int, collate_fn=None, user_ids=None
+    ) -> DPDataLoader:
         """The loader whose sampling the accountant assumes, bound to this engine: Poisson at
         q = B / N (or shuffled fixed-size batches when DPConfig says sampling="shuffle"), split into
         micro-batches of at most ``max_physical_batch_size``. Its randomness is derived from the
@@ -412,7 +416,8 @@ def _log_plan(plan: ExecutionPlan) -> None:
     acc, sampling = plan.accounting, plan.sampling
     if plan.accounts:
         logger.info(
-            "dpscale: sigma %.5g, noise std %.3g, q %.4g (B %g of N %d %ss, %s sampling), delta %.3g, %s steps planned%s.",
+            "dpscale: sigma %.5g, noise std %.3g, q %.4g (B %g of N %d %ss, %s sampling), delta %.3g, "
+            "%s steps planned%s.",
             plan.noise.noise_multiplier, plan.noise.std, sampling.sample_rate, plan.noise.expected_batch_size,
             sampling.dataset_size, sampling.privacy_unit, sampling.kind, acc.delta, acc.planned_steps,
             "" if acc.target_epsilon is None else

@@ -101,7 +101,9 @@ class _OptimizerGuard:
         self._handle.remove()
 
 
-def guard_optimizers(parameters: Mapping[str, nn.Parameter], owner, allowed: Callable[[object, torch.optim.Optimizer], bool]) -> _OptimizerGuard:
+def guard_optimizers(
+    parameters: Mapping[str, nn.Parameter], owner, allowed: Callable[[object, torch.optim.Optimizer], bool]
+) -> _OptimizerGuard:
     """Refuse the step of any torch optimizer over these parameters that ``allowed(owner, optimizer)``
     rejects. ``owner`` (the engine) is held weakly: once collected, the hook is disarmed."""
     ref = weakref.ref(owner)

@@ -50,7 +50,9 @@ def sequence_classification_losses(logits: Tensor, labels: Tensor, *, label_smoo
     floating-point labels), as ``*ForSequenceClassification`` models do (label smoothing does not
     apply to a regression head)."""
     if logits.dim() != 2 or labels.shape[0] != logits.shape[0]:
-        raise LossShapeError(f"Expected logits [B, C] and labels [B], got {tuple(logits.shape)} and {tuple(labels.shape)}.")
+        raise LossShapeError(
+            f"Expected logits [B, C] and labels [B], got {tuple(logits.shape)} and {tuple(labels.shape)}."
+        )
     dtype = accumulation_dtype(logits)
     if logits.shape[1] == 1 and labels.is_floating_point():
         return (logits[:, 0].to(dtype) - labels.to(dtype)) ** 2

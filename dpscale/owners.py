@@ -42,7 +42,9 @@ def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: Ru
     for qualname, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
             if any(p.requires_grad for p in module.parameters()):
-                raise UnsupportedModuleError(f"TorchScript module '{qualname}' has trainable parameters; dpscale needs eager modules.")
+                raise UnsupportedModuleError(
+                    f"TorchScript module '{qualname}' has trainable parameters; dpscale needs eager modules."
+                )
             continue
         for local, p in module._parameters.items():
             if p is not None and id(p) in canonical:
@@ -66,8 +68,13 @@ def find_owners(model: nn.Module, parameters: dict[str, nn.Parameter], rules: Ru
         if rule.validate is not None:
             rule.validate(module)
         if rule is rules.default:
-            logger.info("No rule for %s ('%s'): its parameters use the fallback, rule '%s'.", type(module).__name__, qualname, rule.name)
-        owners.append(Owner(module, qualname, rule, tuple(n for n, _ in names), tuple(g for _, g in names), through_parent))
+            logger.info(
+                "No rule for %s ('%s'): its parameters use the fallback, rule '%s'.",
+                type(module).__name__, qualname, rule.name,
+            )
+        owners.append(
+            Owner(module, qualname, rule, tuple(n for n, _ in names), tuple(g for _, g in names), through_parent)
+        )
     return owners
 
 

@@ -87,7 +87,8 @@ def bitfit(model: nn.Module, *, include_norms: bool = False, include_head: bool 
     if not biases_outside_head:
         raise ConfigError(
             f"bitfit trains bias terms, and {type(model).__name__} has none outside its head "
-            "(Llama-style models, SmolLM2 among them, use no biases); use LoRA (dpscale.lora, --trainable lora) or full fine-tuning"
+            "(Llama-style models, SmolLM2 among them, use no biases); use LoRA (dpscale.lora, --trainable lora) "
+            "or full fine-tuning"
         )
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in chosen)

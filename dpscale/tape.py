@@ -230,17 +230,17 @@ class Tape:
 
     @contextmanager
     def replaying(self):
-        """Around the engine's backward (what tells the engine's backward from any other). Non-reentrant activation checkpointing re-runs the forward
-        of each checkpointed region inside the backward, to rebuild the tensors it did not keep, and
-        that fires these hooks again. The re-run must compute what the first run computed (a
-        broadcast output expanded to the batch is expanded again, or the rebuilt tensors would not
-        match the ones they replace), so the hooks run as in the forward, but on their own frames,
-        and what they record is thrown away: the backward differentiates the calls of the first
-        forward, each once. (Without checkpointing nothing runs forward in there.) A replay starts
-        with no enclosing frames: a region cut inside a module whose calls need their enclosing
-        call (batch-less calls differentiated through a parent, a parent keeping the batch in dim
-        1) replays without it, and fails loudly (our error, or torch's check of the recomputed
-        shapes) rather than differentiating anything else."""
+        """Around the engine's backward (what tells the engine's backward from any other). Non-reentrant
+        activation checkpointing re-runs the forward of each checkpointed region inside the backward, to
+        rebuild the tensors it did not keep, and that fires these hooks again. The re-run must compute
+        what the first run computed (a broadcast output expanded to the batch is expanded again, or the
+        rebuilt tensors would not match the ones they replace), so the hooks run as in the forward, but
+        on their own frames, and what they record is thrown away: the backward differentiates the calls
+        of the first forward, each once. (Without checkpointing nothing runs forward in there.) A replay
+        starts with no enclosing frames: a region cut inside a module whose calls need their enclosing
+        call (batch-less calls differentiated through a parent, a parent keeping the batch in dim 1)
+        replays without it, and fails loudly (our error, or torch's check of the recomputed shapes)
+        rather than differentiating anything else."""
         calls, replays = self.calls, self._replays
         self.calls, self._replays = [], {}
         try:

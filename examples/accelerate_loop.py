@@ -28,7 +28,8 @@ from dpscale.train.models import resolve_model_name
 def read_sst2(path: str, tokenizer, max_length: int, limit: int | None) -> list[dict[str, torch.Tensor]]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:limit]
-    return [{**{k: torch.tensor(v) for k, v in tokenizer(row["sentence"], truncation=True, max_length=max_length).items()},
+    return [{**{k: torch.tensor(v)
+                for k, v in tokenizer(row["sentence"], truncation=True, max_length=max_length).items()},
              "labels": torch.tensor(int(row["label"]))} for row in rows]
 
 

@@ -33,7 +33,9 @@ def encode(texts: list[str], length: int) -> list[dict[str, torch.Tensor]]:
     for text in texts:
         row = list(text.encode()[: length - 1]) + [10]
         ids = torch.tensor(row + [0] * (length - len(row)))
-        examples.append({"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": ids.masked_fill(ids == 0, -100)})
+        examples.append(
+            {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": ids.masked_fill(ids == 0, -100)}
+        )
     return examples
 
 
@@ -46,7 +48,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=256, n_positions=96, n_embd=64, n_layer=2, n_head=4, bos_token_id=10, eos_token_id=10)
+    config = transformers.GPT2Config(
+        vocab_size=256, n_positions=96, n_embd=64, n_layer=2, n_head=4, bos_token_id=10, eos_token_id=10
+    )
     model = transformers.GPT2LMHeadModel(config)
     dataset = encode(SENTENCES, 80)
     engine = dpscale.PrivacyEngine(

@@ -20,8 +20,10 @@ METHODS = {"all": "full", "bias": "BiTFiT", "lora": "LoRA"}
 def figure(metrics: dict) -> str:
     before, after = metrics["before"], metrics["after"]
     if metrics["task"] == "classification":
-        return f"dev accuracy {before['accuracy']:.1%} -> **{after['accuracy']:.1%}** (eval loss {before['loss']:.3f} -> {after['loss']:.3f})"
-    return (f"eval loss {before['loss']:.3f} -> **{after['loss']:.3f}**, BLEU {before['bleu']:.1f} -> **{after['bleu']:.1f}** "
+        return (f"dev accuracy {before['accuracy']:.1%} -> **{after['accuracy']:.1%}** "
+                f"(eval loss {before['loss']:.3f} -> {after['loss']:.3f})")
+    return (f"eval loss {before['loss']:.3f} -> **{after['loss']:.3f}**, "
+            f"BLEU {before['bleu']:.1f} -> **{after['bleu']:.1f}** "
             f"({after['bleu_prompts']} held-out MRs)")
 
 
@@ -45,10 +47,16 @@ def row(argument: str) -> str:
     folder = Path(folder)
     metrics = json.loads((folder / "metrics.json").read_text())
     config = metrics["command_config"]
-    method = "non-private " + METHODS[config["trainable"]] if metrics["non_private"] else "DP " + METHODS[config["trainable"]]
+    method = (
+        "non-private " + METHODS[config["trainable"]] if metrics["non_private"]
+        else "DP " + METHODS[config["trainable"]]
+    )
     minutes, seconds = divmod(round(metrics["wall_seconds_this_run"]), 60)
     processes = metrics.get("processes", 1)
-    where = f"{processes} processes" + (f", DeepSpeed {Path(config['deepspeed']).stem}" if config.get("deepspeed") else "") if processes > 1 else "1 process"
+    where = (
+        f"{processes} processes" + (f", DeepSpeed {Path(config['deepspeed']).stem}" if config.get("deepspeed") else "")
+        if processes > 1 else "1 process"
+    )
     users = " users" if config.get("privacy_unit") == "user" else ""
     steps = f"{metrics['steps']} x B {config['batch_size']:g}{users}"
     return (f"| {'SST-2' if metrics['task'] == 'classification' else 'E2E'} {method} ({recipe(config)}) "

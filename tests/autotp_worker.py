@@ -122,7 +122,9 @@ def run(spec: dict) -> None:
         assert {"LinearLayer", "LinearAllreduce"} <= kinds, kinds  # AutoTP really split the layers
         backend = DeepSpeedBackend(ds_engine)
         engine = PrivacyEngine(module, config(clipping), backend=backend, noise_key=KEY)
-        assert engine.backend.model_parallel_group is not None and len(engine.backend.sharded_parameters) >= 12, sorted(engine.backend.sharded_parameters)
+        assert engine.backend.model_parallel_group is not None and len(engine.backend.sharded_parameters) >= 12, (
+            sorted(engine.backend.sharded_parameters)
+        )
         assert dist.get_world_size() == 2 * backend.world_size  # tensor parallel 2 x data parallel
         train(module, engine, ds_engine.step, backend.accumulation, backend.rank, backend.world_size)
         assert engine.steps_taken == len(STEPS)

@@ -2,10 +2,11 @@
 
     torchrun --nproc_per_node 2 tests/deepspeed_worker.py SPEC.json
 
-SPEC keys: runs (list of partial specs run in turn, each with a "name" prefixing its files), stage (0-3), clippings (list of "flat" / "per_layer"), out (directory), bf16 (bool),
-optimizer ("sgd", or "cpu_adam": DeepSpeedCPUAdam, against torch Adam in the reference),
-ds_overrides (dict merged into the DeepSpeed config), expect_error (substring: the run must raise
-a dpscale ConfigError containing it before training).
+SPEC keys: runs (list of partial specs run in turn, each with a "name" prefixing its files), stage
+(0-3), clippings (list of "flat" / "per_layer"), out (directory), bf16 (bool), optimizer ("sgd", or
+"cpu_adam": DeepSpeedCPUAdam, against torch Adam in the reference), ds_overrides (dict merged into
+the DeepSpeed config), expect_error (substring: the run must raise a dpscale ConfigError containing
+it before training).
 
 ``reference(clipping)`` is the single-process LocalBackend run on the same global batches, the
 same key and the same optimizer; the test calls it in its own process. Rank 0 writes
@@ -192,7 +193,8 @@ def run(spec: dict) -> None:
         else:
             optimizer = torch_optimizer(spec.get("optimizer", "sgd"), model.parameters())
         ds_engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config(spec["stage"], spec.get("bf16", False), spec.get("ds_overrides", {}))
+            model=model, optimizer=optimizer,
+            config=ds_config(spec["stage"], spec.get("bf16", False), spec.get("ds_overrides", {})),
         )
         try:
             backend = DeepSpeedBackend(ds_engine)
@@ -210,15 +212,19 @@ def run(spec: dict) -> None:
             # The step driver: ZeRO-3's padding passes (the first example, sums dropped), one
             # accumulation block, then ds_engine.step().
             rows = torch.utils.data.TensorDataset(x.to(dtype), y.to(dtype))
-            batch = LogicalBatch(engine.steps_taken, (), 0, MicroBatches(rows, torch.utils.data.default_collate, step[rank]))
-            run_logical_step(engine, batch, lambda micro: losses(ds_engine.module, *micro))
+            batch = LogicalBatch(
+                engine.steps_taken, (), 0, MicroBatches(rows, torch.utils.data.default_collate, step[rank])
+            )
+            run_logical_step(engine, batch, lambda micro, ds_engine=ds_engine: losses(ds_engine.module, *micro))
         assert ds_engine.global_steps == len(STEPS), ds_engine.global_steps
         assert engine.steps_taken == len(STEPS), engine.steps_taken
         params = dict(ds_engine.module.named_parameters())
         if spec.get("bf16"):
             from deepspeed.utils import safe_get_full_fp32_param  # the fp32 master weights
 
-            full = {n: safe_get_full_fp32_param(p).detach().float().clone().reshape(_shape(p)) for n, p in params.items()}
+            full = {
+                n: safe_get_full_fp32_param(p).detach().float().clone().reshape(_shape(p)) for n, p in params.items()
+            }
         else:
             with deepspeed.zero.GatheredParameters(list(params.values())) if spec["stage"] == 3 else _null():
                 full = {n: p.detach().float().clone() for n, p in params.items()}

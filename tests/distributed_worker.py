@@ -234,7 +234,9 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tenso
             assert split == share, (split, share)
         logical_batches = (batch for _, batch in zip(range(spec.get("steps", 2)), loader))
     else:
-        logical_batches = (_own_batch(data, batch[share[0] :: share[1]], step) for step, batch in enumerate(spec["batches"]))
+        logical_batches = (
+            _own_batch(data, batch[share[0] :: share[1]], step) for step, batch in enumerate(spec["batches"])
+        )
     for step, logical_batch in enumerate(logical_batches):
         run_logical_step(engine, logical_batch, lambda micro: losses(kind, model, micro), close_step=False)
         if spec.get("die_at_step") == step and rank == spec.get("dying_rank", 1):
@@ -251,7 +253,9 @@ def run(spec: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tenso
 def _own_batch(data, indices: list[int], step: int) -> LogicalBatch:
     """A logical batch the test drew itself (declared sampling), micro-batched like the loader's."""
     chunks = [indices[start : start + MICRO] for start in range(0, len(indices), MICRO)]
-    return LogicalBatch(step, tuple(indices), len(indices), MicroBatches(data, torch.utils.data.default_collate, chunks))
+    return LogicalBatch(
+        step, tuple(indices), len(indices), MicroBatches(data, torch.utils.data.default_collate, chunks)
+    )
 
 
 def main() -> None:

@@ -11,14 +11,16 @@ takes its part (``batch[rank::world]``) of the same global batches. Rank 0 write
 
 spec keys: model ("mlp": Linear layers whose dim 0 (7, 3) is not divisible by 2; "llama": a tiny
 Llama whose lm_head is tied to its embedding, 33 rows; "attention": nn.MultiheadAttention, a
-whole-call rule that reads its weights after the backward, so its unit must stay gathered), clipping ("flat", "per_layer", "groups"),
-poisson (the engine's Poisson loader draws the batches; otherwise BATCHES, declared sampling),
-mixed_precision (fully_shard with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); with
-accelerate, Accelerator(mixed_precision="bf16")), fsdp_one_rank (fully_shard on a world of one process
-too), bucket_elements (FSDP2Backend's reduce-scatter bucket size: small, so that most parameters
-are reduced in a bucket of their own, larger ones alone), accelerate (Accelerate's FSDP plugin, fsdp_version 2, prepares the Llama instead of the calls
-above, and dpscale.integrations.accelerate.make_private builds the engine), activation_checkpointing
-(with accelerate: the plugin's own, torch's checkpoint_wrapper around each decoder layer).
+whole-call rule that reads its weights after the backward, so its unit must stay gathered), clipping
+("flat", "per_layer", "groups"), poisson (the engine's Poisson loader draws the batches; otherwise
+BATCHES, declared sampling), mixed_precision (fully_shard with
+MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); with accelerate,
+Accelerator(mixed_precision="bf16")), fsdp_one_rank (fully_shard on a world of one process too),
+bucket_elements (FSDP2Backend's reduce-scatter bucket size: small, so that most parameters are
+reduced in a bucket of their own, larger ones alone), accelerate (Accelerate's FSDP plugin,
+fsdp_version 2, prepares the Llama instead of the calls above, and
+dpscale.integrations.accelerate.make_private builds the engine), activation_checkpointing (with
+accelerate: the plugin's own, torch's checkpoint_wrapper around each decoder layer).
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ def model(kind: str) -> tuple[nn.Module, list[nn.Module]]:
         return net, [net.attention, net.head]
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=True, initializer_range=0.5)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                      tie_word_embeddings=True, initializer_range=0.5)
     net = LlamaForCausalLM(cfg).float()
     assert net.lm_head.weight is net.model.embed_tokens.weight
     return net, list(net.model.layers)
@@ -114,7 +117,9 @@ def losses(kind: str, net: nn.Module, micro) -> torch.Tensor:
 
 def own_batch(data, indices: list[int], step: int) -> LogicalBatch:
     chunks = [indices[start : start + MICRO] for start in range(0, len(indices), MICRO)]
-    return LogicalBatch(step, tuple(indices), len(indices), MicroBatches(data, torch.utils.data.default_collate, chunks))
+    return LogicalBatch(
+        step, tuple(indices), len(indices), MicroBatches(data, torch.utils.data.default_collate, chunks)
+    )
 
 
 def run(spec: dict, rank: int = 0, world_size: int = 1) -> tuple[dict[str, torch.Tensor], int]:

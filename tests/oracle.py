@@ -16,7 +16,10 @@ def per_example_grads(model: nn.Module, inputs: dict, loss_fn: Callable, batch: 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     rows = {n: [] for n in params}
     for i in range(batch):
-        single = {k: (v[i : i + 1] if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch else v) for k, v in inputs.items()}
+        single = {
+            k: (v[i : i + 1] if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch else v)
+            for k, v in inputs.items()
+        }
         loss = loss_fn(model, single)
         assert loss.shape == (1,), loss.shape
         grads = torch.autograd.grad(loss[0], list(params.values()), allow_unused=True)
@@ -35,7 +38,9 @@ def clipped_sum(grads: dict[str, Tensor], plan: ClippingPlan, expected_batch_siz
     totals = torch.stack(group_norms).pow(2).sum(0).sqrt()
     for group, threshold, norms in zip(plan.groups, plan.thresholds, group_norms):
         if plan.clip_fn == "abadi":
-            factors = torch.tensor([min(1.0, threshold / float(v)) if float(v) > 0 else 1.0 for v in norms], dtype=torch.float64)
+            factors = torch.tensor(
+                [min(1.0, threshold / float(v)) if float(v) > 0 else 1.0 for v in norms], dtype=torch.float64
+            )
         else:
             factors = torch.tensor([threshold / (float(v) + plan.gamma) for v in norms], dtype=torch.float64)
         for n in group:

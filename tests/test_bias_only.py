@@ -77,7 +77,9 @@ def test_bias_only_layers_are_exact(case, clipping):
 @pytest.mark.parametrize("case", ["convolutions and norms", "gpt2 conv1d and layer norms"])
 def test_bias_only_calls_are_recorded_without_inputs(case):
     model, batches, losses_of = _cases()[case]
-    engine = dpscale.PrivacyEngine(model, dpscale.DPConfig(max_grad_norm=1.0, expected_batch_size=4, noise_multiplier=0.0))
+    engine = dpscale.PrivacyEngine(
+        model, dpscale.DPConfig(max_grad_norm=1.0, expected_batch_size=4, noise_multiplier=0.0)
+    )
     losses_of(model, batches[0])
     calls = engine._tape.take()
     assert calls, "nothing was recorded"
@@ -90,7 +92,9 @@ def test_a_layer_whose_weight_also_trains_keeps_its_input():
     model, batches, losses_of = _cases()["convolutions and norms"]
     for p in model.parameters():
         p.requires_grad_(True)
-    engine = dpscale.PrivacyEngine(model, dpscale.DPConfig(max_grad_norm=1.0, expected_batch_size=4, noise_multiplier=0.0))
+    engine = dpscale.PrivacyEngine(
+        model, dpscale.DPConfig(max_grad_norm=1.0, expected_batch_size=4, noise_multiplier=0.0)
+    )
     losses_of(model, batches[0])
     calls = engine._tape.take()
     assert calls and all(len(call.inputs) >= 1 for call in calls)
@@ -138,7 +142,9 @@ def test_a_call_whose_forward_raises_records_nothing():
     model = nn.Sequential(nn.Linear(3, 3), RaisingLinear(3, 3))
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith("bias"))
-    engine = dpscale.PrivacyEngine(model, dpscale.DPConfig(max_grad_norm=1.0, expected_batch_size=2, noise_multiplier=0.0))
+    engine = dpscale.PrivacyEngine(
+        model, dpscale.DPConfig(max_grad_norm=1.0, expected_batch_size=2, noise_multiplier=0.0)
+    )
     with pytest.raises(KeyError):
         model(torch.randn(2, 3))
     recorded = {call.qualname: call.rule.name for call in engine._tape.take()}

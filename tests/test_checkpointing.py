@@ -17,9 +17,11 @@ from tests.test_models import gpt2, llama
 
 CONFIGS = {
     "flat-abadi": {"max_grad_norm": 1.0, "expected_batch_size": 4.0},
-    "flat-automatic": {"max_grad_norm": 1.0, "expected_batch_size": 4.0, "clip_fn": "automatic", "automatic_gamma": 0.01},
+    "flat-automatic": {"max_grad_norm": 1.0, "expected_batch_size": 4.0, "clip_fn": "automatic",
+                       "automatic_gamma": 0.01},
     "per_layer-abadi": {"max_grad_norm": 0.5, "expected_batch_size": 5.0, "clipping": "per_layer"},
-    "per_layer-automatic": {"max_grad_norm": 0.5, "expected_batch_size": 5.0, "clipping": "per_layer", "clip_fn": "automatic"},
+    "per_layer-automatic": {"max_grad_norm": 0.5, "expected_batch_size": 5.0, "clipping": "per_layer",
+                            "clip_fn": "automatic"},
 }
 
 

@@ -35,7 +35,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def compare(tmp_path: Path, label: str, clippings, tolerance: float = 1e-5, prefix: str = "", **reference_kwargs) -> None:
+def compare(
+    tmp_path: Path, label: str, clippings, tolerance: float = 1e-5, prefix: str = "", **reference_kwargs
+) -> None:
     for clipping in clippings:
         got = torch.load(tmp_path / f"{prefix}{clipping}.pt", weights_only=True)
         assert got["steps_taken"] == 2
@@ -130,7 +132,9 @@ def test_autotp_split_matches_unsharded(tmp_path, processes, stage):
         assert set(got) == set(expected)
         for name, value in expected.items():
             err = float((got[name] - value).abs().max())
-            assert err <= 1e-5, f"AutoTP x{processes} ZeRO-{stage} {clipping}: {name} differs from one process by {err:.3g}"
+            assert err <= 1e-5, (
+                f"AutoTP x{processes} ZeRO-{stage} {clipping}: {name} differs from one process by {err:.3g}"
+            )
 
 
 def test_other_autotp_layers_are_refused():
@@ -193,7 +197,8 @@ def test_deepspeed_settings_that_change_the_dp_step_are_refused(tmp_path):
         {"name": "bf16_zero0_", "stage": 0, "bf16": True, "expect_error": '"bf16"'},
         {"name": "bf16_zero1_fp32_accumulation_", "stage": 1, "bf16": True,
          "ds_overrides": {"data_types": {"grad_accum_dtype": "fp32"}}, "expect_error": '"bf16"'},
-        {"name": "offload_param_", "stage": 3, "ds_overrides": {"zero_optimization": {"offload_param": {"device": "cpu"}}},
+        {"name": "offload_param_", "stage": 3,
+         "ds_overrides": {"zero_optimization": {"offload_param": {"device": "cpu"}}},
          "expect_error": '"zero_optimization.offload_param"'},
     ])
     message = (tmp_path / "clipping_refused.txt").read_text()
@@ -254,7 +259,8 @@ def run_train(job: dict, tmp_path: Path, launcher: list[str], name: str, *extra:
     out = tmp_path / name
     command = [*launcher, str(TRAIN), *TINY, "--model", str(job["model"]), "--data", str(job["data"]),
                "--eval-data", str(job["data"]), "--noise-key", str(job["key"]), "--output-dir", str(out), *extra]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "HF_HUB_OFFLINE": "1"}
     try:
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as error:

@@ -69,7 +69,9 @@ def test_lora_layers_are_exact_on_one_process():
         return worker.causal_lm_losses(m(input_ids=inputs["input_ids"]).logits, inputs["input_ids"])
 
     # the oracle's own batch (declared sampling, as explicit batches are in the worker)
-    engine = check_engine(model, [{"input_ids": ids}], loss_fn, worker.config({"clipping": "flat", "batches": [[0, 1, 2, 3]]}))
+    engine = check_engine(
+        model, [{"input_ids": ids}], loss_fn, worker.config({"clipping": "flat", "batches": [[0, 1, 2, 3]]})
+    )
     assert engine.parameters and all("lora_" in name for name in engine.parameters)
 
 
@@ -104,7 +106,9 @@ def test_a_rank_with_an_empty_draw_still_steps(tmp_path):
     assert_same_as_reference(spec, tmp_path)
 
 
-@pytest.mark.parametrize("case, message", [("own_keys", "different noise keys"), ("no_key", "Several processes need one noise key")])
+@pytest.mark.parametrize(
+    "case, message", [("own_keys", "different noise keys"), ("no_key", "Several processes need one noise key")]
+)
 def test_ranks_with_different_keys_are_refused(tmp_path, case, message):
     # Plain DDP with a key of its own on each rank (the backend refuses at bind), or with noise_key
     # unset (refused where the key is loaded).
@@ -140,7 +144,9 @@ class _Stub:
 def _fsdp_state(version: int):
     from types import SimpleNamespace
 
-    return SimpleNamespace(dynamo_plugin=SimpleNamespace(backend="NO"), fsdp_plugin=SimpleNamespace(fsdp_version=version))
+    return SimpleNamespace(
+        dynamo_plugin=SimpleNamespace(backend="NO"), fsdp_plugin=SimpleNamespace(fsdp_version=version)
+    )
 
 
 @pytest.mark.parametrize("changes, named", [

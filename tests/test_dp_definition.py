@@ -149,7 +149,9 @@ def oracle_clip(c: Case, cfg: dpscale.DPConfig, example: dict) -> torch.Tensor:
         groups = (tuple(c.names),)
     else:
         groups = tuple((n,) for n in c.names)
-    plan = ClippingPlan(groups, (cfg.max_grad_norm / math.sqrt(len(groups)),) * len(groups), cfg.clip_fn, cfg.automatic_gamma)
+    plan = ClippingPlan(
+        groups, (cfg.max_grad_norm / math.sqrt(len(groups)),) * len(groups), cfg.clip_fn, cfg.automatic_gamma
+    )
     grads = per_example_grads(c.model, c.collate([example]), c.loss_fn, 1)
     _, sums = clipped_sum(grads, plan, 1.0)
     return torch.cat([sums[n].flatten() for n in c.names])
@@ -197,7 +199,9 @@ def test_replacing_one_example_moves_the_sum_by_at_most_twice_the_bound(model, c
     cfg = config(R, B, clipping, clip_fn, gamma)
     before, after = engine_grads(c, cfg, [examples, replaced])
     diff = before - after
-    assert float(diff.norm()) <= 2 * R * (1 + 1e-9), f"replacement moved the sum by {float(diff.norm()):.6g} > 2R = {2 * R:.6g}"
+    assert float(diff.norm()) <= 2 * R * (1 + 1e-9), (
+        f"replacement moved the sum by {float(diff.norm()):.6g} > 2R = {2 * R:.6g}"
+    )
     expected = oracle_clip(c, cfg, examples[k]) - oracle_clip(c, cfg, other)
     assert_matches(diff, expected, 1e-12 * R * len(examples), "replacement difference vs clip(g_k) - clip(g_k')")
 

@@ -18,7 +18,9 @@ from dpscale import DPConfig, PrivacyEngine, UnsupportedModuleError
 from tests.oracle import check_engine
 
 fuzz = settings(derandomize=True, max_examples=60, deadline=None)
-CLIPPING = st.sampled_from([("flat", "abadi"), ("per_layer", "automatic"), ("flat", "automatic"), ("per_layer", "abadi")])
+CLIPPING = st.sampled_from(
+    [("flat", "abadi"), ("per_layer", "automatic"), ("flat", "automatic"), ("per_layer", "abadi")]
+)
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +30,9 @@ def _seeded():
 
 def config(batch: int, clipping=("flat", "abadi"), clip: float = 0.5) -> DPConfig:
     mode, clip_fn = clipping
-    return DPConfig(noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=batch + 1, clipping=mode, clip_fn=clip_fn)
+    return DPConfig(
+        noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=batch + 1, clipping=mode, clip_fn=clip_fn
+    )
 
 
 def readout(y: torch.Tensor, seed: int) -> torch.Tensor:
@@ -88,8 +92,8 @@ class Attend(nn.Module):
 @fuzz
 @given(
     st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.sampled_from([1, 2]), st.booleans(), st.booleans(),
-    st.sampled_from(["self", "cross", "cross-kdim"]), st.sampled_from(["", "padding", "2d", "3d", "padding+2d", "causal"]),
-    st.booleans(), CLIPPING,
+    st.sampled_from(["self", "cross", "cross-kdim"]),
+    st.sampled_from(["", "padding", "2d", "3d", "padding+2d", "causal"]), st.booleans(), CLIPPING,
 )
 def test_multihead_attention(b, tgt, src, heads, batch_first, bias, kind, masks, need_weights, clipping):
     if kind == "self" or masks == "causal":
@@ -114,7 +118,8 @@ def test_multihead_attention(b, tgt, src, heads, batch_first, bias, kind, masks,
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("extra", ["add_bias_kv", "add_zero_attn", "both"])
 def test_multihead_attention_appended_keys(batch_first, extra):
-    attn = nn.MultiheadAttention(4, 2, batch_first=batch_first, add_bias_kv=extra != "add_zero_attn", add_zero_attn=extra != "add_bias_kv")
+    attn = nn.MultiheadAttention(4, 2, batch_first=batch_first, add_bias_kv=extra != "add_zero_attn",
+                                 add_zero_attn=extra != "add_bias_kv")
     model = Attend(randomize(attn), "padding", need_weights=False, self_attention=False)
     b, tgt, src = 3, 2, 4
     inputs = {
@@ -149,7 +154,10 @@ class Recur(nn.Module):
         x = x if rnn.batch_first else x.transpose(0, 1)
         hx = None
         if self.with_state:
-            hx = (h0.transpose(0, 1).contiguous(), c0.transpose(0, 1).contiguous()) if isinstance(rnn, nn.LSTM) else h0.transpose(0, 1).contiguous()
+            hx = (
+                (h0.transpose(0, 1).contiguous(), c0.transpose(0, 1).contiguous()) if isinstance(rnn, nn.LSTM)
+                else h0.transpose(0, 1).contiguous()
+            )
         out, state = rnn(x, hx)
         out = out if rnn.batch_first else out.transpose(0, 1)
         states = state if isinstance(state, tuple) else (state,)
@@ -200,8 +208,9 @@ def test_group_norm(b, groups_channels, length, image, clipping):
     groups, channels = groups_channels
     torch.manual_seed(b * 10 + length)
     shape = (b, channels, length, 2) if image else (b, channels, length + 1)
-    engine = check_engine(Readout(randomize(nn.GroupNorm(groups, channels))), [{"x": torch.randn(*shape, dtype=torch.float64)}],
-                          lambda m, i: m(i["x"]), config(b, clipping))
+    engine = check_engine(Readout(randomize(nn.GroupNorm(groups, channels))),
+                          [{"x": torch.randn(*shape, dtype=torch.float64)}], lambda m, i: m(i["x"]),
+                          config(b, clipping))
     assert dict(engine.rule_names) == {"layer": "group_norm"}
 
 
@@ -210,7 +219,10 @@ def test_group_norm(b, groups_channels, length, image, clipping):
 def test_instance_norm(b, channels, length, image, clipping):
     torch.manual_seed(b * 10 + length)
     layer = nn.InstanceNorm2d(channels, affine=True) if image else nn.InstanceNorm1d(channels, affine=True)
-    x = torch.randn(b, channels, length, 3, dtype=torch.float64) if image else torch.randn(b, channels, length, dtype=torch.float64)
+    x = (
+        torch.randn(b, channels, length, 3, dtype=torch.float64) if image
+        else torch.randn(b, channels, length, dtype=torch.float64)
+    )
     if image and length == 2:
         layer, x = nn.InstanceNorm3d(channels, affine=True), x[..., None].expand(-1, -1, -1, -1, 2) + 0.1 * x[..., None]
     engine = check_engine(Readout(randomize(layer)), [{"x": x}], lambda m, i: m(i["x"]), config(b, clipping))
@@ -239,8 +251,8 @@ class Bag(nn.Module):
 
 
 @fuzz
-@given(st.integers(1, 4), st.integers(1, 6), st.integers(2, 30), st.integers(1, 4), st.sampled_from(["sum", "mean", "max"]),
-       st.sampled_from([None, 0]), st.booleans(), CLIPPING)
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(2, 30), st.integers(1, 4),
+       st.sampled_from(["sum", "mean", "max"]), st.sampled_from([None, 0]), st.booleans(), CLIPPING)
 def test_embedding_bag(b, n, vocab, dim, mode, padding_idx, sample_weights, clipping):
     torch.manual_seed(vocab * 10 + n)
     ids = torch.randint(0, vocab, (b, n))
@@ -285,7 +297,8 @@ class Seq2Seq(nn.Module):
         self.batch_first = batch_first
         self.embed = nn.Embedding(vocab, d)
         self.encoder = nn.TransformerEncoderLayer(d, 2, dim_feedforward=6, dropout=0.0, batch_first=batch_first)
-        self.decoder = nn.TransformerDecoderLayer(d, 2, dim_feedforward=6, dropout=0.0, batch_first=batch_first, norm_first=True)
+        self.decoder = nn.TransformerDecoderLayer(d, 2, dim_feedforward=6, dropout=0.0, batch_first=batch_first,
+                                                  norm_first=True)
         self.head = nn.Linear(d, vocab)
 
     def forward(self, src, tgt):
@@ -374,7 +387,8 @@ def test_attention_in_eval_mode_may_keep_its_dropout():
     attn = nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True).double().eval()
     model = Attend(attn, "", need_weights=False, self_attention=True)
     x = torch.randn(3, 2, 4, dtype=torch.float64)
-    check_engine(model, [{"query": x, "key": x, "value": x, "padding": None, "mask": None}], lambda m, i: m(**i), config(3))
+    check_engine(model, [{"query": x, "key": x, "value": x, "padding": None, "mask": None}], lambda m, i: m(**i),
+                 config(3))
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])

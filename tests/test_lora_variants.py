@@ -39,7 +39,8 @@ def _batches():
     return [{"input_ids": torch.randint(0, 40, (4, 6))} for _ in range(2)]
 
 
-@pytest.mark.parametrize("lora", [dict(r=1, lora_alpha=2), dict(r=16, lora_alpha=8), dict(r=4, lora_alpha=8, use_rslora=True)],
+@pytest.mark.parametrize("lora",
+                         [dict(r=1, lora_alpha=2), dict(r=16, lora_alpha=8), dict(r=4, lora_alpha=8, use_rslora=True)],
                          ids=["rank-1", "rank-16", "rslora"])
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 def test_lora_ranks_and_rslora_match_the_single_example_loop(lora, clipping):

@@ -25,7 +25,9 @@ def _prepare(model):
 
 def causal_lm_case(model, vocab, length=7):
     def loss_fn(m, inputs):
-        return causal_lm_losses(m(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits, inputs["labels"])
+        return causal_lm_losses(
+            m(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits, inputs["labels"]
+        )
 
     def batch(seed):
         ids = _ids(vocab, B, length, seed)
@@ -64,7 +66,8 @@ def bert():
     model = _prepare(transformers.BertForSequenceClassification(cfg))
 
     def loss_fn(m, inputs):
-        out = m(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], token_type_ids=inputs["token_type_ids"])
+        out = m(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                token_type_ids=inputs["token_type_ids"])
         return sequence_classification_losses(out.logits, inputs["labels"])
 
     def batch(seed):
@@ -133,7 +136,8 @@ MODELS = {
 def test_flat_clipping_matches_single_example_loop(name, clip_fn):
     model, loss_fn, batch = MODELS[name]()
     # A threshold between the smallest and largest norm, so that some examples are clipped and some not.
-    config = DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4.0, clip_fn=clip_fn, automatic_gamma=0.01)
+    config = DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4.0, clip_fn=clip_fn,
+                      automatic_gamma=0.01)
     engine = check_engine(model, [batch(0)], loss_fn, config)
     assert engine.last_norms.shape == (B,)
 
@@ -147,8 +151,10 @@ def test_per_layer_clipping_and_two_accumulated_backwards(name):
 
 def test_grouped_clipping_on_gpt2():
     model, loss_fn, batch = gpt2(True)
-    groups = [["transformer.wte.weight", "transformer.wpe.weight"], ["transformer.h.0.*"], ["transformer.h.1.*", "transformer.ln_f.*"]]
-    config = DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=3.0, clipping=groups, group_max_grad_norms=[0.6, 0.6, 0.52915026])
+    groups = [["transformer.wte.weight", "transformer.wpe.weight"], ["transformer.h.0.*"],
+              ["transformer.h.1.*", "transformer.ln_f.*"]]
+    config = DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=3.0, clipping=groups,
+                      group_max_grad_norms=[0.6, 0.6, 0.52915026])
     check_engine(model, [batch(3)], loss_fn, config)
 
 

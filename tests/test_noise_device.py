@@ -159,7 +159,9 @@ def test_sqrt_is_correctly_rounded():
              np.nextafter(squares, 100), y * np.nextafter(y, 100), y * np.nextafter(y, 0),
              np.array([0.0, -0.0, 2.0**-52, 0.25, 0.5, 1.0, 2.0, 4.0, 1 - 2.0**-53, 73.6])]
     for x in cases:  # bit patterns: sqrt(-0.0) is -0.0 (r at u = 1); subnormal x never occur here
-        assert np.array_equal(torch_generator._sqrt(torch.from_numpy(x)).numpy().view(np.int64), np.sqrt(x).view(np.int64))
+        assert np.array_equal(
+            torch_generator._sqrt(torch.from_numpy(x)).numpy().view(np.int64), np.sqrt(x).view(np.int64)
+        )
 
 
 # --- add_gaussian_noise_ through the torch generator ---------------------------------------------

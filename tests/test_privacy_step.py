@@ -40,7 +40,9 @@ def test_noise_is_added_once_per_step_whatever_the_number_of_backwards():
     model, x = model_and_data()
     twin, _ = model_and_data()
     engine = PrivacyEngine(model, config(), noise_key=KEY)
-    clean = PrivacyEngine(twin, config(noise_multiplier=0.0), noise_key=KEY, optimizer=torch.optim.SGD(twin.parameters(), lr=0.0))
+    clean = PrivacyEngine(
+        twin, config(noise_multiplier=0.0), noise_key=KEY, optimizer=torch.optim.SGD(twin.parameters(), lr=0.0)
+    )
     seen = {}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     engine.attach_optimizer(optimizer)
@@ -154,7 +156,7 @@ def test_the_key_never_reaches_the_state(tmp_path):
     raw = (tmp_path / "state.pt").read_bytes()
     assert secret not in raw and engine.noise_key.derive_seed("sampling") not in raw
     assert "seed" not in engine.state_dict()["data_loader"]
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError, match="cannot be pickled"):
         pickle.dumps(engine.noise_key)
     state = load_state(tmp_path / "state.pt")
     assert state["steps_taken"] == 0

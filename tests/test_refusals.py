@@ -41,7 +41,8 @@ BASE = {"max_grad_norm": 1.0, "expected_batch_size": 4, "noise_multiplier": 0.0}
         ({"target_epsilon": 3.0}, "exactly one"),
         ({"noise_multiplier": None, "target_epsilon": 3.0, "steps": 10}, "dataset_size"),
         ({"noise_multiplier": None, "target_epsilon": 3.0, "dataset_size": 100}, "steps or epochs"),
-        ({"noise_multiplier": None, "target_epsilon": 3.0, "dataset_size": 100, "steps": 5, "epochs": 1.0}, "steps or epochs"),
+        ({"noise_multiplier": None, "target_epsilon": 3.0, "dataset_size": 100, "steps": 5, "epochs": 1.0},
+         "steps or epochs"),
         ({"noise_multiplier": None, "target_epsilon": -3.0, "dataset_size": 100, "steps": 5}, "target_epsilon"),
         ({"dataset_size": 100, "target_delta": 0.01}, "1/N"),
         ({"dataset_size": 2}, "at most 1"),
@@ -67,15 +68,21 @@ def bound(model, config=CONFIG):
 
 def test_groups_must_cover_every_trainable_parameter_once():
     with pytest.raises(ConfigError, match="not covered"):
-        PrivacyEngine(mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*"]]))
+        PrivacyEngine(
+            mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*"]])
+        )
     with pytest.raises(ConfigError, match="more than one"):
-        PrivacyEngine(mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*", "2.*"], ["2.bias"]]))
+        PrivacyEngine(mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4,
+                                      clipping=[["0.*", "2.*"], ["2.bias"]]))
     with pytest.raises(ConfigError, match="matches no"):
-        PrivacyEngine(mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4, clipping=[["0.*", "2.*"], ["nope"]]))
+        PrivacyEngine(mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4,
+                                      clipping=[["0.*", "2.*"], ["nope"]]))
 
 
 def test_group_thresholds_split_the_sensitivity():
-    engine = PrivacyEngine(mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=2.0, expected_batch_size=4, clipping="per_layer"))
+    engine = PrivacyEngine(
+        mlp(), DPConfig(noise_multiplier=0.0, max_grad_norm=2.0, expected_batch_size=4, clipping="per_layer")
+    )
     assert len(engine.clipping.groups) == 4
     assert engine.clipping.sensitivity == pytest.approx(2.0)
 

@@ -130,7 +130,8 @@ def test_a_registered_rule_replaces_the_fallback():
     mine = Rule("mine", FALLBACK.grads, whole_call=True)
     registry.register(RawScale, mine)
     model = nn.Sequential(nn.Linear(4, 4), RawScale()).double()
-    engine = check_engine(model, [{"x": torch.randn(3, 4, dtype=torch.float64)}], lambda m, i: m(i["x"]).sum(1), CONFIG, rules=registry)
+    engine = check_engine(model, [{"x": torch.randn(3, 4, dtype=torch.float64)}], lambda m, i: m(i["x"]).sum(1), CONFIG,
+                          rules=registry)
     assert dict(engine.rule_names) == {"0": LINEAR.name, "1": "mine"}
 
 

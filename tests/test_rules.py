@@ -212,7 +212,9 @@ def test_rms_norm_rule_ignores_hooks_and_partitioned_storage():
     x, g = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
     full = LlamaRMSNorm(6).double()
     expected = broadcast_scale_grads(full, (x,), g, ("weight",))["weight"].grad
-    oracle = torch.stack([(g[i] * (x[i] * torch.rsqrt(x[i].pow(2).mean(-1, keepdim=True) + 1e-6))).sum(0) for i in range(3)])
+    oracle = torch.stack(
+        [(g[i] * (x[i] * torch.rsqrt(x[i].pow(2).mean(-1, keepdim=True) + 1e-6))).sum(0) for i in range(3)]
+    )
     assert torch.allclose(expected, oracle)
 
     partitioned = LlamaRMSNorm(6).double()

@@ -42,7 +42,8 @@ def collate(items):
     ids = torch.zeros(len(items), length, dtype=torch.long)
     for row, (tokens, _) in enumerate(items):
         ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([label for _, label in items])}
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(),
+            "labels": torch.tensor([label for _, label in items])}
 
 
 def load():
@@ -66,13 +67,14 @@ def test_200_private_steps_on_sst2(tmp_path, capsys):
     steps, batch, sigma, clip = 200, 64, 1.1, 0.5
     engine = PrivacyEngine(
         model,
-        DPConfig(max_grad_norm=clip, expected_batch_size=batch, noise_multiplier=sigma, dataset_size=len(dataset), steps=steps),
+        DPConfig(max_grad_norm=clip, expected_batch_size=batch, noise_multiplier=sigma, dataset_size=len(dataset),
+                 steps=steps),
         noise_key=NoiseKey(bytes(range(7, 39))),
     )
     optimizer = engine.attach_optimizer(torch.optim.AdamW(engine.parameters.values(), lr=2e-3))
     loader = engine.make_data_loader(dataset, max_physical_batch_size=32, collate_fn=collate)
     losses_seen, sizes = [], []
-    for step, logical in zip(range(steps), loader):
+    for _step, logical in zip(range(steps), loader):
         sizes.append(logical.size)
         for micro in logical.micro_batches:
             out = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"])
@@ -95,8 +97,8 @@ def test_200_private_steps_on_sst2(tmp_path, capsys):
     # (an engine of its own, one optimizer per engine; an empty step of the user's declared sampling).
     engine.detach()
     noise_only = PrivacyEngine(
-        model, DPConfig(max_grad_norm=clip, expected_batch_size=batch, noise_multiplier=sigma, dataset_size=len(dataset),
-                        steps=steps, sampling_declared_by_user=True),
+        model, DPConfig(max_grad_norm=clip, expected_batch_size=batch, noise_multiplier=sigma,
+                        dataset_size=len(dataset), steps=steps, sampling_declared_by_user=True),
         noise_key=NoiseKey(bytes(range(7, 39))), optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
     )
     before = torch.cat([p.detach().flatten().clone() for p in noise_only.parameters.values()])

@@ -48,7 +48,9 @@ def losses_of(net):
 
 
 def config(**changes):
-    return DPConfig(**{**dict(max_grad_norm=1.0, expected_batch_size=B, noise_multiplier=1.0, dataset_size=N), **changes})
+    return DPConfig(
+        **{**dict(max_grad_norm=1.0, expected_batch_size=B, noise_multiplier=1.0, dataset_size=N), **changes}
+    )
 
 
 def snapshot(net):
@@ -355,5 +357,7 @@ def test_one_key_loader_one_epochs_conversion_one_padding_loop():
     assert where(".generate()") == ["noise/key.py"]
     assert where("round(epochs / ") == ["accounting/inputs.py"]  # steps_for_epochs
     # the protocol, the two backends whose engines gather in every pass, and the one caller
-    assert where("micro_batch_count(") == ["backends/base.py", "backends/deepspeed.py", "backends/fsdp2.py", "driver.py"]
+    assert where("micro_batch_count(") == [
+        "backends/base.py", "backends/deepspeed.py", "backends/fsdp2.py", "driver.py"
+    ]
     assert where(".padding_batch()") == ["driver.py"]

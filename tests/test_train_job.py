@@ -166,8 +166,8 @@ def test_bad_options_are_refused_before_loading_anything(tmp_path, capsys):
 
 def test_user_level_job_counts_users_and_says_so(folders, tmp_path, capsys):
     # epochs at user level: one epoch is N users drawn in expectation, ceil(1 / q) = 5 steps at q = 4 / 20
-    metrics = train(folders, tmp_path, *by_user(folders, "--examples-per-user", "2", "--epochs", "1", "--max-steps", "2",
-                                                "--trainable", "all"))
+    metrics = train(folders, tmp_path, *by_user(folders, "--examples-per-user", "2", "--epochs", "1",
+                                                "--max-steps", "2", "--trainable", "all"))
     report = json.loads((tmp_path / "privacy_report.json").read_text())
     for privacy in (report, metrics["privacy"]):
         assert privacy["privacy_unit"] == "user" and privacy["examples_per_user"] == 2

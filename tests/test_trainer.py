@@ -203,7 +203,8 @@ def test_training_stops_and_saves_at_the_privacy_budget(tmp_path, caplog):
     t = DPTrainer(model=worker.gpt2(), args=worker.training_arguments({"steps": 10}, str(tmp_path)),
                   train_dataset=worker.TokenDataset(), data_collator=worker.collate, dp_config=config,
                   noise_key=worker.KEY)
-    with caplog.at_level(logging.WARNING, logger="dpscale"):  # the stop is the driver's, the warning ahead the trainer's
+    # the stop is the driver's, the warning ahead the trainer's
+    with caplog.at_level(logging.WARNING, logger="dpscale"):
         t.train()
     engine = t.privacy_engine
     assert 2 <= engine.budget_steps < 10

@@ -10,7 +10,8 @@ import transformers
 
 E2E_ROWS = [
     {"mr": "name[Alimentum], area[city centre], familyFriendly[no]", "ref": "Alimentum is not family-friendly."},
-    {"mr": "name[Alimentum], area[city centre], familyFriendly[no]", "ref": "In the city centre, Alimentum is not a family place."},
+    {"mr": "name[Alimentum], area[city centre], familyFriendly[no]",
+     "ref": "In the city centre, Alimentum is not a family place."},
     {"mr": "name[Aromi], eatType[coffee shop], food[Chinese]", "ref": "Aromi is a Chinese coffee shop."},
     {"mr": "name[The Eagle], priceRange[cheap]", "ref": "The Eagle is a cheap place to eat near the river."},
 ]
@@ -26,7 +27,8 @@ def bpe_tokenizer(bos: bool) -> transformers.PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     sentences = [row["mr"] + "\n" + row["ref"] for row in E2E_ROWS] * 5 + ["the film is good", "a dull , bad movie"]
     tokenizer.train_from_iterator(sentences, trainer)
@@ -83,9 +85,9 @@ def save_tiny_classifier(folder: Path) -> Path:
     """A random tiny BERT sequence classifier (2 labels) with the BPE tokenizer, saved as a folder."""
     tokenizer = bpe_tokenizer(bos=False)
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=128, num_labels=2,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                     num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     transformers.BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -32,7 +32,8 @@ N, T, VOCAB, MICRO, LR = 24, 6, 32, 2, 0.5
 
 
 def config(spec: dict) -> DPConfig:
-    return DPConfig(max_grad_norm=spec.get("max_grad_norm", 0.5), expected_batch_size=spec.get("expected_batch_size", 6),
+    return DPConfig(max_grad_norm=spec.get("max_grad_norm", 0.5),
+                    expected_batch_size=spec.get("expected_batch_size", 6),
                     noise_multiplier=spec.get("noise_multiplier", 1.0), dataset_size=N,
                     clipping=spec.get("clipping", "flat"))
 
@@ -96,7 +97,8 @@ def training_arguments(spec: dict, output_dir: str, **changes):
         values.update(deepspeed=ds, use_cpu=False,
                       accelerator_config={"use_configured_state": True})
     if spec.get("fsdp"):
-        values.update(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+        values.update(fsdp="full_shard",
+                      fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
         if spec["fsdp"] != "cpu_fallback":  # else Accelerate runs DDP, which DPTrainer must refuse
             fsdp_state()
             values.update(use_cpu=False, accelerator_config={"use_configured_state": True})

@@ -48,7 +48,9 @@ def select_backend(model: nn.Module, backend: GradientBackend | None) -> tuple[G
         if backend is None:
             return FSDP2Backend(model), model
         if not isinstance(backend, FSDP2Backend) or backend.model is not model:
-            raise ConfigError("A fully_shard'ed (FSDP2) model needs FSDP2Backend(model): leave backend unset, or pass that.")
+            raise ConfigError(
+                "A fully_shard'ed (FSDP2) model needs FSDP2Backend(model): leave backend unset, or pass that."
+            )
         return backend, model
     if isinstance(model, nn.parallel.DistributedDataParallel):
         if backend is None:

@@ -9,7 +9,8 @@ SUM all-reduce over the data-parallel group, per flat bucket, leaves every rank 
     (sum over all ranks' examples of clip(g_i) + one noise draw per coordinate) / B.
 
 and each parameter's ``p.grad`` becomes its view of the bucket for the optimizer's update, then
-None again. A rank whose draw is empty still writes its (zero) buckets, so the collectives match. Per-example norms never cross data-parallel ranks: they belong to different examples.
+None again. A rank whose draw is empty still writes its (zero) buckets, so the collectives match.
+Per-example norms never cross data-parallel ranks: they belong to different examples.
 
 DDP's own gradient reducer must stay out of the way (the engine's backward produces no autograd
 weight gradient, so DDP would wait for reductions that never come). ``DataParallelBackend.for_ddp``
@@ -138,7 +139,7 @@ class DataParallelBackend(OptimizerStepped):
     def write_gradients(self, add_noise: NoiseFn) -> None:
         pending = []
         for bucket in self._buckets:
-            for name, p in bucket.named:
+            for name, _p in bucket.named:
                 view = bucket.views[name]
                 if name not in self._written:
                     view.zero_()  # an empty local draw: zeros, still reduced and noised

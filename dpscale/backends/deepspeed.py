@@ -182,7 +182,9 @@ class DeepSpeedBackend:
         check_deepspeed_config(ds_engine)
         self.ds_engine = ds_engine
         self.stage = int(ds_engine.zero_optimization_stage())
-        self.group = ds_engine.seq_data_parallel_group if self.stage else getattr(ds_engine, "data_parallel_group", None)
+        self.group = (
+            ds_engine.seq_data_parallel_group if self.stage else getattr(ds_engine, "data_parallel_group", None)
+        )
         self.world_size = dist.get_world_size(self.group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
         self.verify_steps = verify_steps

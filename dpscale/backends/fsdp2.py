@@ -161,7 +161,9 @@ class FSDP2Backend(OptimizerStepped):
 
     def __init__(self, model: nn.Module, *, bucket_elements: int = BUCKET_ELEMENTS) -> None:
         if not (dist.is_available() and dist.is_initialized()):
-            raise ConfigError("An FSDP2 (fully_shard) model needs torch.distributed initialised before the engine is built.")
+            raise ConfigError(
+                "An FSDP2 (fully_shard) model needs torch.distributed initialised before the engine is built."
+            )
         self._modules = fsdp2_modules(model)
         if not self._modules:
             raise ConfigError("FSDP2Backend needs a model with torch.distributed.fsdp.fully_shard applied.")
@@ -214,7 +216,8 @@ class FSDP2Backend(OptimizerStepped):
         if bucket.layout is None:
             bucket.layout = torch.zeros(self.world_size, bucket.per_rank, dtype=bucket.dtype, device=bucket.device)
             bucket.filled = 0
-        if not (self._padding or clipped is None):  # else zeros (a padding pass, or a parameter this backward did not use)
+        # else zeros (a padding pass, or a parameter this backward did not use)
+        if not (self._padding or clipped is None):
             shard = self._shards[name]
             position = bucket.positions[name]
             columns = bucket.layout[:, position : position + shard.chunk * shard.row]

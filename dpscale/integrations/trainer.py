@@ -18,8 +18,8 @@ The same script runs on one process, under ``torchrun`` / ``accelerate launch`` 
 (the Trainer wraps the model in DDP), with ``TrainingArguments(deepspeed="ds_configs/zero2.json")``
 (the Trainer calls ``deepspeed.initialize``) and with ``TrainingArguments(fsdp="full_shard",
 fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": [...]})`` on GPUs (Accelerate applies
-``fully_shard``; the engine's FSDP2 backend reduce-scatters and noises each rank's rows). What changes in the Trainer's step, and only through
-its public methods:
+``fully_shard``; the engine's FSDP2 backend reduce-scatters and noises each rank's rows). What changes
+in the Trainer's step, and only through its public methods:
 
 * ``get_train_dataloader``: the privacy engine's own loader (``engine.make_data_loader``): Poisson
   logical batches at q = expected_batch_size / N drawn from the secret key, each rank keeping its
@@ -50,7 +50,8 @@ Trainer clips the summed gradient at 1.0 by default), ``fp16`` (loss scaling, sk
 reentrant activation checkpointing (``use_reentrant=True``; the non-reentrant kind, transformers'
 default, is supported), samplers other than the Poisson one (``train_sampling_strategy``),
 ``torch_compile``, ``auto_find_batch_size``, token counting in the logs, LOMO optimizers, FSDP1
-(``fsdp_config={"version": 1}``; FSDP2, transformers' default version, is supported), ``compute_loss_func`` (it reduces over the batch: give ``per_example_loss`` instead), a DeepSpeed
+(``fsdp_config={"version": 1}``; FSDP2, transformers' default version, is supported),
+``compute_loss_func`` (it reduces over the batch: give ``per_example_loss`` instead), a DeepSpeed
 config the Trainer is not running (``use_cpu=True`` silently falls back to DDP), and a Trainer whose
 process count differs from torch.distributed's. Under DeepSpeed, the DeepSpeed backend refuses
 engine clipping, fp16 and DeepSpeed's own gradient accumulation, naming the config key.

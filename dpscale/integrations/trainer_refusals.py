@@ -71,7 +71,9 @@ def check_training_arguments(args) -> None:
             "a non-private statistic; set it to 'no'."
         )
     if "lomo" in str(getattr(args.optim, "value", args.optim)).lower():
-        raise ConfigError(f"TrainingArguments(optim={args.optim!r}) runs its own fused backward; use another optimizer.")
+        raise ConfigError(
+            f"TrainingArguments(optim={args.optim!r}) runs its own fused backward; use another optimizer."
+        )
     version = int(dict(getattr(args, "fsdp_config", None) or {}).get("version", 2))
     if getattr(args, "fsdp", None) and version != 2:
         raise ConfigError(

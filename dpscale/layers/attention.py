@@ -136,7 +136,9 @@ def attention_grads(module: nn.MultiheadAttention, inputs: CallInputs, output_gr
     for short in ("q", "k", "v"):
         if f"{short}_proj_weight" in names:
             g, x = projections[short]
-            out[f"{short}_proj_weight"] = Outer(left=g, right=x, m=g.shape[-1], shape=param_shape(module.get_parameter(f"{short}_proj_weight"))).cheapest()
+            out[f"{short}_proj_weight"] = Outer(
+                left=g, right=x, m=g.shape[-1], shape=param_shape(module.get_parameter(f"{short}_proj_weight"))
+            ).cheapest()
     if "in_proj_bias" in names:
         out["in_proj_bias"] = Dense(torch.cat([grad_q.sum(1), grad_k.sum(1), grad_v.sum(1)], -1))
     for name, g in zip(appended, grad_appended):
@@ -145,12 +147,16 @@ def attention_grads(module: nn.MultiheadAttention, inputs: CallInputs, output_gr
     if grad_out is not None and ("out_proj.weight" in names or "out_proj.bias" in names):
         g = first(grad_out)
         if "out_proj.weight" in names:
-            out["out_proj.weight"] = Outer(left=g, right=mixed.detach(), m=g.shape[-1], shape=param_shape(module.out_proj.weight)).cheapest()
+            out["out_proj.weight"] = Outer(
+                left=g, right=mixed.detach(), m=g.shape[-1], shape=param_shape(module.out_proj.weight)
+            ).cheapest()
         if "out_proj.bias" in names:
             out["out_proj.bias"] = Dense(g.to(dtype).sum(1))
     for name in names:  # the losses reach only part of the call: the rest has zero gradient
         if name not in out:
-            out[name] = Dense(torch.zeros(batch, *param_shape(module.get_parameter(name)), dtype=dtype, device=query.device))
+            out[name] = Dense(
+                torch.zeros(batch, *param_shape(module.get_parameter(name)), dtype=dtype, device=query.device)
+            )
     return out
 
 
@@ -175,7 +181,9 @@ def _packed(projections: dict, args: dict, shape) -> Outer | Dense:
     return Outer(left=left, right=torch.cat([x_q, x_k, x_v], 1), m=shape[0], shape=shape).cheapest()
 
 
-def _combined_mask(args: dict, batch: int, heads: int, tgt_len: int, src_len: int, extra: int, dtype, device) -> Tensor | None:
+def _combined_mask(
+    args: dict, batch: int, heads: int, tgt_len: int, src_len: int, extra: int, dtype, device
+) -> Tensor | None:
     """The additive mask [B or 1, H or 1, L, S] that torch applies; ``extra`` appended key columns
     (bias_k, zero attention) are never masked."""
     padding = _mask(args["key_padding_mask"], dtype)

@@ -39,7 +39,9 @@ def convolution_grads(module: nn.Module, inputs: tuple, output_grad: Tensor, nam
     grads = grad.reshape(batch, grad.shape[1], -1).transpose(1, 2)  # [B, L, out]
     out = {}
     if "weight" in names:
-        out["weight"] = Outer(left=grads, right=patches.transpose(1, 2), m=grads.shape[-1], shape=param_shape(module.weight)).cheapest()
+        out["weight"] = Outer(
+            left=grads, right=patches.transpose(1, 2), m=grads.shape[-1], shape=param_shape(module.weight)
+        ).cheapest()
     if "bias" in names:
         out["bias"] = Dense(grads.sum(1))
     return out

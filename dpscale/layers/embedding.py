@@ -28,7 +28,9 @@ def embedding_grads(module: nn.Embedding, inputs: tuple, output_grad: Tensor, na
     if module.padding_idx is not None:
         # torch gives the padding row no gradient; neither do we.
         grads = grads.masked_fill((ids == module.padding_idx)[:, :, None], 0)
-    return {"weight": Outer(left=ids, right=grads, m=module.num_embeddings, shape=param_shape(module.weight)).cheapest()}
+    return {
+        "weight": Outer(left=ids, right=grads, m=module.num_embeddings, shape=param_shape(module.weight)).cheapest()
+    }
 
 
 def _bag_arguments(inputs: CallInputs) -> tuple:

@@ -21,7 +21,9 @@ from dpscale.layers.rule import CallInputs, Rule
 from dpscale.per_example import Dense
 
 
-def torch_func_grads(module: nn.Module, inputs: CallInputs, output_grad: tuple, names: tuple[str, ...]) -> dict[str, Dense]:
+def torch_func_grads(
+    module: nn.Module, inputs: CallInputs, output_grad: tuple, names: tuple[str, ...]
+) -> dict[str, Dense]:
     """Per-example gradients {name: Dense} of ``names`` (relative to ``module``, possibly of its
     descendants) for one call. Output leaves without a gradient are left out of the product: their
     cotangent would be zero. The batch size is the gradients' leading size; the inputs of that

@@ -53,7 +53,9 @@ def group_norm_grads(module: nn.GroupNorm, inputs: tuple, output_grad: Tensor, n
     return _per_channel(normalized, output_grad, names)
 
 
-def instance_norm_grads(module: nn.modules.instancenorm._InstanceNorm, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]):
+def instance_norm_grads(
+    module: nn.modules.instancenorm._InstanceNorm, inputs: tuple, output_grad: Tensor, names: tuple[str, ...]
+):
     _refuse_running_statistics(module)
     if "weight" not in names:  # bias only: recorded without its input
         return _per_channel(output_grad.to(accumulation_dtype(output_grad)), output_grad, names)
@@ -130,7 +132,10 @@ def broadcast_scale_grads(module: nn.Module, inputs: tuple, output_grad: Tensor,
     for name in names:
         param = getattr(module, name)
         shape = tuple(param_shape(param))
-        value = param.detach().to(dtype) if param.numel() == math.prod(shape) else torch.ones(shape, dtype=dtype, device=x.device)
+        value = (
+            param.detach().to(dtype) if param.numel() == math.prod(shape)
+            else torch.ones(shape, dtype=dtype, device=x.device)
+        )
         full = (batch,) + (1,) * (x.dim() - 1 - len(shape)) + shape
         batched[name] = value.expand(full).clone().requires_grad_(True)
     try:

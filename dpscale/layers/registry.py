@@ -72,7 +72,10 @@ class RuleRegistry:
     def batch_dim_inside(self, module: nn.Module) -> int | None:
         """The batch dimension declared for ``module``'s descendants, or None if it declares none."""
         for matcher, batch_dim in reversed(self._layouts):
-            if (type(module) is matcher or isinstance(module, matcher)) if isinstance(matcher, type) else matcher(module):
+            if (
+                (type(module) is matcher or isinstance(module, matcher)) if isinstance(matcher, type)
+                else matcher(module)
+            ):
                 return batch_dim(module)
         return None
 

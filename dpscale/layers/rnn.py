@@ -108,7 +108,9 @@ def recurrent_grads(module: nn.RNNBase, inputs: CallInputs, output_grad: tuple, 
                 h = x.new_zeros(batch, width) if h0 is None else h0[index].detach().to(dtype)
                 c = x.new_zeros(batch, hidden) if c0 is None else c0[index].detach().to(dtype)
                 gi = F.linear(layer_input, weight("weight_ih" + suffix), weight("bias_ih" + suffix))
-                w_hh, b_hh, w_hr = weight("weight_hh" + suffix), weight("bias_hh" + suffix), weight("weight_hr" + suffix)
+                w_hh, b_hh, w_hr = (
+                    weight("weight_hh" + suffix), weight("bias_hh" + suffix), weight("weight_hr" + suffix)
+                )
                 order = range(steps - 1, -1, -1) if direction else range(steps)
                 gh_steps, h_inputs, r_steps, projected = [], [], [], []
                 states = [None] * steps
@@ -147,7 +149,9 @@ def recurrent_grads(module: nn.RNNBase, inputs: CallInputs, output_grad: tuple, 
         kind, suffix = key[:2], key[2:]
         if f"weight_{kind}{suffix}" in names:
             p = module.get_parameter(f"weight_{kind}{suffix}")
-            out[f"weight_{kind}{suffix}"] = Outer(left=left, right=right, m=left.shape[-1], shape=param_shape(p)).cheapest()
+            out[f"weight_{kind}{suffix}"] = Outer(
+                left=left, right=right, m=left.shape[-1], shape=param_shape(p)
+            ).cheapest()
         if f"bias_{kind}{suffix}" in names:
             out[f"bias_{kind}{suffix}"] = Dense(left.sum(1))
     return out

@@ -169,7 +169,10 @@ def load_noise_key(key: NoiseKey | str | os.PathLike | None) -> NoiseKey:
         return key
     if key is not None:
         return NoiseKey.from_file(key)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         raise ConfigError(
             "Several processes need one noise key shared by all ranks (the noise of each coordinate and the "
             "Poisson batches derive from it): create it once with dpscale.NoiseKey.write_new(path) and pass "

@@ -270,7 +270,8 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
     def on_step(outcome: StepOutcome) -> None:
         norms = engine.step_norms
         record = {
-            "step": engine.steps_taken, "loss": outcome.loss_sum / max(outcome.examples, 1) if outcome.examples else None,
+            "step": engine.steps_taken,
+            "loss": outcome.loss_sum / max(outcome.examples, 1) if outcome.examples else None,
             "epsilon": engine.epsilon(), "sigma": engine.noise_multiplier, "sample_rate": engine.sample_rate,
             "clip_fraction": float((norms > config.max_grad_norm).float().mean()) if norms.numel() else 0.0,
             "mean_norm": float(norms.mean()) if norms.numel() else 0.0, "step_seconds": outcome.seconds,

@@ -28,7 +28,9 @@ class Trained:
 def progress(accelerator, total, initial):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process, unit="step", desc="dpscale train")
+    return tqdm(
+        total=total, initial=initial, disable=not accelerator.is_main_process, unit="step", desc="dpscale train"
+    )
 
 
 def log_step(accelerator, bar, record: dict) -> None:
@@ -82,6 +84,11 @@ def _print_summary(accelerator, metrics: dict) -> None:
         accelerator.print("non-private run: no privacy guarantee")
     for key in ("loss", "accuracy", "bleu"):
         if key in metrics["after"]:
-            accelerator.print(f"eval {key}: {metrics['before'].get(key, float('nan')):.4f} -> {metrics['after'][key]:.4f}")
+            accelerator.print(
+                f"eval {key}: {metrics['before'].get(key, float('nan')):.4f} -> {metrics['after'][key]:.4f}"
+            )
     for sample in metrics["after"].get("samples", []):
-        accelerator.print(f"  {sample['prompt']!r}\n    generated: {sample['generated']!r}\n    reference: {sample['reference']!r}")
+        accelerator.print(
+            f"  {sample['prompt']!r}\n    generated: {sample['generated']!r}\n"
+            f"    reference: {sample['reference']!r}"
+        )
