@@ -30,11 +30,7 @@ def check_kinds(accountant: str, sampling: str, dataset_size: int | None) -> Non
         raise ConfigError(f"accountant={accountant!r} is unknown; use one of {ACCOUNTANTS}.")
     if sampling not in SAMPLINGS:
         raise ConfigError(f"sampling={sampling!r} is unknown; use one of {SAMPLINGS}.")
-    if dataset_size is not None and (
-        not isinstance(dataset_size, numbers.Integral)
-        or isinstance(dataset_size, bool)
-        or dataset_size < 1
-    ):
+    if dataset_size is not None and not _whole_number_at_least(dataset_size, 1):
         raise ConfigError(
             f"dataset_size={dataset_size!r} must be a positive whole number of examples "
             "(or None when it is not known)."
@@ -114,13 +110,14 @@ def default_delta(dataset_size: int) -> float:
     faster than 1/N as the data grows (the o(1/N) the DP literature asks for), where 0.1/N stays
     a fixed fraction of it; for N = 60000 it is 5.5e-6, near the customary 1e-5.
     """
-    if (
-        not isinstance(dataset_size, numbers.Integral)
-        or isinstance(dataset_size, bool)
-        or dataset_size < 2
-    ):
+    if not _whole_number_at_least(dataset_size, 2):
         raise PrivacyBudgetError(
             f"dataset_size={dataset_size!r}: a meaningful delta needs a whole number of at "
             "least 2 examples."
         )
     return float(dataset_size) ** -1.1
+
+
+def _whole_number_at_least(value, minimum: int) -> bool:
+    """An integer (numpy's included, bool excluded) of at least ``minimum``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
