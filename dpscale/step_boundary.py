@@ -127,11 +127,12 @@ class StepBoundary:
                 "losses only through engine.backward."
             )
 
-    def check_model_unchanged(self) -> None:
+    def check_model_unchanged(self, now: Mapping[str, nn.Parameter] | None = None) -> None:
         """The trainable parameters (names, objects, ties) and the attached optimizer's parameters are
         the ones the engine was built with: a parameter added, frozen, unfrozen, replaced or re-tied
         afterwards would be trained without noise, noised but not trained, or keyed wrongly."""
-        now, ours = self._current_parameters(), self.parameters
+        now = self._current_parameters() if now is None else now
+        ours = self.parameters
         changed = now.keys() != ours.keys()
         if not self.backend.swaps_parameters:  # else the objects change by design: names only
             changed = changed or any(now[name] is not p for name, p in ours.items())
@@ -155,14 +156,13 @@ class StepBoundary:
                     "engine.parameters.values() and do not add parameters to it."
                 )
 
-    def check_no_stray_gradient(self) -> None:
+    def check_no_stray_gradient(self, current: Mapping[str, nn.Parameter]) -> None:
         """Checks second: where the engine owns the gradient, every trainable ``p.grad`` is None
         until this step writes it; one that is not came from somewhere else (a path the guards did
         not see, e.g. a training engine's own gradient hooks left in a broken state by an earlier
         refusal). Refused before anything moves."""
         if self.backend.owns_step:
             return  # the training engine holds its gradients in p.grad by design (DeepSpeed)
-        current = self._current_parameters()
         stray = sorted(name for name, p in current.items() if p.grad is not None)
         if stray:
             for name in stray:
@@ -213,9 +213,10 @@ class StepBoundary:
     def close(self) -> NoiseFn:
         """Check the step, record it with the accountant, and return its noise function (keyed by
         the step index, so no (key, step) pair is used twice)."""
-        self.check_model_unchanged()
+        current = self._current_parameters()  # read once for both checks: the step's hot path
+        self.check_model_unchanged(current)
         self.check_no_foreign_gradient()
-        self.check_no_stray_gradient()
+        self.check_no_stray_gradient(current)
         self.check_budget()
         if self.checks_sampling and self.drawn_step is None:
             raise SamplingError(
