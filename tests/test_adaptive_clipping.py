@@ -59,7 +59,8 @@ def reference(model, batches, clipping, *, quantile=0.6, eta=0.3, count_std=3.0,
         for i in range(x.shape[0]):
             with torch.enable_grad():
                 live = {n: p.clone().requires_grad_() for n, p in params.items()}
-                loss = losses_of(lambda z: torch.func.functional_call(model, live, (z,)), x[i:i + 1], y[i:i + 1])
+                logits = torch.func.functional_call(model, live, (x[i:i + 1],))
+                loss = nn.functional.cross_entropy(logits, y[i:i + 1], reduction="none")
                 grads = dict(zip(live, torch.autograd.grad(loss[0], list(live.values()))))
             for k, group in enumerate(groups):
                 norm = math.sqrt(sum(float(grads[n].pow(2).sum()) for n in group))
