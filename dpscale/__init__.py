@@ -26,6 +26,7 @@ from dpscale.errors import (
 _LAZY = {
     "PrivacyEngine": "dpscale.engine",
     "DPConfig": "dpscale.config",
+    "DPAdamBC": "dpscale.optim",
     "ClippingPlan": "dpscale.clipping",
     "ExecutionPlan": "dpscale.plan",
     "StepOutcome": "dpscale.driver",

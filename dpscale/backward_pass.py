@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dpscale.adaptive_clipping import AdaptiveClipping
 from dpscale.backends.base import GradientBackend
 from dpscale.errors import ConfigError, LossShapeError, SamplingError, TapeError, UnsupportedModuleError
 from dpscale.layers.rule import CallInputs
@@ -38,13 +39,15 @@ __all__ = ["BackwardPipeline", "BackwardResult"]
 class BackwardResult:
     """norms: per-unit gradient norms over all trainable parameters; group_norms: per clipping
     group ([groups, units]); factors: the clip factors applied ([groups, units]); users: the drawn
-    users this backward brought (user level); nonfinite: units zeroed by the non-finite rule."""
+    users this backward brought (user level); nonfinite: units zeroed by the non-finite rule;
+    unclipped: with adaptive clipping, each group's centred count of units left unclipped ([groups])."""
 
     norms: Tensor
     group_norms: Tensor
     factors: Tensor
     users: frozenset
     nonfinite: int
+    unclipped: Tensor | None = None
 
 
 class BackwardPipeline:
@@ -52,7 +55,7 @@ class BackwardPipeline:
     boundary's)."""
 
     def __init__(self, tape: Tape, parameters: Mapping[str, nn.Parameter], plan: ExecutionPlan,
-                 backend: GradientBackend) -> None:
+                 backend: GradientBackend, adaptive: AdaptiveClipping | None = None) -> None:
         self.tape = tape
         self.parameters = parameters
         self.plan = plan
@@ -60,6 +63,7 @@ class BackwardPipeline:
         self.backend = backend
         self._group_of = self.clipping.group_of()
         self._sharded = backend.sharded_parameters
+        self.adaptive = adaptive  # read only: its thresholds are the step's (the step boundary moves them)
 
     def run(self, losses: Tensor, users, users_this_step: set) -> BackwardResult:
         batch = self._check_losses(losses)
@@ -224,12 +228,13 @@ class BackwardPipeline:
             self.backend.reduce_sharded_norms(sharded2)
             norms2 = norms2 + sharded2
         norms = norms2.sqrt()
-        factors = self.clipping.factors(norms)
+        factors = self.clipping.factors(norms, None if self.adaptive is None else self.adaptive.thresholds)
         # The non-finite rule (docs/RELIABILITY.md): a unit whose loss or any group's norm is not
         # finite contributes exactly zero. Its factors are masked, and so are its per-example forms,
         # since a zero weight times a NaN is still NaN; the noise and the step go on as usual.
         bad = bad_losses.to(norms.device) | ~torch.isfinite(norms).all(0)
         nonfinite = int(bad.sum())
+        unclipped = None if self.adaptive is None else self.adaptive.unclipped_counts(norms, bad)
         if nonfinite:
             factors = torch.where(bad, torch.zeros_like(factors), factors)
             uses = {name: [zero_units(use, bad) for use in grad_uses] for name, grad_uses in uses.items()}
@@ -240,7 +245,7 @@ class BackwardPipeline:
                 term = weighted_sum(use, weights[self._group_of[name]], p.dtype)
                 clipped = term if clipped is None else clipped + term
             self.backend.accumulate(name, clipped)
-        return BackwardResult(norms2.sum(0).sqrt(), norms, factors, users, nonfinite)
+        return BackwardResult(norms2.sum(0).sqrt(), norms, factors, users, nonfinite, unclipped)
 
 
 def _rule_grads(call: ModuleCall, inputs: CallInputs, output_grad) -> dict:

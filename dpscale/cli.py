@@ -265,6 +265,14 @@ _TRAIN_HELP = {
     "noise_key": "noise key file (every rank reads it; default: created in --output-dir)",
     "collective_timeout": "seconds a process waits for the others in a collective before the job fails: a dead "
                           "or hung rank ends the run in bounded time",
+    # optimizer and adaptive clipping
+    "optimizer": "adamw, or adambc (DP-AdamBC: Adam's second moment minus the known noise variance; "
+                 "post-processing, epsilon unchanged; wants a smaller --lr than adamw)",
+    "adambc_floor": "with --optimizer adambc: gamma', the least corrected second moment",
+    "clip_quantile": "adaptive clipping: R follows this quantile of the per-example norms, estimated privately "
+                     "each step (--max-grad-norm is the start; needs --clip-fn abadi; epsilon unchanged)",
+    "clip_quantile_lr": "with --clip-quantile: eta of the update R <- R exp(-eta (unclipped fraction - quantile))",
+    "clip_count_std": "with --clip-quantile: std of the noise on the unclipped count (default batch size / 20)",
 }
 
 

@@ -34,9 +34,11 @@ class ClippingPlan:
     def group_of(self) -> dict[str, int]:
         return {name: k for k, group in enumerate(self.groups) for name in group}
 
-    def factors(self, norms: Tensor) -> Tensor:
-        """[K, B] clip factors from [K, B] per-group per-example norms."""
-        thresholds = torch.tensor(self.thresholds, dtype=norms.dtype, device=norms.device)[:, None]
+    def factors(self, norms: Tensor, thresholds: tuple[float, ...] | None = None) -> Tensor:
+        """[K, B] clip factors from [K, B] per-group per-example norms, at the plan's thresholds or
+        at ``thresholds`` (adaptive clipping's of the step)."""
+        thresholds = self.thresholds if thresholds is None else thresholds
+        thresholds = torch.tensor(thresholds, dtype=norms.dtype, device=norms.device)[:, None]
         if self.clip_fn == "abadi":
             return (thresholds / norms).clamp(max=1.0)  # a zero norm gives inf, clamped to 1
         return thresholds / (norms + self.gamma)

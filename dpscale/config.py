@@ -60,6 +60,16 @@ class DPConfig:
         step (a user with more contributes the next k of theirs, round-robin; with fewer, all they
         have). Default 1 (one example per sampled user, per-example clipping is then per-user).
         It must not exceed the micro-batch size: a user is never split across micro-batches.
+    clip_quantile: adaptive clipping (Andrew et al., NeurIPS 2021): None (default) keeps the
+        thresholds fixed; a value in (0, 1) makes each group's threshold R_k follow that quantile
+        of the per-unit norms, estimated privately each step from a noisy count of the units left
+        unclipped (``dpscale.adaptive_clipping``). max_grad_norm (or group_max_grad_norms) is then
+        the starting point. Abadi clipping and Poisson sampling only.
+    clip_quantile_lr: eta_C of the geometric update R <- R exp(-eta_C (b - clip_quantile)).
+    clip_count_std: sigma_b, the std of the noise on each group's unclipped count (sensitivity
+        1/2); default expected_batch_size / 20 (the paper's choice). The gradient noise multiplier
+        is raised to (sigma^-2 - K (2 sigma_b)^-2)^-1/2 so that the whole step (gradient and K
+        counts) is still a Gaussian mechanism of multiplier sigma, which the accountant composes.
     """
 
     max_grad_norm: float
@@ -80,6 +90,9 @@ class DPConfig:
     allow_budget_overrun: bool = False
     privacy_unit: str = "example"
     examples_per_user: int | None = None
+    clip_quantile: float | None = None
+    clip_quantile_lr: float = 0.2
+    clip_count_std: float | None = None
 
     @property
     def sample_rate(self) -> float | None:
@@ -93,6 +106,7 @@ class DPConfig:
         self._check_unit_knobs()
         self._check_privacy_knobs()
         self._check_clipping_knobs()
+        self._check_adaptive_knobs()
 
     def _check_scales(self) -> None:
         """First, since the other checks compare with these numbers."""
@@ -220,6 +234,43 @@ class DPConfig:
                     f"max_grad_norm = {self.max_grad_norm}."
                 )
             object.__setattr__(self, "group_max_grad_norms", norms)
+
+
+    def _check_adaptive_knobs(self) -> None:
+        """Adaptive clipping's knobs go together, and only with what its analysis covers."""
+        if self.clip_quantile is None:
+            for name in ("clip_count_std",):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"{name}={getattr(self, name)!r} is a knob of adaptive clipping, which is off: give "
+                        "clip_quantile (e.g. 0.5) to turn it on, or drop it."
+                    )
+            if self.clip_quantile_lr != 0.2:
+                raise ConfigError(
+                    f"clip_quantile_lr={self.clip_quantile_lr!r} is a knob of adaptive clipping, which is off: give "
+                    "clip_quantile (e.g. 0.5) to turn it on, or drop it."
+                )
+            return
+        if not (_positive(self.clip_quantile) and self.clip_quantile < 1):
+            raise ConfigError(f"clip_quantile must lie in (0, 1), got {self.clip_quantile!r}.")
+        if not _positive(self.clip_quantile_lr):
+            raise ConfigError(f"clip_quantile_lr must be a positive number, got {self.clip_quantile_lr!r}.")
+        if self.clip_count_std is None:
+            object.__setattr__(self, "clip_count_std", float(self.expected_batch_size) / 20.0)
+        elif not _positive(self.clip_count_std):
+            raise ConfigError(f"clip_count_std must be a positive number, got {self.clip_count_std!r}.")
+        if self.clip_fn != "abadi":
+            raise ConfigError(
+                f"Adaptive clipping (clip_quantile) follows a quantile of the norms that Abadi clipping leaves "
+                f"unclipped; clip_fn={self.clip_fn!r} scales every example and has no unclipped ones. Use "
+                "clip_fn='abadi' (--clip-fn abadi), or drop clip_quantile to keep automatic clipping."
+            )
+        if self.sampling != "poisson":
+            raise ConfigError(
+                f"Adaptive clipping's noisy count is accounted for Poisson sampling (add-or-remove-one neighbours, "
+                f"sensitivity 1/2); sampling={self.sampling!r} is not covered. Use sampling='poisson', or drop "
+                "clip_quantile."
+            )
 
 
 def _iterable(value) -> bool:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from dpscale.accounting import PrivacyAccountant
+from dpscale.adaptive_clipping import AdaptiveClipping
 from dpscale.backends import BackendContext, GradientBackend, select_backend
 from dpscale.backward_pass import BackwardPipeline
 from dpscale.checkpoint import load_state, save_atomic
@@ -33,6 +34,7 @@ from dpscale.errors import ConfigError, NoTrainableParametersError
 from dpscale.gradient_guard import foreign_backward_error, guard_optimizers, guard_parameters
 from dpscale.layers import RuleRegistry, default_registry
 from dpscale.noise import NoiseKey, load_noise_key
+from dpscale.optim import DPAdamBC
 from dpscale.owners import find_owners, refuse_example_mixing, refuse_training_batch_norm, trainable_parameters
 from dpscale.plan import ExecutionPlan, build_execution_plan
 from dpscale.report import build_report
@@ -124,6 +126,7 @@ class PrivacyEngine:
             config, clipping, key_fingerprint=self.noise_key.fingerprint,
             rank=self.backend.rank, world_size=self.backend.world_size,
         )
+        self.adaptive_clipping = _adaptive_clipping(self.plan, self.backend)
         self.accountant = PrivacyAccountant(self.plan.accounting.accountant, self.plan.sampling.kind,
                                             self.plan.sampling.dataset_size)
         # [scheme, first step drawn under it]: one entry unless a resume moved to a new scheme on purpose
@@ -133,10 +136,10 @@ class PrivacyEngine:
         self.last_group_norms: Tensor | None = None
         self.last_clip_factors: Tensor | None = None
         self._boundary = StepBoundary(self.plan, self.parameters, self.backend, self.noise_key, self.accountant,
-                                      lambda: trainable_parameters(self.model))
+                                      lambda: trainable_parameters(self.model), self.adaptive_clipping)
         self._tape = Tape(model, owners, self.rules.default, self.rules.batch_dim_inside,
                           on_output_grad=self._run_rule_now, on_foreign_backward=self._refuse_foreign_backward)
-        self._pipeline = BackwardPipeline(self._tape, self.parameters, self.plan, self.backend)
+        self._pipeline = BackwardPipeline(self._tape, self.parameters, self.plan, self.backend, self.adaptive_clipping)
         self._handles: list = [
             module.register_forward_pre_hook(refuse_training_batch_norm)
             for module in model.modules()
@@ -147,6 +150,8 @@ class PrivacyEngine:
         context = BackendContext(model, self.parameters, self.noise_key.fingerprint,
                                  self.modules_read_after_backward, self._boundary.close, self._boundary.foreign)
         self._handles.extend(self.backend.bind(context))
+        for own in self.backend.own_optimizers:  # DeepSpeed's base optimizer may be the user's DPAdamBC
+            self._bind_noise_reader(own)
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         _log_plan(self.plan)
@@ -166,6 +171,19 @@ class PrivacyEngine:
     def noise_std(self) -> float:
         """Std of the noise added to each coordinate of the averaged gradient: sigma R / B."""
         return self.plan.noise.std
+
+    @property
+    def step_noise_std(self) -> float | None:
+        """Std of the noise in each coordinate of the gradient the optimizer is applying now (the step
+        last closed): sigma R / B, or with adaptive clipping sigma_delta R_t / B. None before the
+        first step. ``DPAdamBC`` reads it."""
+        return self._boundary.step_noise_std
+
+    @property
+    def clip_thresholds(self) -> tuple[float, ...]:
+        """The thresholds R_k the next backward clips with: the plan's, or adaptive clipping's now."""
+        adaptive = self.adaptive_clipping
+        return self.plan.clipping.thresholds if adaptive is None else adaptive.thresholds
 
     @property
     def delta(self) -> float | None:
@@ -249,7 +267,7 @@ class PrivacyEngine:
         self.last_norms, self.last_group_norms, self.last_clip_factors = (
             result.norms, result.group_norms, result.factors
         )
-        boundary.record_backward(result.norms, result.users, result.nonfinite)
+        boundary.record_backward(result.norms, result.users, result.nonfinite, result.unclipped)
 
     @contextlib.contextmanager
     def paused(self):
@@ -278,7 +296,14 @@ class PrivacyEngine:
         parameter it updates must be one this engine clips; one optimizer per engine. Returns the
         optimizer."""
         self._handles.extend(self._boundary.attach(optimizer))
+        self._bind_noise_reader(optimizer)
         return optimizer
+
+    def _bind_noise_reader(self, optimizer) -> None:
+        """An optimizer that corrects for the noise (``DPAdamBC``) reads its std from this engine, so that
+        it is always the std of the noise actually added."""
+        if isinstance(optimizer, DPAdamBC):
+            optimizer.bind_noise_std(lambda: self._boundary.step_noise_std)
 
     def step(self) -> None:
         """Close the logical step through the backend: the attached optimizer's step (its pre-hook
@@ -398,6 +423,18 @@ def _may_step(engine: PrivacyEngine, optimizer: torch.optim.Optimizer) -> bool:
     if attached is not None and (optimizer is attached or getattr(optimizer, "optimizer", None) is attached):
         return True
     return any(optimizer is own for own in engine.backend.own_optimizers)
+
+
+def _adaptive_clipping(plan: ExecutionPlan, backend: GradientBackend) -> AdaptiveClipping | None:
+    if plan.adaptive is None:
+        return None
+    if backend.world_size > 1:
+        raise ConfigError(
+            f"Adaptive clipping (DPConfig.clip_quantile) runs in one data-parallel process for now: its unclipped "
+            f"count would need a sum over the {backend.world_size} ranks, which dpscale does not do yet. Train in one "
+            "process, or drop clip_quantile (fixed clipping) for multi-process runs."
+        )
+    return AdaptiveClipping(plan.adaptive, plan.clipping.thresholds, plan.noise.expected_batch_size)
 
 
 def _refuse_second_engine(model: nn.Module) -> None:

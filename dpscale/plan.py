@@ -10,6 +10,8 @@ It binds the four parts of the mechanism that only make sense together (jax_priv
 - clipping: the groups and thresholds, hence the sensitivity;
 - noise: the scheme, the noise multiplier and the std derived from the sensitivity (nowhere else),
   and the fingerprint of the key it is drawn from;
+- adaptive clipping, when on: the target quantile, its learning rate, the count's noise and the
+  gradient noise multiplier that keeps each step a Gaussian mechanism of the accounted sigma;
 - accounting: the event each step adds to the accountant, delta, the target epsilon and the step
   budget that keeps the run within it.
 
@@ -20,9 +22,10 @@ part of it.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from dpscale.accounting import calibrate_noise_multiplier, compute_epsilon, default_delta, steps_for_epochs
+from dpscale.adaptive_clipping import AdaptiveClippingPlan, build_adaptive_plan
 from dpscale.clipping import ClippingPlan
 from dpscale.config import DPConfig
 from dpscale.errors import ConfigError
@@ -57,16 +60,27 @@ class SamplingPlan:
 
 @dataclass(frozen=True)
 class NoisePlan:
+    """noise_multiplier: sigma, what the accountant composes. gradient_noise_multiplier: the
+    multiplier of the noise added to the gradient when it differs from sigma (adaptive clipping
+    spends part of sigma on its counts, ``dpscale.adaptive_clipping``); None: sigma."""
+
     scheme: str
     noise_multiplier: float
     sensitivity: float
     expected_batch_size: float
     key_fingerprint: str
+    gradient_noise_multiplier: float | None = None
 
     @property
     def std(self) -> float:
-        """Std of the noise added to the averaged gradient: sigma * sensitivity / B."""
-        return self.noise_multiplier * self.sensitivity / self.expected_batch_size
+        """Std of the noise added to each coordinate of the averaged gradient: sigma * sensitivity / B
+        (with adaptive clipping, sigma_delta * the initial R / B: see ``std_at``)."""
+        return self.std_at(self.sensitivity)
+
+    def std_at(self, sensitivity: float) -> float:
+        """The std for a step clipped with this sensitivity (adaptive clipping moves it per step)."""
+        multiplier = self.noise_multiplier if self.gradient_noise_multiplier is None else self.gradient_noise_multiplier
+        return multiplier * sensitivity / self.expected_batch_size
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ class ExecutionPlan:
     clipping: ClippingPlan
     noise: NoisePlan
     accounting: AccountingPlan
+    adaptive: AdaptiveClippingPlan | None = None
 
     @property
     def accounts(self) -> bool:
@@ -116,6 +131,7 @@ class ExecutionPlan:
             "sampling": self.sampling.kind,
             "accountant": self.accounting.accountant,
             "privacy_unit": self.sampling.privacy_unit,
+            "adaptive_clipping": None if self.adaptive is None else self.adaptive.as_dict(),
         }
 
     def as_dict(self) -> dict:
@@ -140,20 +156,22 @@ def build_execution_plan(config: DPConfig, clipping: ClippingPlan, *, key_finger
         sigma = float(config.noise_multiplier)
         if sigma == 0:
             logger.warning("noise_multiplier is 0: the model is clipped but NOT private (epsilon is infinite).")
+    adaptive = build_adaptive_plan(config, len(clipping.groups), sigma)
     plan = ExecutionPlan(
         sampling=SamplingPlan(config.sampling, q, config.dataset_size, steps, rank, world_size,
                               config.sampling_declared_by_user, config.privacy_unit, config.examples_per_user),
         clipping=clipping,
-        noise=NoisePlan(NOISE_SCHEME, sigma, clipping.sensitivity, float(config.expected_batch_size), key_fingerprint),
+        noise=NoisePlan(NOISE_SCHEME, sigma, clipping.sensitivity, float(config.expected_batch_size), key_fingerprint,
+                        None if adaptive is None else adaptive.gradient_noise_multiplier),
         accounting=AccountingPlan(config.accountant, delta, config.target_epsilon, steps, None,
                                   config.allow_budget_overrun),
+        adaptive=adaptive,
     )
     _refuse_unrepresentable_scales(plan)
     if config.target_epsilon is not None:
         budget = _budget_steps(plan, config.target_epsilon, steps)
-        plan = ExecutionPlan(plan.sampling, plan.clipping, plan.noise,
-                             AccountingPlan(config.accountant, delta, config.target_epsilon, steps, budget,
-                                            config.allow_budget_overrun))
+        plan = replace(plan, accounting=AccountingPlan(config.accountant, delta, config.target_epsilon, steps, budget,
+                                                       config.allow_budget_overrun))
     return plan
 
 

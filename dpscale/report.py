@@ -62,6 +62,8 @@ def build_report(engine, directory: str | Path | None = None, points: int = 50) 
         "epsilon": engine.epsilon() if accounts else None,
         "delta": delta,
         "noise_multiplier": sigma,
+        "gradient_noise_multiplier": (sigma if plan.noise.gradient_noise_multiplier is None
+                                      else plan.noise.gradient_noise_multiplier),
         "sample_rate": sampling.sample_rate,
         "steps": engine.steps_taken,
         "planned_steps": plan.accounting.planned_steps,
@@ -87,6 +89,13 @@ def build_report(engine, directory: str | Path | None = None, points: int = 50) 
                   "schemes_by_first_step": [list(entry) for entry in engine.noise_schemes]},
         "trainable_parameters": int(sum(p.numel() for p in engine.parameters.values())),
     }
+    adaptive = engine.adaptive_clipping
+    if adaptive is not None:  # R over time: the clipping norm each step used, and where it stands now
+        report["adaptive_clipping"] = {
+            **plan.adaptive.as_dict(), "thresholds_now": list(adaptive.thresholds),
+            "clip_norm_by_step": [[t + 1, r] for t, r in enumerate(adaptive.history)],
+            "last_unclipped_fractions": None if adaptive.last_fractions is None else list(adaptive.last_fractions),
+        }
     if directory is not None:
         write_report(report, curve, directory)
     return report

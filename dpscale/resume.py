@@ -1,7 +1,8 @@
 """Resume: what a privacy state holds, and what a run must share with the run it continues.
 
 A state holds the step counter, the accountant's history, the data loader's position, the
-mechanism, the noise schemes drawn under, the plan, and the key's fingerprint, never the key nor
+mechanism, the noise schemes drawn under, the plan, adaptive clipping's thresholds and their
+history (so that a resumed run clips as the uninterrupted one would), and the key's fingerprint, never the key nor
 the sampling seed derived from it. A state is loaded only if it is of the same mechanism, model
 (trainable parameters by name and logical shape), clipping and key; a refused state leaves the
 engine and its loader as they were.
@@ -31,6 +32,8 @@ def privacy_state(engine) -> dict:
         "plan": engine.plan.as_dict(),
         "resume_check": resume_check(engine),
     }
+    if engine.adaptive_clipping is not None:
+        state["adaptive_clipping"] = engine.adaptive_clipping.state_dict()
     if engine.data_loader is not None:
         loader_state = dict(engine.data_loader.state_dict())
         loader_state.pop("seed", None)
@@ -110,10 +113,15 @@ def load_privacy_state(engine, state: dict, *, fresh_key: bool = False, new_nois
         schemes = [*schemes, [ours, int(state["steps_taken"])]]
     if "data_loader" in state and engine.data_loader is None:
         raise ConfigError("The checkpoint has a data loader position: build it with engine.make_data_loader first.")
-    boundary = engine._boundary
+    if engine.adaptive_clipping is not None and "adaptive_clipping" not in state:
+        raise CheckpointError("The checkpoint has no adaptive clipping state (thresholds): it is damaged; start over.")
+    boundary, adaptive = engine._boundary, engine.adaptive_clipping
     before = (engine.accountant.state_dict(), boundary.steps_taken,
-              None if engine.data_loader is None else engine.data_loader.state_dict())
+              None if engine.data_loader is None else engine.data_loader.state_dict(),
+              None if adaptive is None else adaptive.state_dict())
     try:
+        if adaptive is not None:
+            adaptive.load_state_dict(state["adaptive_clipping"])
         engine.accountant.load_state_dict(state["accountant"])
         boundary.steps_taken = int(state["steps_taken"])
         if "data_loader" in state:
@@ -124,6 +132,8 @@ def load_privacy_state(engine, state: dict, *, fresh_key: bool = False, new_nois
         boundary.steps_taken = before[1]
         if before[2] is not None:
             engine.data_loader.load_state_dict(before[2])
+        if adaptive is not None:
+            adaptive.load_state_dict(before[3])
         raise
     if previous != ours:
         logger.warning(

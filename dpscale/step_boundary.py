@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from dpscale.adaptive_clipping import AdaptiveClipping
 from dpscale.backends.base import GradientBackend, NoiseFn
 from dpscale.errors import (
     ConfigError,
@@ -40,10 +41,12 @@ logger = logging.getLogger(__name__)
 
 class StepBoundary:
     """The steps taken and the step in progress. ``current_parameters`` gives the model's trainable
-    parameters as they are now (checked against the ones the engine was built with)."""
+    parameters as they are now (checked against the ones the engine was built with). ``adaptive``: the
+    adaptive clipping state, whose thresholds each closed step moves (None: fixed clipping)."""
 
     def __init__(self, plan: ExecutionPlan, parameters: Mapping[str, nn.Parameter], backend: GradientBackend,
-                 noise_key: NoiseKey, accountant, current_parameters: Callable[[], Mapping[str, nn.Parameter]]) -> None:
+                 noise_key: NoiseKey, accountant, current_parameters: Callable[[], Mapping[str, nn.Parameter]],
+                 adaptive: AdaptiveClipping | None = None) -> None:
         self.plan = plan
         self.parameters = parameters
         self.backend = backend
@@ -55,6 +58,10 @@ class StepBoundary:
         self.step_norms: Tensor | None = None  # per-unit norms of the last finished step (all its backwards)
         self.nonfinite_examples = 0  # units zeroed by the non-finite rule, this process
         self.foreign = ForeignGradientFlag()  # a gradient from outside engine.backward reached a parameter
+        self.adaptive = adaptive
+        # std of the noise in each coordinate of the gradient of the step last closed (what the optimizer
+        # applying it sees: after the 1/B, the micro-batches and the reduction over ranks); None before
+        self.step_noise_std: float | None = None
         self.reset_step()
 
     def reset_step(self) -> None:
@@ -62,10 +69,14 @@ class StepBoundary:
         self.users_this_step: set = set()  # user level: users whose examples a backward of this step saw
         self._norms: list[Tensor] = []
         self._nonfinite = 0
+        if self.adaptive is not None:
+            self.adaptive.reset_step()
 
     # what a backward and a draw report ------------------------------------------------------------
 
-    def record_backward(self, norms: Tensor, users: frozenset, nonfinite: int) -> None:
+    def record_backward(self, norms: Tensor, users: frozenset, nonfinite: int, unclipped: Tensor | None = None) -> None:
+        if unclipped is not None:
+            self.adaptive.record(unclipped)
         self.users_this_step |= users
         self._norms.append(norms)
         self._nonfinite += nonfinite
@@ -224,7 +235,12 @@ class StepBoundary:
                 "with engine.make_data_loader(...) (an empty Poisson batch is still drawn, then stepped), or "
                 "declare your own sampling with DPConfig(sampling_declared_by_user=True)."
             )
-        std, step, key = self.plan.noise.std, self.steps_taken, self._noise_key
+        step, key = self.steps_taken, self._noise_key
+        if self.adaptive is None:
+            std = self.plan.noise.std
+        else:  # the sensitivity this step was clipped with; the thresholds then move for the next step
+            std = self.plan.noise.std_at(self.adaptive.close(key, step))
+        self.step_noise_std = std
 
         def add_noise(name: str, flat: Tensor, offset: int) -> None:
             if std > 0 and flat.numel():

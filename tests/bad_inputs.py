@@ -106,6 +106,13 @@ def tied_after_build() -> None:
     engine.backward(model(x()).sum(1))
 
 
+def adambc_unattached() -> None:
+    model = mlp()
+    optimizer = dpscale.DPAdamBC(model.parameters(), lr=1e-3)
+    model(x()).sum().backward()
+    optimizer.step()
+
+
 def loader(**changes):
     from dpscale import DPDataLoader
 
@@ -349,6 +356,20 @@ CASES: list[Case] = [
     Case("group_norms_strings", "DPConfig", "`group_max_grad_norms=[\"a\", \"b\"]`",
          lambda: config(clipping=[["0.*"], ["2.*"]], group_max_grad_norms=["a", "b"]), ConfigError,
          "group_max_grad_norms"),
+    # adaptive clipping and DP-AdamBC
+    Case("adaptive_automatic", "DPConfig", "`clip_quantile=0.5` with `clip_fn=\"automatic\"`",
+         lambda: config(clip_quantile=0.5, clip_fn="automatic"), ConfigError, "clip_fn='abadi'"),
+    Case("adaptive_shuffle", "DPConfig", "`clip_quantile=0.5` with `sampling=\"shuffle\"`",
+         lambda: config(clip_quantile=0.5, sampling="shuffle"), ConfigError, "sampling='poisson'"),
+    Case("adaptive_quantile", "DPConfig", "`clip_quantile=1.5`", lambda: config(clip_quantile=1.5), ConfigError,
+         "clip_quantile"),
+    Case("adaptive_knob_alone", "DPConfig", "`clip_count_std=3` without `clip_quantile`",
+         lambda: config(clip_count_std=3.0), ConfigError, "clip_quantile"),
+    Case("adaptive_count_noise", "PrivacyEngine", "`clip_quantile=0.5, clip_count_std=0.1` (too little count noise "
+         "for sigma)", lambda: engine_with(clip_quantile=0.5, clip_count_std=0.1), ConfigError,
+         "clip_count_std must exceed"),
+    Case("adambc_unattached", "optimizer", "`DPAdamBC` stepped without an engine", adambc_unattached, ConfigError,
+         "attach_optimizer"),
     Case("unit", "DPConfig", "`privacy_unit=\"token\"`", lambda: config(privacy_unit="token"), ConfigError,
          "privacy_unit"),
     Case("k_without_user", "DPConfig", "`examples_per_user=2` with `privacy_unit=\"example\"`",

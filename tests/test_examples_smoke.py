@@ -86,7 +86,11 @@ class PrivateSteps:
     def _record(self, engine) -> None:
         config = engine.config
         step = engine.steps_taken - 1  # the engine's pre-hook has just added the noise and counted the step
-        std = engine.noise_multiplier * config.max_grad_norm / config.expected_batch_size
+        sigma = engine.noise_multiplier
+        if config.clip_quantile is not None:  # adaptive clipping (flat: one count) pays for its count with a
+            sigma = (sigma ** -2 - (2 * config.clip_count_std) ** -2) ** -0.5  # larger gradient multiplier
+        # R: max_grad_norm, which adaptive clipping's first step (the only one of a smoke run) clips with
+        std = sigma * config.max_grad_norm / config.expected_batch_size
         residual2 = total2 = 0.0
         count = 0
         for name, p in engine.parameters.items():

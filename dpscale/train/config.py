@@ -22,6 +22,7 @@ __all__ = ["TrainConfig", "load_config"]
 TASKS = ("causal-lm", "classification")
 TRAINABLE = ("all", "bias", "lora")
 PRIVACY_UNITS = ("example", "user")
+OPTIMIZERS = ("adamw", "adambc")
 
 
 @dataclass
@@ -59,6 +60,11 @@ class TrainConfig:
         died or hung ends the run in bounded time instead of torch's default 30 minutes.
     deepspeed: a DeepSpeed config file (ds_configs/zero*.json), for the deepspeed launcher or
         torchrun; ``accelerate launch`` with a DeepSpeed config needs none.
+    optimizer: "adamw" (default) or "adambc" (``dpscale.DPAdamBC``: Adam with the DP noise variance
+        removed from its second moment, floored at ``adambc_floor``; post-processing, epsilon unchanged).
+    clip_quantile, clip_quantile_lr, clip_count_std: adaptive clipping (``DPConfig``'s knobs of the
+        same names; max_grad_norm is then the starting R): R follows that quantile of the per-example
+        norms, estimated privately each step; needs clip_fn abadi.
     """
 
     model: str = "smollm2-135m"
@@ -103,6 +109,12 @@ class TrainConfig:
     cpu: bool = False
     collective_timeout: float = 300.0
     deepspeed: str | None = None
+    # optimizer and adaptive clipping (DP-AdamBC; Andrew et al.'s quantile clipping)
+    optimizer: str = "adamw"
+    adambc_floor: float = 1e-8
+    clip_quantile: float | None = None
+    clip_quantile_lr: float = 0.2
+    clip_count_std: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):
@@ -116,6 +128,7 @@ class TrainConfig:
         if self.task == "classification" and self.text_column is None:
             self.text_column = "sentence"
         self._check_privacy_unit()
+        self._check_optimizer_and_adaptive_clipping()
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("Give epochs or max_steps: the length of the run the noise is calibrated for.")
         for name in ("batch_size", "lr", "max_grad_norm", "epsilon", "collective_timeout"):
@@ -159,6 +172,38 @@ class TrainConfig:
                     f"{flag} ({name}) is for --privacy-unit user; with privacy_unit example each row is its own "
                     f"unit and {name} would be ignored. Add --privacy-unit user, or drop {flag}."
                 )
+
+    def _check_optimizer_and_adaptive_clipping(self) -> None:
+        """Checked before anything loads (DPConfig checks the rest when the engine is built)."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if not (isinstance(self.adambc_floor, (int, float)) and math.isfinite(self.adambc_floor)
+                and self.adambc_floor > 0):
+            raise ConfigError(f"adambc_floor must be a positive number, got {self.adambc_floor!r}.")
+        if self.non_private and (self.optimizer == "adambc" or self.clip_quantile is not None):
+            raise ConfigError(
+                "--non-private trains without clipping or noise, so --optimizer adambc (which removes the noise's "
+                "variance) and --clip-quantile (adaptive clipping) have nothing to act on: drop them for the baseline "
+                "(--optimizer adamw)."
+            )
+        adaptive_off = self.clip_quantile is None
+        ignored = [flag for flag, on in (
+            ("--adambc-floor", self.adambc_floor != 1e-8 and self.optimizer != "adambc"),
+            ("--clip-quantile-lr", self.clip_quantile_lr != 0.2 and adaptive_off),
+            ("--clip-count-std", self.clip_count_std is not None and adaptive_off)) if on]
+        if ignored:
+            raise ConfigError(
+                f"{', '.join(ignored)} would be ignored: --adambc-floor goes with --optimizer adambc, "
+                "--clip-quantile-lr and --clip-count-std with --clip-quantile (adaptive clipping). Add the option "
+                "they belong to, or drop them."
+            )
+        if not adaptive_off and self.clip_fn != "abadi":
+            raise ConfigError(
+                f"--clip-quantile (adaptive clipping) follows the fraction of examples Abadi clipping leaves "
+                f"unclipped; clip_fn {self.clip_fn!r} clips every example. Add --clip-fn abadi (clip_fn: abadi in the "
+                "YAML), or "
+                "drop --clip-quantile."
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

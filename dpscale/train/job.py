@@ -108,7 +108,7 @@ def run(config: TrainConfig) -> TrainResult:
     model = select_trainable(model, config.trainable, task=config.task, lora_r=config.lora_r,
                              lora_alpha=config.lora_alpha, lora_dropout=0.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = _optimizer(config, trainable)
     model, optimizer = accelerator.prepare(model, optimizer)
     if config.report_to:
         # trackers take scalars and strings only; the key file's path is not logged
@@ -246,7 +246,7 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
     unit = {"privacy_unit": "user", "examples_per_user": config.examples_per_user} if task.users is not None else {}
     dp = DPConfig(max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
                   dataset_size=dataset_size, target_epsilon=config.epsilon, target_delta=config.delta,
-                  clip_fn=config.clip_fn, **length, **unit)
+                  clip_fn=config.clip_fn, **length, **unit, **_adaptive_clipping(config))
     engine = make_private(accelerator, model, optimizer, dp, noise_key=_shared_key(config, accelerator))
     loader = make_data_loader(accelerator, engine, task.train.dataset, max_physical_batch_size=config.micro_batch,
                               collate_fn=task.train.collate, user_ids=task.users)
@@ -267,16 +267,24 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
     def losses_of(micro):
         return task.losses(engine.model, micro, accelerator.device)
 
+    def clip_norm_used() -> float:
+        adaptive = engine.adaptive_clipping
+        return config.max_grad_norm if adaptive is None else adaptive.history[-1]
+
     def on_step(outcome: StepOutcome) -> None:
         norms = engine.step_norms
         record = {
             "step": engine.steps_taken,
             "loss": outcome.loss_sum / max(outcome.examples, 1) if outcome.examples else None,
             "epsilon": engine.epsilon(), "sigma": engine.noise_multiplier, "sample_rate": engine.sample_rate,
-            "clip_fraction": float((norms > config.max_grad_norm).float().mean()) if norms.numel() else 0.0,
+            "clip_fraction": float((norms > clip_norm_used()).float().mean()) if norms.numel() else 0.0,
             "mean_norm": float(norms.mean()) if norms.numel() else 0.0, "step_seconds": outcome.seconds,
             "batch": outcome.global_size,  # users at user level
         }
+        if engine.adaptive_clipping is not None:  # R over time: the norm this step clipped with, and the next
+            record["clip_norm"] = clip_norm_used()
+            record["next_clip_norm"] = engine.clip_thresholds[0]
+            record["unclipped_fraction"] = engine.adaptive_clipping.last_fractions[0]  # the noisy, released one
         history.append(record)
         log_step(accelerator, bar, record)
         if engine.steps_taken % config.checkpoint_every == 0:
@@ -298,11 +306,29 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
                                       "budget_steps", "target_epsilon", "accountant", "sampling", "sampling_source",
                                       "clip_fn", "max_grad_norm", "expected_batch_size", "dataset_size",
                                       "privacy_unit", "examples_per_user", "protects")}
+    privacy.update({k: report[k] for k in ("gradient_noise_multiplier", "adaptive_clipping") if k in report})
     engine.detach()
     return Trained(history, engine.steps_taken, outcome.stopped, privacy)
 
 
 # plumbing -----------------------------------------------------------------------------------------
+
+
+def _optimizer(config: TrainConfig, trainable: list) -> torch.optim.Optimizer:
+    """--optimizer: AdamW, or DPAdamBC (the engine binds it to its noise std when make_private attaches it)."""
+    if config.optimizer == "adambc":
+        from dpscale.optim import DPAdamBC
+
+        return DPAdamBC(trainable, lr=config.lr, floor=config.adambc_floor, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _adaptive_clipping(config: TrainConfig) -> dict:
+    """--clip-quantile and its knobs, as DPConfig takes them (empty: fixed clipping)."""
+    if config.clip_quantile is None:
+        return {}
+    return {"clip_quantile": config.clip_quantile, "clip_quantile_lr": config.clip_quantile_lr,
+            "clip_count_std": config.clip_count_std}
 
 
 def _shared_key(config: TrainConfig, accelerator) -> str:
