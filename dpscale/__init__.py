@@ -11,6 +11,7 @@ import importlib
 from dpscale.errors import (
     CheckpointError,
     ConfigError,
+    DataError,
     DPScaleError,
     ForeignGradientError,
     LossShapeError,
@@ -54,6 +55,7 @@ __all__ = [
     *_LAZY,
     "CheckpointError",
     "ConfigError",
+    "DataError",
     "DPScaleError",
     "ForeignGradientError",
     "LossShapeError",
