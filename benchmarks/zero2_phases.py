@@ -65,6 +65,7 @@ def main() -> None:
     args = argparse.Namespace(small=False, seed=0, batch=cli.batch, seq=cli.seq, world=world, optimizer="sgd",
                               lr=1e-4, max_grad_norm=1.0, noise_multiplier=1.0, rmsnorm_rule="builtin")
     import deepspeed.runtime.engine as ds_engine_module
+
     import dpscale.backends.deepspeed as ds_backend
     import dpscale.engine as engine
     if cli.stage == 3:

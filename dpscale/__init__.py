@@ -11,6 +11,7 @@ import importlib
 from dpscale.errors import (
     CheckpointError,
     ConfigError,
+    DataError,
     DPScaleError,
     ForeignGradientError,
     LossShapeError,
@@ -55,6 +56,7 @@ __all__ = [
     *_LAZY,
     "CheckpointError",
     "ConfigError",
+    "DataError",
     "DPScaleError",
     "ForeignGradientError",
     "LossShapeError",

@@ -263,6 +263,12 @@ _TRAIN_HELP = {
                          "k <= --micro-batch)",
     "report_to": "Accelerate trackers, comma-separated: tensorboard, wandb, ...",
     "noise_key": "noise key file (every rank reads it; default: created in --output-dir)",
+    "labels": "classification: the expected labels in id order, comma-separated (e.g. 0,1); a row with another "
+              "label is refused (default: the training data's distinct labels; empty or NaN ones are refused)",
+    "resume": "continue the checkpoint in --output-dir (default); --no-resume starts over (refused with the key the "
+              "checkpoint was written with: see --fresh-key)",
+    "fresh_key": "start anew with a new noise key where a previous run exists: that run moves whole to "
+                 "--output-dir/previous-<key fingerprint>/",
     "collective_timeout": "seconds a process waits for the others in a collective before the job fails: a dead "
                           "or hung rank ends the run in bounded time",
     # optimizer and adaptive clipping

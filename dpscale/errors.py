@@ -10,6 +10,11 @@ class ConfigError(DPScaleError, ValueError):
     """A DPConfig (or a config of a training engine) would weaken or break the guarantee."""
 
 
+class DataError(ConfigError):
+    """A data file ``dpscale train`` cannot train on as it is (its encoding, a column, a label, an
+    empty row): the message names the file, the line and the fix. Raised before the model loads."""
+
+
 class UnsupportedModuleError(DPScaleError, TypeError):
     """A trainable parameter whose per-example gradient dpscale cannot compute exactly."""
 

@@ -25,6 +25,8 @@ import logging
 from dataclasses import asdict, dataclass, replace
 
 from dpscale.accounting import calibrate_noise_multiplier, compute_epsilon, default_delta, steps_for_epochs
+from dpscale.accounting.inputs import check_noise_multiplier
+from dpscale.accounting.limits import PLDOutOfRange, check_pld_computable
 from dpscale.adaptive_clipping import AdaptiveClippingPlan, build_adaptive_plan
 from dpscale.clipping import ClippingPlan
 from dpscale.config import DPConfig
@@ -156,6 +158,7 @@ def build_execution_plan(config: DPConfig, clipping: ClippingPlan, *, key_finger
         sigma = float(config.noise_multiplier)
         if sigma == 0:
             logger.warning("noise_multiplier is 0: the model is clipped but NOT private (epsilon is infinite).")
+        _refuse_unaccountable(config, sigma, q, steps, delta)
     adaptive = build_adaptive_plan(config, len(clipping.groups), sigma)
     plan = ExecutionPlan(
         sampling=SamplingPlan(config.sampling, q, config.dataset_size, steps, rank, world_size,
@@ -175,6 +178,15 @@ def build_execution_plan(config: DPConfig, clipping: ClippingPlan, *, key_finger
     return plan
 
 
+def _refuse_unaccountable(config: DPConfig, sigma: float, q, steps, delta) -> None:
+    """A given noise multiplier the accountant cannot compute is refused when the engine is built, not
+    at the first epsilon: outside the range of both accountants, or (PLD) a planned run whose PLD would
+    not fit in bounded memory (dpscale.accounting.limits)."""
+    check_noise_multiplier(sigma)
+    if config.accountant == "pld" and sigma > 0 and None not in (q, steps, delta) and steps > 0:
+        check_pld_computable([(sigma, q, steps)], delta)
+
+
 def planned_steps(config: DPConfig) -> int | None:
     """The run's length in steps: ``steps``, or ``epochs`` at q = B / N; None when unknown."""
     if config.steps is not None:
@@ -192,20 +204,29 @@ def _epsilon_after(plan: ExecutionPlan, steps: int) -> float:
     )
 
 
+def _fits(plan: ExecutionPlan, steps: int, target: float) -> bool:
+    """Epsilon after ``steps`` is within ``target``; a run past what a PLD holds (an epsilon in the
+    hundreds, far above any target calibrated) is not."""
+    try:
+        return _epsilon_after(plan, steps) <= target
+    except PLDOutOfRange:
+        return False
+
+
 def _budget_steps(plan: ExecutionPlan, target: float, planned: int) -> int:
     """The largest step count whose epsilon is at most ``target``. Sigma was calibrated so that
     ``planned`` steps fit; the rounding of sigma may leave room for a few more. One extra epsilon
     evaluation in the common case (planned + 1 already exceeds the target)."""
     fits = planned
     step = 1
-    while _epsilon_after(plan, fits + step) <= target:
+    while _fits(plan, fits + step, target):
         fits += step
         step *= 2
     # fits fits and fits + step does not: bisect in between.
     low, high = fits, fits + step
     while high - low > 1:
         middle = (low + high) // 2
-        if _epsilon_after(plan, middle) <= target:
+        if _fits(plan, middle, target):
             low = middle
         else:
             high = middle

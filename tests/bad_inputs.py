@@ -21,7 +21,9 @@ from torch import nn
 
 import dpscale
 from dpscale import (
+    CheckpointError,
     ConfigError,
+    DataError,
     DPConfig,
     DPScaleError,
     ForeignGradientError,
@@ -282,6 +284,66 @@ def deepspeed_settings(**changes) -> None:
     check_deepspeed_config(SimpleNamespace(**{name: (lambda v=v: v) for name, v in values.items()}))
 
 
+# dpscale train: data and reruns, in a temporary folder entered for the case, so that the messages
+# name the same relative paths on every run; the model is never loaded (the refusals come first)
+
+
+def in_folder(perform: Callable[[], object]) -> Callable[[], object]:
+    def inside() -> object:
+        import os
+
+        here = os.getcwd()
+        with tempfile.TemporaryDirectory() as folder:
+            os.chdir(folder)
+            try:
+                return perform()
+            finally:
+                os.chdir(here)
+
+    return inside
+
+
+def train_run(**flags) -> None:
+    from dpscale.train.config import load_config
+    from dpscale.train.job import run
+
+    run(load_config(None, {"model": "no-such-model", "output_dir": "out", **flags}))
+
+
+def classification_data(values=("0", "1", "0", "1"), raw: bytes | None = None, **flags) -> None:
+    Path("t.csv").write_bytes(raw or ("sentence,label\n" + "".join(f"text {i},{label}\n"
+                                                                     for i, label in enumerate(values))).encode())
+    train_run(task="classification", data="t.csv", **flags)
+
+
+def with_eval_labels(labels) -> None:
+    Path("e.csv").write_text("sentence,label\n" + "".join(f"text {i},{label}\n" for i, label in enumerate(labels)))
+    classification_data(eval_data="e.csv")
+
+
+def rerun(**flags) -> None:
+    """A checkpoint at step 2 of the default job written with key run.key (a fixed key), then a rerun."""
+    from dpscale.checkpoint import save_atomic
+    from dpscale.noise import NoiseKey
+    from dpscale.train.checks import check_data
+    from dpscale.train.config import load_config
+    from dpscale.train.rerun import job_record
+
+    key = Path("run.key")
+    key.write_text("ab" * 32 + "\n")
+    key.chmod(0o600)
+    first = load_config(None, {"model": "no-such-model", "output_dir": "out", "noise_key": "run.key"})
+    privacy = {"steps_taken": 2, "key_fingerprint": NoiseKey.from_file(key).fingerprint}
+    save_atomic({"params": {}, "optimizer": {}, "history": [], "before": {}, "step": 2, "rng": torch.get_rng_state(),
+                 "privacy": privacy, "job": job_record(first, check_data(first))},
+                Path("out/checkpoint/state.pt"), kind="train-state")
+    train_run(**flags)
+
+
+def engine_for_steps(sigma: float) -> PrivacyEngine:
+    return engine_with(noise_multiplier=sigma, dataset_size=1000, expected_batch_size=50, steps=300)
+
+
 # the cases ----------------------------------------------------------------------------------
 
 nan, inf = float("nan"), float("inf")
@@ -511,6 +573,43 @@ CASES: list[Case] = [
          lambda: deepspeed_settings(fp16_enabled=True), ConfigError, "fp16"),
     Case("deepspeed_accumulation", "Training engine", "DeepSpeed `\"gradient_accumulation_steps\": 2`",
          lambda: deepspeed_settings(gradient_accumulation_steps=2), ConfigError, "gradient_accumulation_steps"),
+    # dpscale train: its data, checked before the model loads
+    Case("train_label_nan", "Train data", "a classification label `nan` in the training CSV",
+         in_folder(lambda: classification_data(values=("0", "1", "nan"))), DataError, "line 4"),
+    Case("train_label_empty", "Train data", "an empty classification label",
+         in_folder(lambda: classification_data(values=("0", "", "1"))), DataError, "is empty"),
+    Case("train_label_stray", "Train data", "a label `2` with `--labels 0,1`",
+         in_folder(lambda: classification_data(values=("0", "1", "2"), labels="0,1")),
+         DataError, "not among --labels"),
+    Case("train_not_utf8", "Train data", "a byte that is not UTF-8 (Latin-1 `\\xe9`) in the data file",
+         in_folder(lambda: classification_data(raw=b"sentence,label\ncaf\xe9,1\n")), DataError, "iconv"),
+    Case("train_no_column", "Train data", "a text column the file lacks (`--text-column text`)",
+         in_folder(lambda: classification_data(text_column="text")), DataError, "--text-column"),
+    Case("train_eval_label", "Train data", "an eval label the training data lacks",
+         in_folder(lambda: with_eval_labels(("0", "3"))), DataError, "not among the training labels"),
+    # dpscale train: a rerun in a folder with a checkpoint, refused before anything is written or loaded
+    Case("rerun_no_key", "Train rerun", "a rerun without the `--noise-key` the checkpoint was written with",
+         in_folder(lambda: rerun()), ConfigError, "--noise-key PATH"),
+    Case("rerun_epsilon", "Train rerun", "a rerun with `--epsilon 3` (the run had 8)",
+         in_folder(lambda: rerun(noise_key="run.key", epsilon=3.0)), CheckpointError, "--epsilon 8 -> 3"),
+    Case("rerun_batch", "Train rerun", "a rerun with `--batch-size 32` (the run had 64)",
+         in_folder(lambda: rerun(noise_key="run.key", batch_size=32.0)), CheckpointError, "--batch-size 64 -> 32"),
+    Case("rerun_steps", "Train rerun", "a rerun with `--max-steps 20` (the run had 12)",
+         in_folder(lambda: rerun(noise_key="run.key", max_steps=20)), CheckpointError, "--max-steps 12 -> 20"),
+    Case("rerun_reused_key", "Train rerun", "`--no-resume` with the key the checkpoint was written with",
+         in_folder(lambda: rerun(noise_key="run.key", resume=False)), ConfigError, "--fresh-key"),
+    Case("rerun_fresh_with_key", "Train rerun", "`--fresh-key` with `--noise-key`",
+         in_folder(lambda: rerun(noise_key="run.key", fresh_key=True)), ConfigError, "drop --noise-key"),
+    # the accountant's range
+    Case("sigma_1e-6_epsilon", "Accounting", "`dpscale epsilon --sigma 1e-6` (PLD; q = 0.05, 300 steps)",
+         lambda: dpscale.compute_epsilon(1e-6, 0.05, 300, 1e-5), PrivacyBudgetError, "noise_multiplier >="),
+    Case("sigma_1e-6_engine", "Accounting", "an engine with `noise_multiplier=1e-6` (PLD; 300 steps at q = 0.05)",
+         lambda: engine_for_steps(1e-6), PrivacyBudgetError, "noise_multiplier >="),
+    Case("sigma_out_of_range", "Accounting", "`noise_multiplier=1e-9` (either accountant)",
+         lambda: dpscale.compute_epsilon(1e-9, 0.05, 300, 1e-5, accountant="rdp"), PrivacyBudgetError, "outside"),
+    Case("epsilon_vanishing_noise", "Accounting", "`dpscale calibrate --epsilon 1e12`",
+         lambda: dpscale.calibrate_noise_multiplier(1e12, 1e-5, 0.05, 300), PrivacyBudgetError,
+         "promises next to nothing"),
 ]
 
 

@@ -143,7 +143,7 @@ def test_unknown_formats_and_malformed_files_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="header"):
         read_table(tmp_path / "empty.csv")
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n[1, 2]\n')
-    with pytest.raises(ConfigError, match="row 1 is list"):
+    with pytest.raises(ConfigError, match="bad.jsonl, line 2 is list"):
         read_table(tmp_path / "bad.jsonl")
 
 

@@ -95,9 +95,11 @@ class PrivacyAccountant:
             return []
         count = min(points, total)
         marks = sorted({math.ceil(total * (i + 1) / count) for i in range(count)})
-        return [(mark, self._epsilon_after(mark, float(delta))) for mark in marks]
+        # the last mark is the whole history: checked once there, its prefixes hold no more
+        last = self._epsilon_after(marks[-1], float(delta), gate=True)
+        return [(mark, self._epsilon_after(mark, float(delta))) for mark in marks[:-1]] + [(marks[-1], last)]
 
-    def _epsilon_after(self, steps: int, delta: float) -> float:
+    def _epsilon_after(self, steps: int, delta: float, gate: bool = False) -> float:
         prefix: list[Segment] = []
         remaining = steps
         for sigma, q, count in self._segments:
@@ -105,7 +107,7 @@ class PrivacyAccountant:
                 break
             prefix.append((sigma, q, min(count, remaining)))
             remaining -= count
-        return epsilon_of(prefix, delta, self.accountant, self.sampling, self.dataset_size)
+        return epsilon_of(prefix, delta, self.accountant, self.sampling, self.dataset_size, gate=gate)
 
     def state_dict(self) -> dict:
         """The history as plain Python values (JSON, and torch.load(weights_only=True))."""

@@ -16,6 +16,7 @@ from dpscale.accounting.inputs import (
     check_sample_rate,
     check_steps,
 )
+from dpscale.accounting.limits import PLDOutOfRange, least_pld_sigma
 from dpscale.errors import PrivacyBudgetError
 
 __all__ = [
@@ -170,9 +171,29 @@ def calibrate_noise_multiplier(
     q, delta, target, steps = float(sample_rate), float(delta), float(target_epsilon), int(steps)
     describe = f"epsilon={target:g} at delta={delta:g} with sample_rate={q:g} over {steps} steps"
 
+    reach: list[float] = []  # the least sigma a PLD of this run holds (limits.py), once looked up
+
+    def past_pld_limit() -> float:
+        """A sigma whose PLD would not fit: above the target if the least sigma that fits is (then
+        the search moves to more noise), else the target is out of the PLD accountant's reach."""
+        if not reach:
+            least = least_pld_sigma(q, steps, delta)
+            reach.extend([least, epsilon_of([(least, q, steps)], delta, "pld", sampling, dataset_size)])
+        least, most = reach
+        if most < target * (1.0 - tolerance):
+            raise PrivacyBudgetError(
+                f"{describe} is past what the PLD accountant computes in bounded memory: for this run it reaches "
+                f"epsilon {most:.4g} at most (at sigma={least:.4g}), and an epsilon that large promises next to "
+                "nothing. Give a target epsilon of at most that, or accountant='rdp' (--accountant rdp)."
+            )
+        return math.inf
+
     def eps_with(kind: str) -> Callable[[float], float]:
         def eps_at(sigma: float) -> float:
-            value = epsilon_of([(sigma, q, steps)], delta, kind, sampling, dataset_size)
+            try:
+                value = epsilon_of([(sigma, q, steps)], delta, kind, sampling, dataset_size)
+            except PLDOutOfRange:
+                value = past_pld_limit()
             logger.debug("calibration (%s): sigma=%.6g -> epsilon=%.6g", kind, sigma, value)
             return value
 

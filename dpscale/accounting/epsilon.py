@@ -19,6 +19,7 @@ from dpscale.accounting.inputs import (
     check_sample_rate,
     check_steps,
 )
+from dpscale.accounting.limits import check_pld_computable
 from dpscale.errors import ConfigError
 
 __all__ = ["PLD_VALUE_DISCRETIZATION", "Segment", "compute_epsilon", "epsilon_of"]
@@ -130,12 +131,18 @@ def epsilon_of(
     accountant: str,
     sampling: str,
     dataset_size: int | None,
+    *,
+    gate: bool = True,
 ) -> float:
-    """Epsilon of already validated segments."""
+    """Epsilon of already validated segments. Under PLD a history past what a PLD holds in bounded
+    memory is refused first (``limits.check_pld_computable``); ``gate=False`` skips that check for
+    a prefix of a history already checked (its epsilon is no larger)."""
     if not any(count for _, _, count in segments):
         return 0.0
     with _absl_warnings_as_debug():
         if accountant == "pld":
+            if gate:
+                check_pld_computable(segments, delta)
             return _pld_epsilon(segments, delta, sampling, dataset_size)
         acc = _composed_accountant(segments, accountant, sampling, dataset_size)
         return float(acc.get_epsilon(delta))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import numbers
 
+from dpscale.accounting.limits import NOISE_MULTIPLIER_RANGE
 from dpscale.errors import ConfigError, PrivacyBudgetError
 
 __all__ = [
@@ -83,6 +84,13 @@ def check_noise_multiplier(noise_multiplier: float) -> None:
         raise PrivacyBudgetError(
             f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0 (the noise "
             "standard deviation over the clipping norm); 0 means no privacy."
+        )
+    low, high = NOISE_MULTIPLIER_RANGE
+    if noise_multiplier != 0 and not low <= noise_multiplier <= high:
+        raise PrivacyBudgetError(
+            f"noise_multiplier={noise_multiplier!r} is outside [{low:g}, {high:g}], the noise multipliers "
+            "the accountants compute (dp_accounting overflows or divides by zero beyond); 0 means no noise "
+            "(no privacy). Give a noise multiplier in that range."
         )
 
 

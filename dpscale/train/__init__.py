@@ -2,8 +2,12 @@
 configured by flags and a YAML file, on the same step driver as every other entry point.
 
     config.py      TrainConfig: every knob of the job, from YAML and flags
-    data.py        tables from CSV / TSV / JSON lines / a saved datasets folder; tokenised datasets
-                   for classification and causal LM; the packaged E2E default
+    tables.py      tables from CSV / TSV / JSON lines / a saved datasets folder, with each row's
+                   line; the packaged E2E default
+    data.py        tokenised datasets for classification and causal LM
+    checks.py      every data file of a job checked before anything loads (file and line)
+    rerun.py       a rerun in a folder with a checkpoint: resume, --fresh-key, or refuse, before
+                   anything is written
     models.py      loading a hub id, a local folder or a GGUF file; trainable subsets; saving
     evaluate.py    eval loss and accuracy, generations and BLEU
     job.py         the run: accelerator, model, data, evaluation, and the private steps through the

@@ -65,7 +65,8 @@ def train_non_private(config: TrainConfig, task, model, optimizer, accelerator, 
         history.append(record)
         log_step(accelerator, bar, record)
         if step % config.checkpoint_every == 0 or step == stop:
-            save_checkpoint(folder, accelerator, model, optimizer, None, history, before, step=step)
+            save_checkpoint(folder, accelerator, model, optimizer, None, history, before, step=step,
+                            job=task.job)
     bar.close()
     return Trained(history, step, "end", {"epsilon": None, "non_private": True})
 

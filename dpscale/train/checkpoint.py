@@ -30,13 +30,16 @@ logger = logging.getLogger(__name__)
 _STATE_KEYS = {"params", "optimizer", "history", "before", "step", "rng"}
 
 
-def save_checkpoint(folder: Path, accelerator, model, optimizer, engine, history, before, step=None) -> None:
+def save_checkpoint(folder: Path, accelerator, model, optimizer, engine, history, before, step=None,
+                    job: dict | None = None) -> None:
     """Trainable parameters, optimizer and privacy state, written by the main process (all ranks
     hold the same after a step). ``state.pt`` holds all three in one atomic write, so a run killed
     at any point leaves a consistent checkpoint of one step; ``privacy.pt`` beside it is the privacy
     state alone (for ``dpscale audit`` and other readers), written after, so it may lag one step
-    behind a killed run's ``state.pt``. Under DeepSpeed (partitioned parameters and optimizer
-    state) only the privacy state is written, and a rerun refuses to resume from it."""
+    behind a killed run's ``state.pt``. ``job``: what the run records of itself (its resume flags
+    and training rows, ``rerun.job_record``), checked by a rerun. Under DeepSpeed (partitioned
+    parameters and optimizer state) only the privacy state is written, and a rerun refuses to
+    resume from it."""
     if not accelerator.is_main_process:
         return
     if _is_deepspeed(accelerator):
@@ -48,7 +51,8 @@ def save_checkpoint(folder: Path, accelerator, model, optimizer, engine, history
     save_atomic({"params": params, "optimizer": optimizer.state_dict(), "history": history, "before": before,
                  "step": step if step is not None else engine.steps_taken,
                  "rng": torch.get_rng_state(),  # dropout masks continue as in an uninterrupted run
-                 **({"privacy": engine.state_dict()} if engine is not None else {})},
+                 **({"privacy": engine.state_dict()} if engine is not None else {}),
+                 **({"job": job} if job is not None else {})},
                 folder / "state.pt", kind="train-state")
     if engine is not None:
         engine.save_checkpoint(folder / "privacy.pt")
@@ -91,7 +95,6 @@ def load_checkpoint(folder: Path, config: TrainConfig, accelerator) -> dict | No
                 f"{folder} holds parameters of step {state['step']} but a privacy state of step "
                 f"{privacy.get('steps_taken')}: the run died between the two writes. Remove {folder} to start over."
             )
-    accelerator.print(f"Resuming from {folder} (step {state['step']}).")
     return state
 
 

@@ -31,7 +31,10 @@ class TrainConfig:
         "minilm-l6").
     task: "causal-lm" (loss on the target column, or on the whole text) or "classification".
     data, eval_data: CSV, TSV, JSON lines or a saved datasets folder; none for causal-lm: the
-        packaged E2E development split, split by meaning representation into train and eval.
+        packaged E2E development split, split by meaning representation into train and eval. Both
+        are checked before the model loads (dpscale.train.checks).
+    labels: classification only: the expected labels in id order ("0,1"); a row with another label
+        is refused. Unset: the distinct labels of the training data (refused if one is empty or NaN).
     epsilon, delta: the target (sigma is calibrated for the planned steps); delta default N^-1.1.
     epochs or max_steps: the length the noise is calibrated for: epochs when given, else max_steps.
         With both, max_steps caps the run; it also stops (saving) where the budget is spent.
@@ -53,6 +56,10 @@ class TrainConfig:
         batches hold as many rows as a private step's expected count (batch_size users times the
         mean rows a drawn user brings) and the run as many steps, so the two runs see the same
         amount of data.
+    resume: a rerun with the same output_dir continues its checkpoint (the same key and resume flags,
+        dpscale.train.rerun); --no-resume starts over (refused with the key the checkpoint was
+        written with). fresh_key: start anew with a new key, the previous run moved whole to
+        output_dir/previous-<its key's fingerprint>/.
     report_to: Accelerate trackers ("tensorboard", "wandb", ...); none by default.
     cpu: Accelerator(cpu=True): gloo, even where GPUs exist.
     collective_timeout: seconds a process waits in a collective (the gradient all-reduce, a
@@ -73,6 +80,7 @@ class TrainConfig:
     eval_data: str | None = None
     text_column: str | None = None
     label_column: str = "label"
+    labels: list[str] | None = None
     eval_text_column: str | None = None
     prompt_column: str | None = "mr"
     target_column: str | None = "ref"
@@ -103,6 +111,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     checkpoint_every: int = 20
     resume: bool = True
+    fresh_key: bool = False
     generations: int = 10
     max_new_tokens: int = 40
     eval_batch_size: int = 32
@@ -127,6 +136,7 @@ class TrainConfig:
             raise ConfigError("task classification needs --data (a CSV, TSV, JSON lines file or datasets folder).")
         if self.task == "classification" and self.text_column is None:
             self.text_column = "sentence"
+        self._check_labels()
         self._check_privacy_unit()
         self._check_optimizer_and_adaptive_clipping()
         if self.max_steps is None and self.epochs is None:
@@ -143,6 +153,26 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value > 0):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+    def _check_labels(self) -> None:
+        """--labels "neg,pos" (labels: [neg, pos] in the YAML): the expected labels in id order, as
+        text; every data label is compared by its text."""
+        if self.labels is None:
+            return
+        if self.task != "classification":
+            raise ConfigError(
+                "--labels (labels:) states a classifier's labels; it applies to --task classification only."
+            )
+        items = self.labels.split(",") if isinstance(self.labels, str) else self.labels
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"labels must be a comma-separated text or a list, got {self.labels!r}.")
+        labels = [str(item).strip() for item in items]
+        if len(labels) < 2 or "" in labels or len(set(labels)) != len(labels):
+            raise ConfigError(
+                f"--labels {','.join(labels)} must name at least two distinct, non-empty labels in id order "
+                "(e.g. --labels 0,1 or --labels negative,positive)."
+            )
+        self.labels = labels
 
     def _check_privacy_unit(self) -> None:
         """The unit's knobs go together: a user column or k without the user unit would be silently

@@ -1,9 +1,6 @@
-"""Tables and tokenised datasets for ``dpscale train``.
+"""Tokenised datasets for ``dpscale train`` (the tables they are built from: ``tables.py``, whose
+names this module re-exports).
 
-    read_table(path)          rows from CSV, TSV, JSON lines or a folder saved with datasets
-    default_e2e()             the packaged E2E development split, divided by meaning representation
-    split_by_column(rows, c)  a deterministic train / eval split with no value of c in both parts
-    user_ids(rows, c)         the user of every row (user-level privacy), checked
     ClassificationData        one text (or text pair) -> one label; items are unpadded
     CausalLMData              prompt + separator + target + EOS, loss on the target only
 
@@ -15,212 +12,28 @@ any sampler (Poisson sampling included) can draw from them.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import importlib.resources
-import json
-import re
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from dpscale.errors import ConfigError
+from dpscale.train.tables import (  # noqa: F401 - the tables' names, where they were first published
+    FORMATS,
+    Table,
+    default_e2e,
+    read_located,
+    read_table,
+    require_columns,
+    split_by_column,
+    user_ids,
+)
 
 Row = dict[str, Any]
 
-FORMATS = "CSV (.csv), TSV (.tsv), JSON lines (.jsonl or .json) or a folder saved with datasets' save_to_disk"
 IGNORE_INDEX = -100
 DEFAULT_SEPARATOR = "\n"
-
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
-
-
-def read_table(path: str | Path, *, split: str | None = None, quotes: bool = True) -> list[Row]:
-    """Rows of a table as a list of dicts, one per example.
-
-    CSV and TSV files need a header line; a column whose every value is an integer (or a
-    decimal number) is read as ints (floats), any other column as strings. JSON lines files
-    hold one object per line (a ``.json`` file may also hold one array of objects); their
-    values are kept as they are. A folder written by ``datasets.Dataset.save_to_disk`` is read
-    with ``datasets.load_from_disk``; for a saved ``DatasetDict`` name the ``split`` unless
-    there is only one.
-
-    CSV and TSV fields may be quoted (as Python's csv module and pandas write them); with
-    ``quotes=False`` every character is read literally, as GLUE-style TSV files need when a text
-    holds an unbalanced quote. A TSV field holding a line break (the sign of an unclosed quote)
-    and a record with the wrong number of fields are refused."""
-    path = Path(path)
-    if path.is_dir():
-        return _read_saved_dataset(path, split)
-    if not path.exists():
-        raise ConfigError(f"No data at {path}: give a file or folder in one of these formats: {FORMATS}.")
-    suffix = path.suffix.lower()
-    if split is not None:
-        raise ConfigError(f"split={split!r} applies only to a saved datasets folder, not to the file {path}.")
-    if suffix in (".csv", ".tsv"):
-        return _read_delimited(path, "\t" if suffix == ".tsv" else ",", quotes)
-    if suffix in (".jsonl", ".json"):
-        return _read_json(path)
-    raise ConfigError(f"Cannot read {path}: unknown format {suffix or '(no suffix)'!r}; give {FORMATS}.")
-
-
-def _read_delimited(path: Path, delimiter: str, quotes: bool) -> list[Row]:
-    with path.open(newline="", encoding="utf-8-sig") as stream:  # -sig: drop a BOM
-        reader = csv.reader(stream, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quotes else csv.QUOTE_NONE)
-        header = next(reader, None)
-        if not header:
-            raise ConfigError(f"{path} is empty: a CSV or TSV file needs a header line naming its columns.")
-        if len(set(header)) != len(header):
-            raise ConfigError(f"{path} repeats a column name in its header {header}.")
-        records = []
-        for record in reader:
-            if not record:
-                continue  # a blank line
-            where = f"{path}, record {len(records) + 1} (ending on line {reader.line_num})"
-            if len(record) != len(header):
-                raise ConfigError(
-                    f"{where}: {len(record)} fields where the header has {len(header)} ({header}); "
-                    f"check the delimiter and the quoting of that record."
-                )
-            if delimiter == "\t" and any("\n" in field or "\r" in field for field in record):
-                raise ConfigError(
-                    f"{where}: a field holds a line break, the sign of an unclosed quote; "
-                    f"read_table(..., quotes=False) takes quotes literally."
-                )
-            records.append(record)
-    columns = [_infer_column([record[j] for record in records]) for j in range(len(header))]
-    return [{name: columns[j][i] for j, name in enumerate(header)} for i in range(len(records))]
-
-
-def _infer_column(values: list[str]) -> list[str] | list[int] | list[float]:
-    if values and all(_INT.fullmatch(value) for value in values):
-        return [int(value) for value in values]
-    if values and all(_FLOAT.fullmatch(value) for value in values):
-        return [float(value) for value in values]
-    return values
-
-
-def _read_json(path: Path) -> list[Row]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path} is not valid JSON: {error}.") from None
-    else:
-        rows = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}, line {line_number} is not one JSON object: {error}.") from None
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ConfigError(f"{path}: row {index} is {type(row).__name__}, not a JSON object of column: value.")
-    return rows
-
-
-def _read_saved_dataset(path: Path, split: str | None) -> list[Row]:
-    if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        raise ConfigError(f"{path} is a folder but not one saved with datasets' save_to_disk; give {FORMATS}.")
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(f"{path} is a saved datasets folder: install the datasets package to read it.") from None
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split is None:
-            if len(loaded) != 1:
-                raise ConfigError(f"{path} holds the splits {sorted(loaded)}: name one (split=...).")
-            split = next(iter(loaded))
-        if split not in loaded:
-            raise ConfigError(f"{path} has no split {split!r}; it holds {sorted(loaded)}.")
-        loaded = loaded[split]
-    elif split is not None:
-        raise ConfigError(f"{path} holds one dataset without splits; drop split={split!r}.")
-    return loaded.to_list()
-
-
-def require_columns(rows: Sequence[Row], columns: Iterable[str | None], what: str = "the data") -> None:
-    """Raise ConfigError naming the columns present when a row lacks one of ``columns``."""
-    wanted = [column for column in columns if column is not None]
-    if not rows:
-        raise ConfigError(f"{what} has no rows.")
-    for index, row in enumerate(rows):
-        missing = [column for column in wanted if column not in row]
-        if missing:
-            where = "" if index == 0 else f" (in row {index})"
-            raise ConfigError(
-                f"{what} has no column {', '.join(repr(c) for c in missing)}{where}; "
-                f"its columns are {', '.join(repr(c) for c in row)}."
-            )
-
-
-def user_ids(rows: Sequence[Row], column: str) -> list:
-    """The value of ``column`` in every row, in row order: the user each row belongs to, for
-    user-level privacy. Refused, naming the row: a missing column, an empty value (a row without a
-    user would be its own user, an unprotected person), a value that cannot key a table (a list)."""
-    try:
-        require_columns(rows, [column], "The training data")
-    except ConfigError as error:
-        raise ConfigError(f"{error} The user column (--user-column, user_column:) must be one of them.") from None
-    users = [row[column] for row in rows]
-    for index, user in enumerate(users):
-        if user is None or user == "":
-            raise ConfigError(
-                f"Training row {index} has no user in column {column!r}: at user level every row must name its "
-                "user; fill it in or drop the row."
-            )
-        try:
-            hash(user)
-        except TypeError:
-            raise ConfigError(
-                f"Training row {index} names its user with a {type(user).__name__} ({user!r}) in column {column!r}; "
-                "user ids must be strings or numbers."
-            ) from None
-    return users
-
-
-def split_by_column(rows: Sequence[Row], column: str, eval_fraction: float = 0.1) -> tuple[list[Row], list[Row]]:
-    """(train, eval): every row whose ``column`` value is among the chosen eval values goes to
-    eval, the rest to train, so that no value is in both parts. The eval values are the
-    round(eval_fraction * n_values) values with the smallest SHA-256 of their text: the split
-    depends on the values only, not on the order of the rows or on any random state."""
-    if not 0.0 < eval_fraction < 1.0:
-        raise ConfigError(f"eval_fraction {eval_fraction!r} must lie strictly between 0 and 1.")
-    require_columns(rows, [column])
-    values = sorted({str(row[column]) for row in rows}, key=lambda v: hashlib.sha256(v.encode("utf-8")).hexdigest())
-    n_eval = round(eval_fraction * len(values))
-    if n_eval == 0 or n_eval == len(values):
-        raise ConfigError(
-            f"{len(values)} distinct values of {column!r} cannot be split with eval_fraction {eval_fraction}: "
-            f"one part would be empty."
-        )
-    chosen = set(values[:n_eval])
-    train = [row for row in rows if str(row[column]) not in chosen]
-    held_out = [row for row in rows if str(row[column]) in chosen]
-    return train, held_out
-
-
-def default_e2e(eval_fraction: float = 0.1) -> tuple[list[Row], list[Row]]:
-    """The packaged E2E development split (CC BY-SA 4.0, see default_data/ATTRIBUTION.md) as
-    (train rows, eval rows), columns "mr" and "ref", split by meaning representation: no MR in
-    both parts, about ``eval_fraction`` of the MRs in eval, the same split on every call."""
-    resource = importlib.resources.files("dpscale.train") / "default_data" / "e2e_dev.csv"
-    with importlib.resources.as_file(resource) as path:
-        rows = read_table(path)
-    return split_by_column(rows, "mr", eval_fraction)
-
 
 # ---------------------------------------------------------------------------------------------
 # Tokenised datasets

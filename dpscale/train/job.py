@@ -21,6 +21,8 @@ progress and summary ``report.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import os
 import platform
 import time
@@ -41,10 +43,14 @@ from dpscale.train.checkpoint import (
     restore_privacy,
     save_checkpoint,
 )
+from dpscale.train.checks import check_data, describe_labels
 from dpscale.train.config import TrainConfig
 from dpscale.train.report import Trained, log_step, progress, write_report
+from dpscale.train.rerun import apply_rerun, check_resumable, job_record, plan_rerun
 
 __all__ = ["TrainResult", "run"]
+
+logger = logging.getLogger(__name__)
 
 _restore = restore_checkpoint  # the name tests/test_checkpoint_integrity.py imports from here
 
@@ -65,6 +71,7 @@ class _Task:
     labels: list | None
     classification: bool
     users: list | None = None  # privacy_unit user: the user of each training row, in row order
+    job: dict | None = None  # what the checkpoint records of this run (rerun.job_record)
 
     def losses(self, model, batch, device) -> torch.Tensor:
         """Per-example losses of a collated batch, moved to ``device`` first (both loops' batches
@@ -87,6 +94,7 @@ def run(config: TrainConfig) -> TrainResult:
         select_trainable,
     )
 
+    data = check_data(config)  # every data file checked before anything is created or loaded
     output = Path(config.output_dir)
     accelerator = Accelerator(log_with=config.report_to or None, project_dir=str(output / "logs"),
                               **_placement_kwargs(config))
@@ -97,14 +105,24 @@ def run(config: TrainConfig) -> TrainResult:
             "dpscale.integrations.accelerate.make_private) or DPTrainer, with launch/accelerate_fsdp2.yaml; "
             "for this job use DDP or DeepSpeed."
         )
+    # resume checks (checkpoint, key, flags) read only; then the folder is written, then the model loads
+    folder = output / "checkpoint"
+    state = None if config.fresh_key else load_checkpoint(folder, config, accelerator)
+    record = job_record(config, data)
+    rerun = plan_rerun(config, record, folder, state)
+    apply_rerun(rerun, config, accelerator)
+    if rerun.key is not None:
+        config = dataclasses.replace(config, noise_key=rerun.key)
     torch.manual_seed(config.seed)
-    train_rows, eval_rows, labels = _rows(config)
-    users = _user_ids(config, train_rows)  # checked before the model loads
+    train_rows, eval_rows, labels = data.train.rows, data.eval.rows if data.eval else None, data.labels
+    if labels is not None:
+        logger.info("Labels: %s", describe_labels(data))
+        accelerator.print(f"Labels: {describe_labels(data)}")
     name = resolve_model_name(config.model)
     model, tokenizer = load_model(name, task=config.task, num_labels=len(labels) if labels else None,
                                   labels=[str(label) for label in labels] if labels else None)
     task = _task(config, train_rows, eval_rows, tokenizer, labels)
-    task.users = users
+    task.users, task.job = data.users, record
     model = select_trainable(model, config.trainable, task=config.task, lora_r=config.lora_r,
                              lora_alpha=config.lora_alpha, lora_dropout=0.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -115,8 +133,6 @@ def run(config: TrainConfig) -> TrainResult:
         accelerator.init_trackers("dpscale-train", config={
             k: v if isinstance(v, (int, float, str, bool)) else str(v)
             for k, v in config.as_dict().items() if k != "noise_key"})
-    folder = output / "checkpoint"
-    state = load_checkpoint(folder, config, accelerator)
     if state:
         restore_checkpoint(model, optimizer, state, accelerator)
     before = state["before"] if state else _evaluate(config, task, accelerator.unwrap_model(model), tokenizer)
@@ -135,6 +151,7 @@ def run(config: TrainConfig) -> TrainResult:
         "non_private": config.non_private, "before": before, "after": after, "privacy": trained.privacy,
         "steps": trained.steps_total, "stopped": trained.stopped, "train_examples": len(task.train.dataset),
         "privacy_unit": None if config.non_private else config.privacy_unit,
+        **({"labels": [str(label) for label in labels], "label_counts": data.label_counts} if labels else {}),
         **({"train_users": len(set(task.users))} if task.users is not None else {}),
         "wall_seconds_this_run": round(seconds, 1), "processes": accelerator.num_processes,
         "hardware": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
@@ -150,43 +167,6 @@ def run(config: TrainConfig) -> TrainResult:
 
 
 # data --------------------------------------------------------------------------------------------
-
-
-def _rows(config: TrainConfig):
-    from dpscale.train.data import default_e2e, read_table
-
-    if config.data is None:
-        train_rows, eval_rows = default_e2e()
-    else:
-        train_rows = read_table(config.data)
-        eval_rows = read_table(config.eval_data) if config.eval_data else None
-    if config.max_train_examples:
-        train_rows = train_rows[: config.max_train_examples]
-    if eval_rows is not None and config.max_eval_examples:
-        eval_rows = eval_rows[: config.max_eval_examples]
-    labels = None
-    if config.task == "classification":
-        if not train_rows or config.label_column not in train_rows[0]:
-            raise ConfigError(f"The training data has no column {config.label_column!r} (--label-column).")
-        labels = sorted({row[config.label_column] for row in train_rows}, key=str)
-    return train_rows, eval_rows, labels
-
-
-def _user_ids(config: TrainConfig, rows) -> list | None:
-    """At user level the user of every training row, and a batch size no larger than the users."""
-    from dpscale.train.data import user_ids
-
-    if config.privacy_unit != "user":
-        return None
-    users = user_ids(rows, config.user_column)
-    count = len(set(users))
-    if config.batch_size > count:
-        raise ConfigError(
-            f"--batch-size {config.batch_size:g} is the expected number of users per step at user level, but the "
-            f"training data has {count} users (distinct values of {config.user_column!r}); lower --batch-size to at "
-            f"most {count}."
-        )
-    return users
 
 
 def _task(config: TrainConfig, train_rows, eval_rows, tokenizer, labels) -> _Task:
@@ -252,6 +232,7 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
                               collate_fn=task.train.collate, user_ids=task.users)
     history = list(state["history"]) if state else []
     if state:
+        check_resumable(engine, state, folder)  # the engine's own checks, worded with the flags
         restore_privacy(engine, state, folder)
     total = min(engine.budget_steps, config.max_steps or engine.budget_steps)
     if task.users is None:
@@ -288,10 +269,10 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
         history.append(record)
         log_step(accelerator, bar, record)
         if engine.steps_taken % config.checkpoint_every == 0:
-            save_checkpoint(folder, accelerator, model, optimizer, engine, history, before)
+            save_checkpoint(folder, accelerator, model, optimizer, engine, history, before, job=task.job)
 
     def on_stop(result: RunOutcome) -> None:
-        save_checkpoint(folder, accelerator, model, optimizer, engine, history, before)
+        save_checkpoint(folder, accelerator, model, optimizer, engine, history, before, job=task.job)
         if result.stopped == "budget":
             accelerator.print(f"Privacy budget reached after {engine.steps_taken} steps (epsilon "
                               f"{engine.epsilon():.3f} <= {config.epsilon}): stopped, checkpoint saved in {folder}.")
