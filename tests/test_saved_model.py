@@ -209,3 +209,46 @@ def test_the_default_key_lies_beside_the_model_and_one_inside_it_is_refused(inpu
     assert cli(["train", "--output-dir", str(tmp_path / "other"), "--noise-key", str(inside), "--max-steps", "1",
                 *common]) == 2
     assert "inside the model folder" in capsys.readouterr().err
+
+
+# the card alone, from a report -------------------------------------------------------------------
+
+
+def report_of(**changes) -> dict:
+    base = {"epsilon": 2.5, "delta": 1e-5, "noise_multiplier": 0.9, "sample_rate": 0.01, "steps": 40,
+            "planned_steps": 50, "target_epsilon": 3.0, "accountant": "pld", "sampling": "poisson",
+            "clipping": "flat", "clip_fn": "abadi", "max_grad_norm": 1.0, "expected_batch_size": 32.0,
+            "dataset_size": 3200, "privacy_unit": "example", "examples_per_user": None,
+            "protects": "each example (one sequence)"}
+    return {**base, **changes}
+
+
+def test_a_job_card_names_the_hub_base_of_a_packaged_model_and_a_baseline_claims_nothing(tmp_path):
+    from dpscale.train.model_card import write_job_card
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "dpscale_base.json").write_text(json.dumps({"task": "causal-lm", "adapter": "lora", "gguf_file": "x.gguf",
+                                                          "base_saved_in": "base", "num_labels": None}))
+    (tmp_path / "privacy_report.json").write_text(json.dumps(report_of()))
+    metrics = {"before": {"loss": 2.5}, "after": {"loss": 1.75}}
+    card = write_job_card(tmp_path, base_name="smollm2-135m", metrics=metrics, non_private=False).read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "packaged smollm2-135m" in card and "de-quantized" in card and "eval loss: 2.5 before, 1.75 after" in card
+    assert "(2.5, 1e-05)-differentially private** per example" in card and "40 step(s) taken" in card
+    assert "base/ beside the adapter" in card
+    card = write_job_card(tmp_path, base_name="gpt2", metrics=metrics, non_private=True).read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["differential_privacy"] is None
+    assert "without differential privacy" in card and "differentially private**" not in card
+
+
+def test_a_user_level_card_says_per_user(tmp_path):
+    from dpscale.train.model_card import model_card
+
+    card = model_card(report_of(privacy_unit="user", dataset_size=400, examples_per_user=4,
+                                protects="each user (all their examples)"), task="classification")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["differential_privacy"]["neighbouring_datasets"] == "add or remove one user"
+    assert "private** per user: it protects each user (all their examples) of the 400 users" in card
+    assert meta["pipeline_tag"] == "text-classification" and meta["library_name"] == "transformers"

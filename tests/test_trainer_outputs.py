@@ -28,8 +28,12 @@ def card_figures(folder) -> dict:
 
 
 def test_training_leaves_the_privacy_report_and_a_model_card_and_logs_epochs_over_the_data(tmp_path):
-    spec = {"dtype": "float64", "steps": 3}
-    t = worker.trainer(spec, str(tmp_path))
+    # calibrated for the 3 steps it takes: the Trainer's own count would call them one epoch (its loader's pass)
+    config = DPConfig(max_grad_norm=0.5, expected_batch_size=6, dataset_size=24, target_epsilon=8.0, steps=3,
+                      target_delta=1e-3)
+    t = DPTrainer(model=worker.gpt2(), args=worker.training_arguments({"steps": 3}, str(tmp_path)),
+                  train_dataset=worker.TokenDataset(), data_collator=worker.collate, dp_config=config,
+                  noise_key=worker.KEY)
     t.train()
     engine = t.privacy_engine
     report = json.loads((tmp_path / "privacy_report.json").read_text())

@@ -33,6 +33,10 @@ KEY_NOTE = (
     "they can subtract the noise, so against them the model carries no guarantee. Delete it once the run is final."
 )
 
+# dpscale's packaged model names -> the hub repositories their weights come from (card metadata names hub ids)
+_PACKAGED_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+                     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
 # report key -> what the card calls it (the metadata keeps the report's names)
 _FIGURES = ("epsilon", "delta", "privacy_unit", "protects", "noise_multiplier", "sample_rate", "steps",
             "planned_steps", "target_epsilon", "accountant", "sampling", "clipping", "clip_fn", "max_grad_norm",
@@ -96,7 +100,7 @@ def model_card(report: dict, *, base_model: str | None = None, task: str | None 
             f"The training is **({epsilon:.4g}, {r['delta']:.3g})-differentially private** per {unit}: it protects "
             f"{r['protects'] or 'each ' + unit} of the {r['dataset_size']} {unit}s of the training set (neighbouring "
             f"datasets: {r['neighbouring_datasets']}). Epsilon is what the {r['accountant']} accountant "
-            f"(dp-accounting) gives for the {r['steps']} steps taken of the subsampled Gaussian mechanism"
+            f"(dp-accounting) gives for the {r['steps']} step(s) taken of the subsampled Gaussian mechanism"
             + (f" (target epsilon {r['target_epsilon']:g})." if r.get("target_epsilon") is not None else "."))
     lines += [
         "", "## Mechanism", "",
@@ -112,7 +116,7 @@ def model_card(report: dict, *, base_model: str | None = None, task: str | None 
         "hyperparameters or to evaluate, are not covered by it.",
     ]
     if metrics:
-        lines += ["", "## Results", ""]
+        lines += ["", "## This run", ""]
         for name, value in metrics.items():
             lines.append(f"- {name}: {value}")
     if how_to_load:
@@ -139,7 +143,7 @@ def write_model_card(folder: str | os.PathLike, engine_or_report, *, base_model:
         record = json.loads(record_path.read_text())
         task = task or record.get("task")
         adapter = adapter or record.get("adapter")
-        base_model = base_model or record.get("base_name")
+        base_model = base_model or record.get("base_model")
     elif (folder / "adapter_config.json").is_file():  # a PEFT adapter saved by the user's own loop
         peft_config = json.loads((folder / "adapter_config.json").read_text())
         adapter = adapter or ("lora" if peft_config.get("peft_type") == "LORA" else None)
@@ -191,6 +195,10 @@ def write_job_card(output: str | os.PathLike, *, base_name: str | None, metrics:
     task = record.get("task")
     load = load_snippet(folder.resolve(), task, record.get("adapter"), record.get("num_labels"),
                        record.get("base_saved_in"))
+    if base_name in _PACKAGED_HUB_IDS:
+        results = {"base": f"dpscale's packaged {base_name}, the weights of {_PACKAGED_HUB_IDS[base_name]}"
+                   + (" (a GGUF file, de-quantized to float32)" if record.get("gguf_file") else ""), **results}
+        base_name = _PACKAGED_HUB_IDS[base_name]
     return write_model_card(folder, report, base_model=base_name, task=task, adapter=record.get("adapter"),
                             metrics=results or None, how_to_load=load)
 

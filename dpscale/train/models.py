@@ -396,7 +396,6 @@ def save_model(
         "task": task,
         "adapter": "lora" if is_lora else None,
         "base_saved_in": BASE_FOLDER if is_lora and record["gguf_file"] is not None else None,
-        "base_name": base_model,
         "num_labels": config.num_labels if task == "classification" else None,
         "labels": [config.id2label[i] for i in range(config.num_labels)] if task == "classification" else None,
     }
