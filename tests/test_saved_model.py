@@ -185,7 +185,7 @@ def test_the_model_card_carries_the_privacy_report_and_the_key_stays_out(inputs,
     assert meta["base_model"] == str(inputs["gpt2"]) and meta["pipeline_tag"] == "text-generation"
     assert f"({report['epsilon']:.4g}, {report['delta']:.3g})-differentially private** per example" in prose
     for said in (f"sigma = {report['noise_multiplier']:.4g}", f"q = {report['sample_rate']:.4g}",
-                 f"R = {report['max_grad_norm']:g}", f"{report['steps']} steps", "pld", "flat (abadi)",
+                 f"R = {report['max_grad_norm']:g}", f"{report['steps']} step(s)", "pld", "flat (abadi)",
                  "AutoPeftModelForCausalLM.from_pretrained", "noise key is not in this folder"):
         assert said in prose, said
     # the key: never inside model/, and the end of the run says where it is and why it matters
