@@ -12,6 +12,7 @@ closed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dpscale.sampling import LogicalBatch
+from dpscale.errors import SamplingError
+from dpscale.sampling import DPDataLoader, LogicalBatch
 
 __all__ = ["RunOutcome", "StepOutcome", "budget_reached", "run_logical_step", "run_steps"]
 
@@ -34,13 +36,21 @@ LossesFn = Callable[[Any], Tensor]
 @dataclass(frozen=True)
 class StepOutcome:
     """What one logical step did on this rank. ``loss_sum`` and ``examples`` describe the sampled
-    examples themselves: non-private statistics, for the user's own monitoring only."""
+    examples themselves: non-private statistics, for the user's own monitoring only. ``epsilon``:
+    spent after this step (``run_steps`` fills it in; None where the step is not closed here or
+    nothing is accounted)."""
 
     step: int
     examples: int
     global_size: int
     loss_sum: float
     seconds: float
+    epsilon: float | None = None
+
+    @property
+    def loss(self) -> float | None:
+        """Mean loss of this rank's sampled examples (None for an empty batch)."""
+        return self.loss_sum / self.examples if self.examples else None
 
 
 @dataclass(frozen=True)
@@ -104,36 +114,89 @@ def run_logical_step(engine, batch: LogicalBatch, losses_fn: LossesFn, *, close_
 
 def run_steps(engine, loader: Iterable[LogicalBatch], losses_fn: LossesFn, *, max_steps: int | None = None,
               on_step: Callable[[StepOutcome], None] | None = None,
-              on_stop: Callable[[RunOutcome], None] | None = None) -> RunOutcome:
-    """Logical steps over ``loader`` (the engine's own, ``engine.make_data_loader``) until one pass
-    of it ends (without ``max_steps``), ``max_steps`` steps were taken in this call (passes follow
-    one another), or the privacy budget is spent: the budget is checked before each batch is
-    drawn, so the run stops cleanly at it, never with an error.
+              on_stop: Callable[[RunOutcome], None] | None = None, progress: bool = True) -> RunOutcome:
+    """Logical steps over ``loader`` (the engine's own, ``engine.make_data_loader`` or
+    ``make_data_loader(accelerator, engine, ...)``) until one pass of it ends (without
+    ``max_steps``), ``max_steps`` steps were taken in this call (passes follow one another), or the
+    privacy budget is spent: the budget is checked before each batch is drawn, so the run stops
+    cleanly at it, never with an error. Any other loader (a plain ``DataLoader``) is refused before
+    the first step (``SamplingError``): the accountant's Poisson assumption holds only for the
+    engine's draws.
 
-    on_step(outcome): after every step (logging, progress, periodic checkpoints).
+    on_step(outcome): after every step (logging, progress, periodic checkpoints); ``outcome`` has
+        the step index, epsilon spent so far and the mean loss of the sampled examples.
     on_stop(outcome): once at the end, whatever the reason (save a checkpoint there).
+    progress: a progress bar (tqdm, on stderr, first rank only) with epsilon and the sampled loss.
     """
+    _check_loader(engine, loader)
+    bar = _progress_bar(engine, loader, max_steps) if progress else None
     taken = 0
     stopped = "end"
     batches = iter(loader)
-    while True:
-        if max_steps is not None and taken >= max_steps:
-            stopped = "max_steps"
-            break
-        if budget_reached(engine):
-            stopped = "budget"
-            break
-        batch = next(batches, None)
-        if batch is None and max_steps is not None:  # steps to go: the loader's next pass
-            batches = iter(loader)
+    try:
+        while True:
+            if max_steps is not None and taken >= max_steps:
+                stopped = "max_steps"
+                break
+            if budget_reached(engine):
+                stopped = "budget"
+                break
             batch = next(batches, None)
-        if batch is None:
-            break
-        outcome = run_logical_step(engine, batch, losses_fn)
-        taken += 1
-        if on_step is not None:
-            on_step(outcome)
+            if batch is None and max_steps is not None:  # steps to go: the loader's next pass
+                batches = iter(loader)
+                batch = next(batches, None)
+            if batch is None:
+                break
+            _check_batch(batch)
+            outcome = run_logical_step(engine, batch, losses_fn)
+            if engine.plan.accounts:
+                outcome = dataclasses.replace(outcome, epsilon=engine.epsilon())
+            taken += 1
+            if bar is not None:
+                shown = {"eps": outcome.epsilon, "loss": outcome.loss}
+                bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if v is not None}, refresh=False)
+                bar.update(1)
+            if on_step is not None:
+                on_step(outcome)
+    finally:
+        if bar is not None:
+            bar.close()
     result = RunOutcome(taken, stopped)
     if on_stop is not None:
         on_stop(result)
     return result
+
+
+_LOADER_FIX = (
+    "run_steps steps on logical batches drawn by the engine's own loader: loader = engine.make_data_loader(dataset, "
+    "max_physical_batch_size=..., collate_fn=...) (with Accelerate: dpscale.make_data_loader(accelerator, engine, "
+    "dataset, ...)), then dpscale.run_steps(engine, loader, losses_fn)"
+)
+
+
+def _check_loader(engine, loader) -> None:
+    """The engine's own loader; where the user declared their own sampling (or nothing is
+    accounted) another source of logical batches is theirs to vouch for (``_check_batch``)."""
+    if loader is engine.data_loader or not engine._boundary.checks_sampling:
+        return
+    given = "an unbound DPDataLoader" if isinstance(loader, DPDataLoader) else f"a {type(loader).__name__}"
+    raise SamplingError(f"run_steps was given {given}, not the engine's loader, so its batches would not be the "
+                        f"Poisson draws the accountant assumes. {_LOADER_FIX}.")
+
+
+def _check_batch(batch) -> None:
+    if not isinstance(batch, LogicalBatch) and not hasattr(batch, "micro_batches"):
+        raise SamplingError(f"run_steps got a {type(batch).__name__} where a logical batch (with its "
+                            f"micro_batches) belongs. {_LOADER_FIX}.")
+
+
+def _progress_bar(engine, loader, max_steps: int | None):
+    from tqdm.auto import tqdm
+
+    total = max_steps
+    if total is None:
+        with contextlib.suppress(TypeError):
+            total = len(loader)
+    if engine.budget_steps is not None and total is not None:
+        total = min(total, max(0, engine.budget_steps - engine.steps_taken))
+    return tqdm(total=total, unit="step", desc="dpscale", disable=engine.backend.rank != 0, leave=True)

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 import torch
@@ -44,7 +44,10 @@ from dpscale.step_boundary import StepBoundary
 from dpscale.tape import Tape
 from dpscale.units import check_privacy_units
 
-__all__ = ["PrivacyEngine"]
+__all__ = ["OptimizerFactory", "PrivacyEngine"]
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+"""factory(trainable parameters) -> the optimizer the engine attaches."""
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,9 @@ class PrivacyEngine:
 
     model: the model, or what wraps it for training: a DDP wrapper, a ``fully_shard``'ed (FSDP2)
         model or a DeepSpeedEngine; ``select_backend`` picks the backend and the module to hook.
-    optimizer: attached now, or later with ``attach_optimizer``.
+    optimizer: attached now, or later with ``attach_optimizer``: an optimizer over the model's
+        parameters (frozen ones are ignored) or a factory called with the trainable ones,
+        ``optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3)`` (then ``engine.optimizer``).
     noise_key: a ``NoiseKey`` or the path of a key file (reproducible, resumable runs; required
         with several processes, all reading the same file); default a fresh key. Never logged
         nor saved.
@@ -88,7 +93,7 @@ class PrivacyEngine:
         model: nn.Module,
         config: DPConfig,
         *,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | OptimizerFactory | None = None,
         noise_key: NoiseKey | str | os.PathLike | None = None,
         rules: RuleRegistry | None = None,
         backend: GradientBackend | None = None,
@@ -153,7 +158,11 @@ class PrivacyEngine:
         for own in self.backend.own_optimizers:  # DeepSpeed's base optimizer may be the user's DPAdamBC
             self._bind_noise_reader(own)
         if optimizer is not None:
-            self.attach_optimizer(optimizer)
+            try:
+                self.attach_optimizer(optimizer)
+            except BaseException:  # a refused optimizer leaves the model as it was found, free for a new engine
+                self.detach()
+                raise
         _log_plan(self.plan)
 
     # what the user sees -------------------------------------------------------------------------
@@ -290,14 +299,29 @@ class PrivacyEngine:
 
     # the step boundary ------------------------------------------------------------------------
 
-    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer | OptimizerFactory) -> torch.optim.Optimizer:
         """Bind the step: the noised gradients exist in ``p.grad`` only inside ``optimizer.step()``,
-        through removable step pre- and post-hooks (the optimizer itself is not modified). Every
-        parameter it updates must be one this engine clips; one optimizer per engine. Returns the
-        optimizer."""
-        self._handles.extend(self._boundary.attach(optimizer))
+        through removable step pre- and post-hooks (the optimizer itself is not modified). It must
+        update every parameter this engine clips and nothing else of consequence: the model's frozen
+        parameters may be in it (``AdamW(model.parameters())`` after LoRA) and are ignored, a parameter
+        from elsewhere or a trainable one left out is refused. ``optimizer`` may also be a factory,
+        ``lambda params: AdamW(params, lr=...)``, called with the trainable parameters. One optimizer
+        per engine. Returns the optimizer."""
+        if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer(list(self.parameters.values()))
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise ConfigError(f"The optimizer factory returned a {type(optimizer).__name__}, not a "
+                                  "torch.optim.Optimizer: give e.g. lambda params: torch.optim.AdamW(params, lr=1e-3).")
+        frozen = [p for p in self.model.parameters() if not p.requires_grad]
+        self._handles.extend(self._boundary.attach(optimizer, frozen))
         self._bind_noise_reader(optimizer)
         return optimizer
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The attached optimizer (built here when a factory was given), for a learning-rate
+        scheduler; None before one is attached and where the training engine steps its own."""
+        return self._boundary.optimizer
 
     def _bind_noise_reader(self, optimizer) -> None:
         """An optimizer that corrects for the noise (``DPAdamBC``) reads its std from this engine, so that

@@ -15,7 +15,7 @@ that the backward pipeline holds none and a resume knows what to reset.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,7 @@ class StepBoundary:
         self._current_parameters = current_parameters
         self.steps_taken = 0
         self.optimizer: torch.optim.Optimizer | None = None
+        self.frozen_in_optimizer: tuple[nn.Parameter, ...] = ()  # the model's frozen parameters it holds
         self.step_norms: Tensor | None = None  # per-unit norms of the last finished step (all its backwards)
         self.nonfinite_examples = 0  # units zeroed by the non-finite rule, this process
         self.foreign = ForeignGradientFlag()  # a gradient from outside engine.backward reached a parameter
@@ -159,7 +160,7 @@ class StepBoundary:
                 "build the engine and its optimizer (or build a new engine)."
             )
         if self.optimizer is not None:
-            ids = {id(p) for p in ours.values()}
+            ids = {id(p) for p in ours.values()} | {id(p) for p in self.frozen_in_optimizer}
             if any(id(p) not in ids for group in self.optimizer.param_groups for p in group["params"]):
                 raise ConfigError(
                     "The attached optimizer was given parameters that this engine does not clip after it was "
@@ -175,12 +176,18 @@ class StepBoundary:
         if self.backend.owns_step:
             return  # the training engine holds its gradients in p.grad by design (DeepSpeed)
         stray = sorted(name for name, p in current.items() if p.grad is not None)
+        frozen = [p for p in self.frozen_in_optimizer if p.grad is not None]
+        if frozen:  # only by hand: autograd gives a frozen parameter no gradient
+            stray.append(f"{len(frozen)} frozen parameter(s) the optimizer holds")
+            for p in frozen:
+                p.grad = None
         if stray:
             for name in stray:
-                current[name].grad = None
+                if name in current:
+                    current[name].grad = None
             self.foreign.seen = True
             raise ForeignGradientError(
-                f"Trainable parameters {stray[:5]} hold gradients that engine.backward did not write (the engine "
+                f"Parameters {stray[:5]} hold gradients that engine.backward did not write (the engine "
                 "keeps its clipped sums to itself until the optimizer's step): a backward other than "
                 "engine.backward reached them. No step was taken. Back-propagate per-example losses only through "
                 "engine.backward, and restart from the last checkpoint."
@@ -199,9 +206,16 @@ class StepBoundary:
 
     # closing a step -------------------------------------------------------------------------------
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> list:
+    def attach(self, optimizer: torch.optim.Optimizer, frozen: Iterable[nn.Parameter] = ()) -> list:
         """Bind the step to ``optimizer``: its step pre-hook closes the step and writes the noised
-        gradients, its post-hook releases them. Returns the removable handles."""
+        gradients, its post-hook releases them. Returns the removable handles.
+
+        The optimizer may hold the model's frozen parameters (``frozen``: requires_grad False, as
+        ``AdamW(model.parameters())`` does once LoRA or BiTFiT froze the rest): autograd never gives
+        them a gradient, so the optimizer skips them, and a gradient found on one at a step is refused
+        (``check_no_stray_gradient``). A parameter that is neither the engine's nor the model's is
+        refused, and so is a trainable one the optimizer leaves out (clipped and noised, never
+        trained: the model would not be the one the user asked for)."""
         if self.backend.owns_step:
             raise ConfigError(
                 f"{type(self.backend).__name__} steps its training engine's own optimizer (its step adds the "
@@ -210,14 +224,27 @@ class StepBoundary:
         if self.optimizer is not None:
             raise ConfigError("An optimizer is already attached to this engine: one optimizer per engine.")
         ours = {id(p) for p in self.parameters.values()}
-        foreign = [i for group in optimizer.param_groups for i, p in enumerate(group["params"]) if id(p) not in ours]
+        frozen = {id(p): p for p in frozen if id(p) not in ours}
+        held = [p for group in optimizer.param_groups for p in group["params"]]
+        foreign = [p for p in held if id(p) not in ours and id(p) not in frozen]
         if foreign:
             raise ConfigError(
-                f"The optimizer updates {len(foreign)} parameter(s) that this engine does not clip (frozen or "
-                "not part of the model); their gradients would not be private. Build the optimizer over "
+                f"The optimizer updates {len(foreign)} parameter(s) that this engine does not clip (not part of "
+                "the model, or unfrozen after the engine was built); their gradients would not be private. "
+                "Build the optimizer over model.parameters() (frozen parameters are ignored) or "
                 "engine.parameters.values()."
             )
+        held_ids = {id(p) for p in held}
+        missing = [name for name, p in self.parameters.items() if id(p) not in held_ids]
+        if missing:
+            raise ConfigError(
+                f"The optimizer leaves out {len(missing)} trainable parameter(s) ({missing[:5]}): the engine "
+                "would clip and noise them every step and never train them. Build the optimizer over "
+                "model.parameters() or engine.parameters.values() after choosing what trains (dpscale.lora, "
+                "dpscale.bitfit, requires_grad_(False)), or freeze these before building the engine."
+            )
         self.optimizer = optimizer
+        self.frozen_in_optimizer = tuple(p for p in held if id(p) in frozen)
         return [optimizer.register_step_pre_hook(lambda *_: self.backend.write_gradients(self.close())),
                 optimizer.register_step_post_hook(lambda *_: self.backend.release_gradients())]
 

@@ -1,4 +1,4 @@
-"""DP fine-tuning in a plain Accelerate loop: the README's 15 lines, runnable.
+"""DP fine-tuning in a plain Accelerate loop: the README's loop with flags (model, data, steps).
 
     python examples/accelerate_loop.py --model minilm-l6 --data ../shared/data/sst2/train.tsv
     accelerate launch --config_file launch/accelerate_cpu_2proc.yaml examples/accelerate_loop.py ...
@@ -19,10 +19,8 @@ from accelerate import Accelerator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import dpscale
-from dpscale.integrations.accelerate import make_data_loader, make_private
-from dpscale.losses import sequence_classification_losses
+from dpscale import make_data_loader, make_private, resolve_model_name, sequence_classification_losses
 from dpscale.train.data import padding_id
-from dpscale.train.models import resolve_model_name
 
 
 def read_sst2(path: str, tokenizer, max_length: int, limit: int | None) -> list[dict[str, torch.Tensor]]:
@@ -57,7 +55,7 @@ def main() -> None:
         return {"input_ids": ids, "attention_mask": (ids != pad).long(),
                 "labels": torch.stack([i["labels"] for i in items])}
 
-    # --- the loop (README) ---
+    # --- the loop (README, "Use it in your loop") ---
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -115,6 +115,14 @@ def adambc_unattached() -> None:
     optimizer.step()
 
 
+def run_steps_on_plain_loader(**changes) -> None:
+    """``dpscale.run_steps`` given a plain DataLoader instead of the engine's loader."""
+    model = mlp()
+    engine = bound(model, dataset_size=16, **changes)
+    plain = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
+    dpscale.run_steps(engine, plain, lambda micro: model(micro[0]).sum(1), progress=False)
+
+
 def loader(**changes):
     from dpscale import DPDataLoader
 
@@ -489,6 +497,9 @@ CASES: list[Case] = [
     Case("optimizer_foreign", "Optimizer", "an optimizer holding a parameter the engine does not clip",
          lambda: PrivacyEngine(mlp(), config(), optimizer=torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)),
          ConfigError, "does not clip"),
+    Case("optimizer_missing", "Optimizer", "an optimizer that leaves out a trainable parameter",
+         lambda: PrivacyEngine(mlp(), config(), optimizer=lambda params: torch.optim.SGD(params[1:], lr=0.1)),
+         ConfigError, "leaves out"),
     Case("optimizer_added_later", "Optimizer", "a parameter group added to the optimizer after it was attached",
          foreign_after_attach, ConfigError, "add_param_group"),
     Case("optimizer_second", "Optimizer", "a second optimizer attached",
@@ -545,6 +556,11 @@ CASES: list[Case] = [
          SamplingError, "never stepped"),
     Case("loader_bypassed", "Data loader", "`engine.backward` on a batch no bound loader drew", unsampled_backward,
          SamplingError, "make_data_loader"),
+    Case("run_steps_plain_loader", "Data loader", "`dpscale.run_steps(engine, DataLoader(dataset), ...)`",
+         run_steps_on_plain_loader, SamplingError, "make_data_loader("),
+    Case("run_steps_plain_declared", "Data loader",
+         "`dpscale.run_steps` on a plain `DataLoader` with `sampling_declared_by_user=True`",
+         lambda: run_steps_on_plain_loader(sampling_declared_by_user=True), SamplingError, "logical batch"),
     Case("budget_spent", "Data loader", "a step past `target_epsilon`", budget_spent, PrivacyBudgetError,
          "budget is spent"),
     # training-engine settings that change the DP step

@@ -222,10 +222,10 @@ def test_a_resume_under_the_same_scheme_keeps_one_record(tmp_path):
 
 def test_optimizer_over_foreign_parameters_is_refused():
     model, _ = model_and_data()
-    model[0].requires_grad_(False)
+    model[0].requires_grad_(False)  # frozen parameters of the model are ignored (tests/test_optimizer_attach.py)
     engine = PrivacyEngine(model, config(), noise_key=KEY)
     with pytest.raises(ConfigError, match="does not clip"):
-        engine.attach_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        engine.attach_optimizer(torch.optim.SGD([*model.parameters(), nn.Parameter(torch.ones(2))], lr=0.1))
 
 
 def test_data_loader_follows_the_plan():

@@ -433,11 +433,18 @@ def test_smollm2_gguf_lora_save_reload(smollm2, tmp_path):
     record = json.loads((tmp_path / "out" / "dpscale_base.json").read_text())
     assert record["base_model"] == name and record["gguf_file"] == Path(name).name
     adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == str(Path(name).parent)
+    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "out" / "base").resolve())
+    assert record["base_saved_in"] == "base"
     inputs = tokenizer(["The capital of France is"], return_tensors="pt")
     model.eval()
     with torch.no_grad():
         expected = model(**inputs).logits
-    loaded, _ = load_saved(tmp_path / "out")  # load_model(gguf) + PeftModel.from_pretrained
+    loaded, _ = load_saved(tmp_path / "out")  # the base beside it + PeftModel.from_pretrained
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, expected)
+    del loaded
+    from peft import AutoPeftModelForCausalLM
+
+    again = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # PEFT alone
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, expected)

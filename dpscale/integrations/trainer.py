@@ -36,7 +36,11 @@ in the Trainer's step, and only through its public methods:
 * Noise once per optimizer step in the engine's optimizer pre-hook (DeepSpeed: the base
   optimizer's), the accountant's step with it.
 * The budget: with a target epsilon, training stops (and saves a checkpoint) at the last step the
-  budget allows, whatever ``max_steps`` says.
+  budget allows, whatever ``max_steps`` says, with a warning and ``privacy_budget_reached`` in the
+  log history.
+* What it leaves: ``privacy_report.json`` and a model card (``README.md``, the privacy figures in its
+  metadata and prose) in ``output_dir`` when training ends and beside every ``save_model``; the
+  epoch it logs is passes over the data (expected examples processed / N).
 * ``log``: epsilon is added to every log; the pre-noise gradient norm the Trainer computes is
   dropped (it is a non-private statistic of the sampled examples), and so is the training loss
   unless ``log_train_loss=True``. Throughput counts logical examples (B per step).
@@ -96,6 +100,7 @@ from dpscale.integrations.trainer_callback import (
     load_privacy_state,
 )
 from dpscale.integrations.trainer_data import LogicalBatches, LogicalStep, to_device
+from dpscale.integrations.trainer_outputs import write_privacy_outputs
 from dpscale.integrations.trainer_refusals import (
     check_dp_arguments,
     check_trainer,
@@ -250,6 +255,13 @@ class DPTrainer(Trainer):
             logs["epsilon"] = self.privacy_engine.epsilon()
             logs["privacy_steps"] = self.privacy_engine.steps_taken
         super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, then the model card (``README.md``: epsilon, delta, the unit, sigma,
+        q, steps, the accountant and the clipping, at this step) beside the weights, and outside
+        checkpoints the privacy report too."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        write_privacy_outputs(self, output_dir or self.args.output_dir, report=not _internal_call)
 
     def save_privacy_state(self, folder: str | os.PathLike) -> None:
         """Write ``privacy.pt`` (steps, accountant, sampler position; never the key) into ``folder``

