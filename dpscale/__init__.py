@@ -46,6 +46,11 @@ _LAZY = {
     "bitfit": "dpscale.subsets",
     "lora": "dpscale.subsets",
     "train_only": "dpscale.subsets",
+    "zero_head": "dpscale.heads",
+    "head_parameter_names": "dpscale.heads",
+    "continue_run": "dpscale.phases",
+    "set_trainable": "dpscale.phases",
+    "label_word_losses": "dpscale.losses",
     "audit_one_run": "dpscale.audit",
     "AuditResult": "dpscale.audit",
 }
