@@ -51,7 +51,8 @@ def train(folders, out, *flags) -> dict:
 
 
 def test_the_head_starts_at_zero_under_dp_and_as_built_otherwise(folders, tmp_path):
-    private = train(folders, tmp_path / "dp", "--model", str(folders["bert"]), "--trainable", "bias", "--max-steps", "1")
+    private = train(folders, tmp_path / "dp", "--model", str(folders["bert"]), "--trainable", "bias",
+                    "--max-steps", "1")
     assert private["command_config"]["head_init"] == "zero"
     assert private["before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # uniform: the head is zero
     for flags in (("--non-private",), ("--head-init", "default")):

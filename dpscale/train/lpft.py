@@ -20,7 +20,7 @@ from torch import nn
 
 from dpscale.errors import ConfigError
 from dpscale.heads import head_parameter_names
-from dpscale.integrations.accelerate import distributed_type, make_private
+from dpscale.integrations import accelerate as integration
 from dpscale.phases import continue_run, set_trainable
 from dpscale.train.config import TrainConfig
 
@@ -42,7 +42,7 @@ def plan_phases(model: nn.Module, config: TrainConfig, state: dict | None, accel
     trainable set now is phase 2's) and leave the model in the phase the run starts in."""
     if not config.lp_steps:
         return None
-    if distributed_type(accelerator) in ("DEEPSPEED", "FSDP"):
+    if integration.distributed_type(accelerator) in ("DEEPSPEED", "FSDP"):
         raise ConfigError("--lp-steps changes the trained parameters between phases, which DeepSpeed's and FSDP's "
                           "optimizers fix when they are built; run LP-FT on one process or with DDP (accelerate "
                           "launch --multi_gpu), or drop --lp-steps.")
@@ -67,7 +67,7 @@ def hand_over(phases: Phases, engine, model, accelerator, config: TrainConfig, d
     optimizer = torch.optim.AdamW([p for p in unwrapped.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     optimizer = accelerator.prepare(optimizer)
-    following = make_private(accelerator, model, optimizer, dp, noise_key=noise_key)
+    following = integration.make_private(accelerator, model, optimizer, dp, noise_key=noise_key)
     continue_run(following, engine)
     accelerator.print(f"LP-FT: after {engine.steps_taken} steps of the head, fine-tuning {config.trainable} and the "
                       f"head ({len(following.parameters)} tensors), same accountant (epsilon so far "
