@@ -119,7 +119,10 @@ def check_private_steps(recorder: PrivateSteps, steps: int) -> None:
         where = f"step {record['step']}: {record}"
         assert std > 0 and record["engine_std"] == pytest.approx(std, rel=1e-12), where
         # the noise: sigma R / B per coordinate, and exactly the keyed draw of this step
-        assert 0.9 * std < record["grad_std"] < 1.1 * std, where
+        # the clipped sum moves the gradient's norm by at most its own norm (the residual): negligible over the
+        # recipes' tens of thousands of coordinates, not over a linear probe's few hundred (lora_eps8_lpft)
+        signal = record["residual_norm"] / math.sqrt(record["coordinates"])
+        assert 0.9 * std - signal < record["grad_std"] < 1.1 * std + signal, where
         per_unit = norms.clamp(max=R) if config.clip_fn == "abadi" else torch.full_like(norms, R)
         bound = float(per_unit.sum()) / B
         rounding = 1e-6 * std * math.sqrt(record["coordinates"])  # float32 gradients
