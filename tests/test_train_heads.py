@@ -62,7 +62,7 @@ def test_the_head_starts_at_zero_under_dp_and_as_built_otherwise(folders, tmp_pa
         assert abs(other["before"]["loss"] - math.log(2)) > 1e-4
 
 
-@pytest.mark.slow  # five tiny runs: about 25 s on an idle core
+@pytest.mark.slow  # four tiny runs: about 90 s here under load
 def test_lp_ft_is_one_run_and_resumes_across_the_phase_change(folders, tmp_path, capsys):
     flags = ("--model", str(folders["bert"]), "--trainable", "lora", "--lora-r", "2", "--lp-steps", "2",
              "--max-steps", "4", "--checkpoint-every", "1", "--epsilon", "3")
