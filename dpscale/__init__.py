@@ -57,6 +57,11 @@ _LAZY = {
     "per_example_losses": "dpscale.losses",
     "resolve_model_name": "dpscale.train.models",
     "write_model_card": "dpscale.train.model_card",
+    "zero_head": "dpscale.heads",
+    "head_parameter_names": "dpscale.heads",
+    "continue_run": "dpscale.phases",
+    "set_trainable": "dpscale.phases",
+    "label_word_losses": "dpscale.losses",
     "audit_one_run": "dpscale.audit",
     "AuditResult": "dpscale.audit",
 }

@@ -269,6 +269,12 @@ _TRAIN_HELP = {
               "checkpoint was written with: see --fresh-key)",
     "fresh_key": "start anew with a new noise key where a previous run exists: that run moves whole to "
                  "--output-dir/previous-<key fingerprint>/",
+    "head_init": "zero or default: how a classification head starts (unset: zero for a private run, see "
+                 "dpscale/heads.py)",
+    "lp_steps": "LP-FT in one accounted run: the first K steps train the classification head alone",
+    "label_words": "prompt-based classification with a causal LM: one word per label, comma-separated, in the "
+                   "labels' order (SST-2: terrible,great)",
+    "prompt_template": "with --label-words: where the text goes, e.g. '{text} It was' (the default)",
     "collective_timeout": "seconds a process waits for the others in a collective before the job fails: a dead "
                           "or hung rank ends the run in bounded time",
     # optimizer and adaptive clipping

@@ -5,15 +5,17 @@ averages over the batch's tokens, which mixes examples)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dpscale.errors import LossShapeError
 from dpscale.per_example import accumulation_dtype
 
-__all__ = ["causal_lm_losses", "per_example_losses", "sequence_classification_losses", "token_mean_losses"]
+__all__ = ["causal_lm_losses", "label_word_logits", "label_word_losses", "per_example_losses",
+           "sequence_classification_losses", "token_mean_losses"]
 
 
 def token_mean_losses(logits: Tensor, labels: Tensor, ignore_index: int = -100, *,
@@ -73,3 +75,33 @@ def per_example_losses(outputs, labels: Tensor, *, causal: bool, label_smoothing
         f"per_example_loss='auto' knows logits [B, C] and [B, T, V], got {tuple(logits.shape)}: pass "
         "per_example_loss=fn(outputs, labels) -> [B]."
     )
+
+
+def label_word_logits(logits: Tensor, attention_mask: Tensor, label_word_ids: Sequence[int] | Tensor) -> Tensor:
+    """[B, K] the causal LM's logits of the K label words at each example's last real position
+    (prompt-based classification: the next token after "<sentence> It was"). The batch must be
+    padded on the right, as dpscale's collators pad it: with left padding the positions of an
+    example's tokens, hence its logits, would depend on the longest example of the batch."""
+    if logits.dim() != 3 or attention_mask.shape != logits.shape[:2]:
+        raise LossShapeError(f"Expected logits [B, T, V] and attention_mask [B, T], got {tuple(logits.shape)} and "
+                             f"{tuple(attention_mask.shape)}.")
+    lengths = attention_mask.sum(1)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    if bool((lengths < 1).any()) or not torch.equal(attention_mask.bool(), positions[None, :] < lengths[:, None]):
+        raise LossShapeError("label_word_logits needs every example padded on the right (attention_mask 1...1 0...0, "
+                             "at least one real token): pad on the right (tokenizer.padding_side='right').")
+    ids = torch.as_tensor(label_word_ids, dtype=torch.long, device=logits.device)
+    last = logits[torch.arange(logits.shape[0], device=logits.device), lengths - 1]  # [B, V]
+    return last[:, ids]
+
+
+def label_word_losses(logits: Tensor, labels: Tensor, attention_mask: Tensor,
+                      label_word_ids: Sequence[int] | Tensor) -> Tensor:
+    """[B] cross-entropy over the label words only (their logits at the last real position,
+    softmax over the K words, not the vocabulary): label k is word ``label_word_ids[k]``, as in
+    Li et al. 2022 for sentence classification with a causal LM. One loss per example, so the
+    engine clips each example's gradient through the LM head and the backbone."""
+    scores = label_word_logits(logits, attention_mask, label_word_ids)
+    if labels.shape != scores.shape[:1]:
+        raise LossShapeError(f"Expected labels [B] = [{scores.shape[0]}], got {tuple(labels.shape)}.")
+    return F.cross_entropy(scores.to(accumulation_dtype(scores)), labels, reduction="none")

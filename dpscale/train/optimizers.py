@@ -1,0 +1,19 @@
+"""--optimizer: the job's one place that builds an optimizer, so that every phase of a run (LP-FT's
+second phase included) trains with the optimizer the user chose."""
+
+from __future__ import annotations
+
+import torch
+
+from dpscale.train.config import TrainConfig
+
+__all__ = ["build_optimizer"]
+
+
+def build_optimizer(config: TrainConfig, trainable: list) -> torch.optim.Optimizer:
+    """AdamW, or DPAdamBC (the engine binds it to its noise std when make_private attaches it)."""
+    if config.optimizer == "adambc":
+        from dpscale.optim import DPAdamBC
+
+        return DPAdamBC(trainable, lr=config.lr, floor=config.adambc_floor, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
