@@ -29,7 +29,7 @@ from dpscale.errors import (
     StepBoundaryError,
 )
 from dpscale.gradient_guard import ForeignGradientFlag
-from dpscale.noise import NoiseKey, add_gaussian_noise_
+from dpscale.noise import DEFAULT_NOISE_AHEAD, NoiseAhead, NoiseAheadOptions, NoiseKey
 from dpscale.plan import ExecutionPlan
 from dpscale.sampling import LogicalBatch
 
@@ -43,12 +43,13 @@ class StepBoundary:
     parameters as they are now (checked against the ones the engine was built with)."""
 
     def __init__(self, plan: ExecutionPlan, parameters: Mapping[str, nn.Parameter], backend: GradientBackend,
-                 noise_key: NoiseKey, accountant, current_parameters: Callable[[], Mapping[str, nn.Parameter]]) -> None:
+                 noise_key: NoiseKey, accountant, current_parameters: Callable[[], Mapping[str, nn.Parameter]],
+                 noise_ahead: NoiseAheadOptions | None = DEFAULT_NOISE_AHEAD) -> None:
         self.plan = plan
         self.parameters = parameters
         self.backend = backend
         self.accountant = accountant
-        self._noise_key = noise_key
+        self.noise_ahead = NoiseAhead(noise_key, noise_ahead)  # the next step's noise, drawn while it runs
         self._current_parameters = current_parameters
         self.steps_taken = 0
         self.optimizer: torch.optim.Optimizer | None = None
@@ -86,6 +87,15 @@ class StepBoundary:
                 "restore both from the same checkpoint (engine.load_checkpoint restores the loader's position)."
             )
         self.drawn_step = batch.step
+        self.draw_noise_ahead()
+
+    def draw_noise_ahead(self) -> None:
+        """Start drawing the noise of the step in progress (index ``steps_taken``) in the background,
+        unless that step would be refused for the budget. Called when a step ends, when its batch
+        is drawn and at each backward; the draw starts once. Which step's noise is served at a
+        step is decided there (``NoiseAhead.noise_fn``), never here."""
+        if not self.budget_exhausted:
+            self.noise_ahead.prepare(self.steps_taken, self.plan.noise.std)
 
     # checks ---------------------------------------------------------------------------------------
 
@@ -208,7 +218,11 @@ class StepBoundary:
             )
         self.optimizer = optimizer
         return [optimizer.register_step_pre_hook(lambda *_: self.backend.write_gradients(self.close())),
-                optimizer.register_step_post_hook(lambda *_: self.backend.release_gradients())]
+                optimizer.register_step_post_hook(lambda *_: self._after_step())]
+
+    def _after_step(self) -> None:
+        self.backend.release_gradients()
+        self.draw_noise_ahead()
 
     def close(self) -> NoiseFn:
         """Check the step, record it with the accountant, and return its noise function (keyed by
@@ -224,12 +238,9 @@ class StepBoundary:
                 "with engine.make_data_loader(...) (an empty Poisson batch is still drawn, then stepped), or "
                 "declare your own sampling with DPConfig(sampling_declared_by_user=True)."
             )
-        std, step, key = self.plan.noise.std, self.steps_taken, self._noise_key
-
-        def add_noise(name: str, flat: Tensor, offset: int) -> None:
-            if std > 0 and flat.numel():
-                add_gaussian_noise_(flat, key, step, name, std, offset=offset)
-
+        step = self.steps_taken
+        # keyed by this step's index: drawn ahead only if drawn for this very step (else at the step)
+        add_noise = self.noise_ahead.noise_fn(step, self.plan.noise.std)
         if self.plan.accounts:
             self.accountant.step(*self.plan.step_event())
         self.steps_taken += 1
