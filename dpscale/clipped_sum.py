@@ -39,6 +39,7 @@ class ClippedSum:
         first = uses[0]
         self.shape = torch.Size(first.grad.shape[1:] if isinstance(first, Dense) else first.shape)
         self.numel = math.prod(self.shape)
+        self._prepared: list[tuple[Tensor, ...]] | None = None
 
     def scaled(self, factor: float) -> ClippedSum:
         """The same sum times ``factor``, folded into the weights (no pass over the sum)."""
@@ -65,21 +66,40 @@ class ClippedSum:
             part = self._rows_tensor(lo, hi, row)
             out.add_(part.view(out.shape)) if add else out.copy_(part.view(out.shape))
             return
-        for use in self._uses:
-            _write_use(use, self._weights, out, add, lo * row, hi * row)
+        for use, factors in zip(self._uses, self._factors()):
+            _write_use(use, factors, self._weights, out, add, lo * row, hi * row)
             add = True
+
+    def _factors(self) -> list[tuple[Tensor, ...]]:
+        """Each use's operands in the weights' dtype, the weights applied once (not once per block
+        of rows): Dense: the [B, numel] gradients; Outer: left [B*T, m] (or ids) and the weighted
+        right factor [B*T, n]."""
+        if self._prepared is None:
+            weights, prepared = self._weights, []
+            for use in self._uses:
+                if isinstance(use, Dense):
+                    prepared.append((use.flat(weights.dtype),))
+                    continue
+                batch, positions, n = use.right.shape
+                right = (use.right.to(weights.dtype) * weights[:, None, None]).reshape(batch * positions, n)
+                left = use.left.reshape(-1) if use.one_hot else use.left.to(weights.dtype).reshape(
+                    batch * positions, use.m)
+                prepared.append((left, right))
+            self._prepared = prepared
+        return self._prepared
 
     def _rows_tensor(self, lo: int, hi: int, row: int) -> Tensor:
         out = torch.empty((hi - lo) * row, dtype=self._weights.dtype, device=self._weights.device)
-        for i, use in enumerate(self._uses):
-            _write_use(use, self._weights, out, i > 0, lo * row, hi * row)
+        for i, (use, factors) in enumerate(zip(self._uses, self._factors())):
+            _write_use(use, factors, self._weights, out, i > 0, lo * row, hi * row)
         return out
 
 
-def _write_use(use: PerExampleGrad, weights: Tensor, out: Tensor, add: bool, start: int, stop: int) -> None:
+def _write_use(use: PerExampleGrad, factors: tuple[Tensor, ...], weights: Tensor, out: Tensor, add: bool,
+               start: int, stop: int) -> None:
     """Flat elements [start, stop) of one use's weighted sum into ``out`` (in weights' dtype)."""
     if isinstance(use, Dense):
-        flat = use.flat(weights.dtype)[:, start:stop]
+        flat = factors[0][:, start:stop]
         target = out.view(1, -1)
         if add:
             target.addmm_(weights[None, :], flat)
@@ -92,11 +112,10 @@ def _write_use(use: PerExampleGrad, weights: Tensor, out: Tensor, add: bool, sta
         out.view(-1).add_(part) if add else out.view(-1).copy_(part)
         return
     a, b = start // n, stop // n  # rows [a, b) of the [m, n] sum
-    batch, positions, _ = use.right.shape
-    right = (use.right.to(weights.dtype) * weights[:, None, None]).reshape(batch * positions, n)
+    left, right = factors
     target = out.view(b - a, n)
     if use.one_hot:
-        ids = use.left.reshape(-1)
+        ids = left
         if (a, b) != (0, use.m):
             keep = (ids >= a) & (ids < b)
             ids, right = ids[keep] - a, right[keep]
@@ -104,9 +123,7 @@ def _write_use(use: PerExampleGrad, weights: Tensor, out: Tensor, add: bool, sta
             target.zero_()
         target.index_add_(0, ids, right)
         return
-    left = use.left.to(weights.dtype).reshape(batch * positions, use.m)[:, a:b].transpose(0, 1)
     if add:
-        target.addmm_(left, right)
+        target.addmm_(left[:, a:b].transpose(0, 1), right)
     else:
-        torch.mm(left, right, out=target)
-
+        torch.mm(left[:, a:b].transpose(0, 1), right, out=target)

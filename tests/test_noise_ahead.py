@@ -15,9 +15,16 @@ from torch import nn
 
 from dpscale import DPConfig, PrivacyEngine, StepBoundaryError, run_logical_step, run_steps
 from dpscale.errors import ConfigError, PrivacyBudgetExhausted, SamplingError
-from dpscale.noise import NoiseAhead, NoiseAheadOptions, NoiseKey, NoiseWorkers, add_gaussian_noise_, gaussian
+from dpscale.noise import (
+    NoiseAhead,
+    NoiseAheadOptions,
+    NoiseKey,
+    NoiseWorkers,
+    add_gaussian_noise_,
+    gaussian,
+    host_generator,
+)
 from dpscale.noise import ahead as ahead_module
-from dpscale.noise import host_generator
 
 KEY = NoiseKey(bytes(range(32)))
 CHUNK = host_generator._CHUNK
