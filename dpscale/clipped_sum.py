@@ -63,7 +63,9 @@ class ClippedSum:
         if out.numel() != (hi - lo) * row or not out.is_contiguous():
             raise ValueError(f"out has {out.numel()} elements for rows [{lo}, {hi}) of {tuple(self.shape)}")
         if out.dtype != self._weights.dtype:  # a cast is a pass anyway: compute, then cast in
-            part = self._rows_tensor(lo, hi, row)
+            # rounded to out's dtype before it is added, as a sum handed over as a tensor of the
+            # parameter's dtype always was (bf16 runs on any topology round alike)
+            part = self._rows_tensor(lo, hi, row).to(out.dtype)
             out.add_(part.view(out.shape)) if add else out.copy_(part.view(out.shape))
             return
         for use, factors in zip(self._uses, self._factors()):
