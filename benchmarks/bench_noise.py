@@ -12,6 +12,12 @@ tensor include the copies to the host and back, which is what the torch generato
     python benchmarks/bench_noise.py                       # --device cuda where there is one
     python benchmarks/bench_noise.py --device cpu --numel 1000000 --reps 5
     python benchmarks/bench_noise.py --numel 4000000 --reps 9 --layers 12 --hidden 768
+    python benchmarks/bench_noise.py --device cpu --noise-threads 1,2 --reps 5   # the host over threads
+
+With --noise-threads, the host rows are repeated with the request spread over k threads
+(dpscale.noise.NoiseWorkers); "rate (CPU)" is then per core (the process's CPU time sums its
+threads). The last table gives what a step waits for when its noise was drawn ahead
+(dpscale.noise.NoiseAhead): only the addition, against drawing it at the step.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Callable
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from dpscale.noise import NoiseKey, add_gaussian_noise_, gaussian
+from dpscale.noise import NoiseAhead, NoiseAheadOptions, NoiseKey, NoiseWorkers, add_gaussian_noise_, gaussian
 
 
 def llama_shapes(layers: int, hidden: int, intermediate: int, vocab: int) -> dict[str, tuple[int, ...]]:
@@ -72,6 +78,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the torch generator, torch.randn and the Llama's gradients run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU")
+    parser.add_argument("--noise-threads", default="1", help="comma-separated thread counts for the host rows")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=1376)
@@ -107,6 +114,14 @@ def main() -> None:
          lambda: torch.randn(n, dtype=torch.float64, device=device)),
         ("ChaCha20 keystream (OpenSSL)", 8 * n, "bytes", keystream),
     ]
+    for k in [int(t) for t in args.noise_threads.split(",") if t.strip() and int(t) > 1]:
+        pool = NoiseWorkers(k)
+        cases[3:3] = [
+            (f"host gaussian float64, {k} threads", n, "Gaussians",
+             lambda pool=pool: gaussian(key, 1, "w", n, dtype=torch.float64, generator="host", workers=pool)),
+            (f"host add noise float32, {k} threads", n, "Gaussians",
+             lambda pool=pool: add_gaussian_noise_(on_host, key, 1, "w", 1.0, generator="host", workers=pool)),
+        ]
     if device.type != "cpu":
         cases.insert(6, (f"host add noise f32, tensor {where}", n, "Gaussians",
                          lambda: add_gaussian_noise_(on_device, key, 1, "w", 1.0, generator="host")))
@@ -146,6 +161,42 @@ def main() -> None:
     print(f"{'what':40s} {'wall s':>10s} {'CPU s':>10s}")
     for label, wall, cpu in model_times:
         print(f"{label:40s} {wall:10.3f} {cpu:10.3f}")
+    if device.type == "cpu":
+        print()
+        print("what the step waits for, host gradients of that Llama (median of --reps steps):")
+        for label, wall, cpu in step_waits(grads, key, args.reps):
+            print(f"{label:40s} {wall:10.3f} {cpu:10.3f}")
+
+
+def step_waits(grads: dict[str, torch.Tensor], key: NoiseKey, reps: int) -> list[tuple[str, float, float]]:
+    """The noise's time at the step: drawn there, against drawn ahead (all of it ready: the thread
+    is waited for before the clock starts) and only added there."""
+    ahead = NoiseAhead(key, NoiseAheadOptions(max_mb=1024))
+    walls, cpus = {"at": [], "ahead": []}, {"at": [], "ahead": []}
+    for step in range(reps + 1):
+        for where in ("at", "ahead"):
+            if where == "ahead":
+                ahead.prepare(step, 1.0)
+                plan = ahead._shared.plan
+                with ahead._shared.cond:
+                    while plan is not None and len(plan.drawn) < len(plan.pieces):
+                        ahead._shared.cond.wait(0.1)
+            add_noise = ahead.noise_fn(step, 1.0) if where == "ahead" else None
+            wall, cpu = time.perf_counter(), time.process_time()
+            for name, grad in grads.items():
+                if where == "ahead":
+                    add_noise(name, grad.view(-1), 0)
+                else:
+                    add_gaussian_noise_(grad, key, step, name, std=1.0)
+            if step:  # step 0 records the requests (drawn at the step)
+                walls[where].append(time.perf_counter() - wall)
+                cpus[where].append(time.process_time() - cpu)
+    peak = ahead.last_peak_bytes
+    ahead.close()
+    return [(f"(noise held ahead at the peak: {peak / 2**20:.1f} MiB)", 0.0, 0.0),
+            ("noise drawn at the step", statistics.median(walls["at"]), statistics.median(cpus["at"])),
+            ("noise drawn ahead, added at the step", statistics.median(walls["ahead"]),
+             statistics.median(cpus["ahead"]))]
 
 
 if __name__ == "__main__":

@@ -151,6 +151,13 @@ def noise_key():
     return NoiseKey(bytes(range(32)))  # fixed: runs are reproducible; the key is not secret here
 
 
+def noise_ahead(args: argparse.Namespace):
+    """--noise-ahead k: the next step's noise drawn by k threads while the step runs; 0: at the step."""
+    from dpscale.noise import NoiseAheadOptions
+
+    return NoiseAheadOptions(threads=args.noise_ahead) if args.noise_ahead else None
+
+
 @dataclass
 class Mode:
     """One way of training, ready to step: ``step(ids)`` runs one optimizer step on this rank's
@@ -185,7 +192,7 @@ def ddp_mode(args: argparse.Namespace, private: bool, subset: str = "full", bias
     from dpscale.losses import causal_lm_losses
 
     engine = PrivacyEngine(ddp, dp_config(args), backend=DataParallelBackend.for_ddp(ddp),
-                           noise_key=noise_key(), rules=dp_rules(args))
+                           noise_key=noise_key(), rules=dp_rules(args), noise_ahead=noise_ahead(args))
     engine.attach_optimizer(optimizer)
 
     def dp_step(ids: torch.Tensor) -> None:
@@ -229,7 +236,7 @@ def zero_mode(args: argparse.Namespace, stage: int, private: bool) -> Mode:
 
     backend = DeepSpeedBackend(ds_engine)
     engine = PrivacyEngine(ds_engine.module, dp_config(args), backend=backend, noise_key=noise_key(),
-                           rules=dp_rules(args))
+                           rules=dp_rules(args), noise_ahead=noise_ahead(args))
     module = ds_engine.module
 
     def dp_step(ids: torch.Tensor) -> None:
@@ -271,7 +278,8 @@ def fsdp2_mode(args: argparse.Namespace, private: bool) -> Mode:
     from dpscale import PrivacyEngine
     from dpscale.losses import causal_lm_losses
 
-    engine = PrivacyEngine(model, dp_config(args), noise_key=noise_key(), rules=dp_rules(args))
+    engine = PrivacyEngine(model, dp_config(args), noise_key=noise_key(), rules=dp_rules(args),
+                           noise_ahead=noise_ahead(args))
     engine.attach_optimizer(optimizer)
 
     def dp_step(ids: torch.Tensor) -> None:
@@ -710,6 +718,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--noise-multiplier", type=float, default=1.0)
+    p.add_argument("--noise-ahead", type=int, default=1, metavar="THREADS",
+                   help="threads drawing the next step's noise while it runs (the default); 0: at the step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rmsnorm-rule", choices=("builtin", "direct"), default="builtin",
                    help="direct: register a closed-form LlamaRMSNorm rule in every DP mode (a "

@@ -31,12 +31,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--bucket-elements", type=int, default=None, help="FSDP2Backend's bucket size")
+    parser.add_argument("--noise-ahead", type=int, default=1, metavar="THREADS",
+                        help="threads drawing the next step's noise while it runs (the default); 0: at the step")
     cli = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     args = argparse.Namespace(small=False, seed=0, batch=cli.batch, seq=cli.seq, world=dist.get_world_size(),
-                              optimizer="sgd", lr=1e-4, max_grad_norm=1.0, noise_multiplier=1.0, rmsnorm_rule="builtin")
+                              optimizer="sgd", lr=1e-4, max_grad_norm=1.0, noise_multiplier=1.0, rmsnorm_rule="builtin",
+                              noise_ahead=cli.noise_ahead)
     if cli.bucket_elements:
         from dpscale.backends.fsdp2 import FSDP2Backend
 

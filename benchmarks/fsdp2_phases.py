@@ -30,13 +30,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--noise-ahead", type=int, default=1, metavar="THREADS",
+                        help="threads drawing the next step's noise while it runs (the default); 0: at the step")
     cli = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     args = argparse.Namespace(small=False, seed=0, batch=cli.batch, seq=cli.seq, world=world, optimizer="sgd", lr=1e-4,
-                              max_grad_norm=1.0, noise_multiplier=1.0, rmsnorm_rule="builtin")
+                              max_grad_norm=1.0, noise_multiplier=1.0, rmsnorm_rule="builtin",
+                              noise_ahead=cli.noise_ahead)
     import dpscale.backends.fsdp2 as fsdp2
     import dpscale.engine as engine
 

@@ -38,6 +38,7 @@ _LAZY = {
     "RuleRegistry": "dpscale.layers",
     "default_registry": "dpscale.layers",
     "NoiseKey": "dpscale.noise",
+    "NoiseAheadOptions": "dpscale.noise",
     "PrivacyAccountant": "dpscale.accounting",
     "compute_epsilon": "dpscale.accounting",
     "calibrate_noise_multiplier": "dpscale.accounting",

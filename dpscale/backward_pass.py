@@ -24,10 +24,11 @@ from torch import Tensor, nn
 
 from dpscale.adaptive_clipping import AdaptiveClipping
 from dpscale.backends.base import GradientBackend
+from dpscale.clipped_sum import ClippedSum
 from dpscale.errors import ConfigError, LossShapeError, SamplingError, TapeError, UnsupportedModuleError
 from dpscale.layers.rule import CallInputs
 from dpscale.loss_graph import REENTRANT_CHECKPOINTING, passes_reentrant_checkpointing, walk_loss_graph
-from dpscale.per_example import GramCache, PerExampleGrad, UnitLayout, total_squared_norm, weighted_sum, zero_units
+from dpscale.per_example import GramCache, PerExampleGrad, UnitLayout, total_squared_norm, zero_units
 from dpscale.plan import ExecutionPlan
 from dpscale.sampling import PADDING_USER
 from dpscale.tape import ModuleCall, Tape
@@ -240,10 +241,9 @@ class BackwardPipeline:
             uses = {name: [zero_units(use, bad) for use in grad_uses] for name, grad_uses in uses.items()}
         weights = factors / self.plan.noise.expected_batch_size
         for name, p in parameters.items():
-            clipped = None
-            for use in uses.pop(name, []):
-                term = weighted_sum(use, weights[self._group_of[name]], p.dtype)
-                clipped = term if clipped is None else clipped + term
+            # computed where the backend writes it (its bucket, its rows), not first here and then copied
+            grad_uses = uses.pop(name, [])
+            clipped = ClippedSum(grad_uses, weights[self._group_of[name]], p.dtype) if grad_uses else None
             self.backend.accumulate(name, clipped)
         return BackwardResult(norms2.sum(0).sqrt(), norms, factors, users, nonfinite, unclipped)
 

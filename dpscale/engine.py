@@ -33,7 +33,7 @@ from dpscale.config import DPConfig
 from dpscale.errors import ConfigError, NoTrainableParametersError
 from dpscale.gradient_guard import foreign_backward_error, guard_optimizers, guard_parameters
 from dpscale.layers import RuleRegistry, default_registry
-from dpscale.noise import NoiseKey, load_noise_key
+from dpscale.noise import DEFAULT_NOISE_AHEAD, NoiseAheadOptions, NoiseKey, load_noise_key
 from dpscale.optim import DPAdamBC
 from dpscale.owners import find_owners, refuse_example_mixing, refuse_training_batch_norm, trainable_parameters
 from dpscale.plan import ExecutionPlan, build_execution_plan
@@ -86,6 +86,10 @@ class PrivacyEngine:
     backend: where clipped sums live, which noise coordinates this process adds, how the step is
         closed and which parameters are split across ranks (tensor parallelism); default: the one
         ``select_backend`` picks for ``model``.
+    noise_ahead: the next step's keyed noise is drawn by a background thread while that step's
+        forward and backward run (``NoiseAheadOptions``: threads, the most MiB held), and only added
+        at the step, with the same values bit for bit; None draws it at the step. Host (CPU)
+        gradients only; gradients on an accelerator are noised at the step by the device generator.
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class PrivacyEngine:
         noise_key: NoiseKey | str | os.PathLike | None = None,
         rules: RuleRegistry | None = None,
         backend: GradientBackend | None = None,
+        noise_ahead: NoiseAheadOptions | None = DEFAULT_NOISE_AHEAD,
     ) -> None:
         if not isinstance(config, DPConfig):
             raise ConfigError(f"config must be a dpscale.DPConfig, got {type(config).__name__}.")
@@ -141,7 +146,8 @@ class PrivacyEngine:
         self.last_group_norms: Tensor | None = None
         self.last_clip_factors: Tensor | None = None
         self._boundary = StepBoundary(self.plan, self.parameters, self.backend, self.noise_key, self.accountant,
-                                      lambda: trainable_parameters(self.model), self.adaptive_clipping)
+                                      lambda: trainable_parameters(self.model), self.adaptive_clipping,
+                                      noise_ahead)
         self._tape = Tape(model, owners, self.rules.default, self.rules.batch_dim_inside,
                           on_output_grad=self._run_rule_now, on_foreign_backward=self._refuse_foreign_backward)
         self._pipeline = BackwardPipeline(self._tape, self.parameters, self.plan, self.backend, self.adaptive_clipping)
@@ -272,6 +278,7 @@ class PrivacyEngine:
         boundary.check_no_foreign_gradient()
         boundary.check_budget()
         boundary.check_drawn()
+        boundary.draw_noise_ahead()
         result = self._pipeline.run(losses, users, boundary.users_this_step)
         self.last_norms, self.last_group_norms, self.last_clip_factors = (
             result.norms, result.group_norms, result.factors
@@ -294,6 +301,7 @@ class PrivacyEngine:
             handle.remove()
         self._handles.clear()
         self._boundary.optimizer = None
+        self._boundary.noise_ahead.close()
         if self.data_loader is not None:
             self.data_loader.on_draw = None
 

@@ -30,7 +30,7 @@ from dpscale.errors import (
     StepBoundaryError,
 )
 from dpscale.gradient_guard import ForeignGradientFlag
-from dpscale.noise import NoiseKey, add_gaussian_noise_
+from dpscale.noise import DEFAULT_NOISE_AHEAD, NoiseAhead, NoiseAheadOptions, NoiseKey
 from dpscale.plan import ExecutionPlan
 from dpscale.sampling import LogicalBatch
 
@@ -46,12 +46,14 @@ class StepBoundary:
 
     def __init__(self, plan: ExecutionPlan, parameters: Mapping[str, nn.Parameter], backend: GradientBackend,
                  noise_key: NoiseKey, accountant, current_parameters: Callable[[], Mapping[str, nn.Parameter]],
-                 adaptive: AdaptiveClipping | None = None) -> None:
+                 adaptive: AdaptiveClipping | None = None,
+                 noise_ahead: NoiseAheadOptions | None = DEFAULT_NOISE_AHEAD) -> None:
         self.plan = plan
         self.parameters = parameters
         self.backend = backend
         self.accountant = accountant
-        self._noise_key = noise_key
+        self.noise_ahead = NoiseAhead(noise_key, noise_ahead)  # the next step's noise, drawn while it runs
+        self._noise_key = noise_key  # adaptive clipping's count noise
         self._current_parameters = current_parameters
         self.steps_taken = 0
         self.optimizer: torch.optim.Optimizer | None = None
@@ -98,6 +100,22 @@ class StepBoundary:
                 "restore both from the same checkpoint (engine.load_checkpoint restores the loader's position)."
             )
         self.drawn_step = batch.step
+        self.draw_noise_ahead()
+
+    def draw_noise_ahead(self) -> None:
+        """Start drawing the noise of the step in progress (index ``steps_taken``) in the background,
+        unless that step would be refused for the budget. Called when a step ends, when its batch
+        is drawn and at each backward; the draw starts once. Which step's noise is served at a
+        step is decided there (``NoiseAhead.noise_fn``), never here."""
+        if not self.budget_exhausted:
+            self.noise_ahead.prepare(self.steps_taken, self._std_of_step())
+
+    def _std_of_step(self) -> float:
+        """The noise std of the step in progress: the plan's, or under adaptive clipping the plan's
+        at the thresholds this step clips with (they move only when a step closes)."""
+        if self.adaptive is None:
+            return self.plan.noise.std
+        return self.plan.noise.std_at(self.adaptive.sensitivity)
 
     # checks ---------------------------------------------------------------------------------------
 
@@ -246,7 +264,11 @@ class StepBoundary:
         self.optimizer = optimizer
         self.frozen_in_optimizer = tuple(p for p in held if id(p) in frozen)
         return [optimizer.register_step_pre_hook(lambda *_: self.backend.write_gradients(self.close())),
-                optimizer.register_step_post_hook(lambda *_: self.backend.release_gradients())]
+                optimizer.register_step_post_hook(lambda *_: self._after_step())]
+
+    def _after_step(self) -> None:
+        self.backend.release_gradients()
+        self.draw_noise_ahead()
 
     def close(self) -> NoiseFn:
         """Check the step, record it with the accountant, and return its noise function (keyed by
@@ -263,16 +285,12 @@ class StepBoundary:
                 "declare your own sampling with DPConfig(sampling_declared_by_user=True)."
             )
         step, key = self.steps_taken, self._noise_key
-        if self.adaptive is None:
-            std = self.plan.noise.std
-        else:  # the sensitivity this step was clipped with; the thresholds then move for the next step
-            std = self.plan.noise.std_at(self.adaptive.close(key, step))
+        std = self._std_of_step()
+        if self.adaptive is not None:  # the sensitivity this step was clipped with; then the thresholds move
+            self.adaptive.close(key, step)
         self.step_noise_std = std
-
-        def add_noise(name: str, flat: Tensor, offset: int) -> None:
-            if std > 0 and flat.numel():
-                add_gaussian_noise_(flat, key, step, name, std, offset=offset)
-
+        # keyed by this step's index: drawn ahead only if drawn for this very step and std (else at the step)
+        add_noise = self.noise_ahead.noise_fn(step, std)
         if self.plan.accounts:
             self.accountant.step(*self.plan.step_event())
         self.steps_taken += 1

@@ -132,7 +132,7 @@ class _MasterWeights(LocalBackend):
         if clipped is None:
             return
         p = self._parameters[name]
-        clipped = clipped.reshape(p.shape).to(p.dtype)
+        clipped = clipped.tensor().reshape(p.shape).to(p.dtype)  # a ClippedSum: computed here
         held = self._sums.get(name)
         self._sums[name] = clipped if held is None else held + clipped
 

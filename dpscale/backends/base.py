@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from dpscale.clipped_sum import ClippedSum
 from dpscale.gradient_guard import ForeignGradientFlag
 
 NoiseFn = Callable[[str, Tensor, int], None]
@@ -87,11 +88,13 @@ class GradientBackend(Protocol):
         (every rank holds the same key), lay out the buffers, hook the training engine's step.
         Returns removable handles; ``engine.detach()`` removes them."""
 
-    def accumulate(self, name: str, clipped: Tensor | None) -> None:
+    def accumulate(self, name: str, clipped: ClippedSum | None) -> None:
         """Add one backward call's clipped sum (divided by B) to the parameter's buffer, which the
-        backend owns: nothing is written to ``p.grad`` before the step. None: the backward did not
-        use the parameter (its contribution is zero). The engine hands the sums over in the order
-        of ``context.parameters``, every parameter once per backward."""
+        backend owns: nothing is written to ``p.grad`` before the step. The sum is not computed yet:
+        the backend writes it where it lives (``clipped.write_(view, add=...)``, rows by rows where
+        it splits dim 0), or takes it as a tensor (``clipped.tensor()``), inside this call. None:
+        the backward did not use the parameter (its contribution is zero). The engine hands the
+        sums over in the order of ``context.parameters``, every parameter once per backward."""
 
     def write_gradients(self, add_noise: NoiseFn) -> None:
         """At the attached optimizer's step, before the update: add the noise of the coordinates

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from dpscale.backends.base import BackendContext, NoiseFn, OptimizerStepped
 from dpscale.backends.shared_key import check_same_key
+from dpscale.clipped_sum import ClippedSum
 from dpscale.errors import ConfigError
 
 __all__ = ["DDPAttachment", "DataParallelBackend", "owned_range"]
@@ -68,11 +69,11 @@ class DataParallelBackend(OptimizerStepped):
         never belong in it.
     bucket_mb: gradients live in flat buckets of about this size, one all-reduce each.
 
-    Clipped sums are written straight into the buckets, and at the step ``p.grad`` is a view of its
-    bucket (as DDP's ``gradient_as_bucket_view`` does), so the step boundary neither concatenates
-    nor copies back.
-    The reduction of bucket k runs asynchronously while the noise of bucket k + 1 is drawn: the
-    noise is data-independent work, and the wire is otherwise idle while it is computed.
+    Clipped sums are written straight into the buckets (the matmul that forms each one writes its
+    view: ``ClippedSum.write_``), and at the step ``p.grad`` is a view of its bucket (as DDP's
+    ``gradient_as_bucket_view`` does), so neither the backward nor the step boundary copies a sum.
+    The reduction of bucket k runs asynchronously while the noise of bucket k + 1 is added (drawn
+    ahead of the step by the engine's ``NoiseAhead``, or at the step): the wire is otherwise idle.
     """
 
     def __init__(self, process_group=None, *, shard_offsets: Mapping[str, int] | None = None,
@@ -126,15 +127,12 @@ class DataParallelBackend(OptimizerStepped):
         self._ddp.silence()
         return [_Restore(self._ddp)]
 
-    def accumulate(self, name: str, clipped: Tensor | None) -> None:
+    def accumulate(self, name: str, clipped: ClippedSum | None) -> None:
         if clipped is None:  # this backward did not use the parameter
             return
-        view = self._views[name]
-        if name in self._written:
-            view.add_(clipped.reshape(view.shape))
-        else:
-            view.copy_(clipped.reshape(view.shape))
-            self._written.add(name)
+        # the sum's matmul writes the bucket view itself (adds to it after the step's first backward)
+        clipped.write_(self._views[name], add=name in self._written)
+        self._written.add(name)
 
     def write_gradients(self, add_noise: NoiseFn) -> None:
         pending = []

@@ -73,6 +73,7 @@ from dpscale.backends.autotp import autotp_layouts
 from dpscale.backends.base import BackendContext, NoiseFn
 from dpscale.backends.shared_key import check_same_key
 from dpscale.backends.zero_layout import TESTED_DEEPSPEED, PartitionSlice, check_deepspeed_version, partition_slices
+from dpscale.clipped_sum import ClippedSum
 from dpscale.errors import ConfigError, ForeignGradientError
 
 __all__ = ["DeepSpeedBackend", "TESTED_DEEPSPEED", "check_deepspeed_config"]
@@ -230,7 +231,7 @@ class DeepSpeedBackend:
         self.own_optimizers = (base,)
         return [base.register_step_pre_hook(self._pre_step)]
 
-    def accumulate(self, name: str, clipped: Tensor | None) -> None:
+    def accumulate(self, name: str, clipped: ClippedSum | None) -> None:
         if not self._inside:
             raise ConfigError(
                 "Under DeepSpeed, call engine.backward inside `with backend.accumulation():` (one block per "
@@ -239,15 +240,16 @@ class DeepSpeedBackend:
         if self._padding or clipped is None:  # a ZeRO-3 padding pass (dropped), or a parameter not used
             return
         param = self._parameters[name]
-        clipped = clipped.reshape(_full_shape(param)).to(param.dtype)
-        # DeepSpeed averages over the data-parallel group (stages 1-3): scaling here, in the copy or
-        # addition the buffer needs anyway, makes its average the sum without another pass.
+        # DeepSpeed averages over the data-parallel group (stages 1-3): the compensation is folded
+        # into the clip weights, so its average is the sum with no pass over the sum of its own.
+        compensation = self._average_compensation
+        if compensation != 1:
+            clipped = clipped.scaled(compensation)
         held = self._sums.get(name)
-        if held is None:
-            compensation = self._average_compensation
-            self._sums[name] = clipped * compensation if compensation != 1 else clipped.contiguous()
-        else:
-            held.add_(clipped, alpha=self._average_compensation)
+        if held is None:  # the first backward's sum becomes the buffer (no copy)
+            self._sums[name] = clipped.tensor().reshape(_full_shape(param)).contiguous()
+        else:  # later ones are added by the matmul that forms them
+            clipped.write_(held, add=True)
 
     def write_gradients(self, add_noise: NoiseFn) -> None:
         raise ConfigError("DeepSpeed steps its own optimizer: close each logical step with ds_engine.step().")

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 
 from dpscale.backends.base import BackendContext, NoiseFn, OptimizerStepped
 from dpscale.backends.shared_key import check_same_key
+from dpscale.clipped_sum import ClippedSum
 from dpscale.errors import ConfigError
 
 __all__ = ["FSDP2Backend", "fsdp2_modules", "is_fsdp1", "is_fsdp2"]
@@ -202,7 +203,7 @@ class FSDP2Backend(OptimizerStepped):
             module.set_reshard_after_backward(False, recurse=False)
         return [_RestoreResharding(kept)]
 
-    def accumulate(self, name: str, clipped: Tensor | None) -> None:
+    def accumulate(self, name: str, clipped: ClippedSum | None) -> None:
         """Write the local clipped sum into its bucket in FSDP2's layout; a full bucket starts its
         reduce-scatter. The engine hands the sums over in the order of ``engine.parameters`` once
         every rule of the backward has run: at the first one, the parameters kept unsharded for the
@@ -218,16 +219,16 @@ class FSDP2Backend(OptimizerStepped):
             bucket.filled = 0
         # else zeros (a padding pass, or a parameter this backward did not use)
         if not (self._padding or clipped is None):
+            # each rank's block of rows is written by the matmul that forms it, straight into the
+            # (contiguous) part of the layout that the reduce-scatter sends to that rank: no copy
             shard = self._shards[name]
             position = bucket.positions[name]
-            columns = bucket.layout[:, position : position + shard.chunk * shard.row]
-            rows = clipped.reshape(shard.full_rows, shard.row)
-            whole = shard.full_rows // shard.chunk if shard.chunk else 0  # ranks given a full chunk
-            if whole:
-                columns[:whole].copy_(rows[: whole * shard.chunk].reshape(whole, shard.chunk * shard.row))
-            rest = shard.full_rows - whole * shard.chunk
-            if rest:
-                columns[whole, : rest * shard.row].copy_(rows[whole * shard.chunk :].reshape(-1))
+            for rank in range(self.world_size):
+                first = min(shard.full_rows, rank * shard.chunk)
+                last = min(shard.full_rows, first + shard.chunk)
+                if last > first:
+                    block = bucket.layout[rank, position : position + (last - first) * shard.row]
+                    clipped.write_(block, add=False, rows=(first, last))
         bucket.filled += 1
         if bucket.filled == len(bucket.positions):
             self._reduce(bucket)

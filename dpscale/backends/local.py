@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from dpscale.backends.base import BackendContext, NoiseFn, OptimizerStepped
+from dpscale.clipped_sum import ClippedSum
 
 
 class LocalBackend(OptimizerStepped):
@@ -27,15 +28,14 @@ class LocalBackend(OptimizerStepped):
         self._parameters = context.parameters
         return []
 
-    def accumulate(self, name: str, clipped: Tensor | None) -> None:
+    def accumulate(self, name: str, clipped: ClippedSum | None) -> None:
         if clipped is None:  # this backward did not use the parameter
             return
-        shape = self._parameters[name].shape
         held = self._sums.get(name)
-        if held is None:
-            self._sums[name] = clipped.reshape(shape).contiguous()
-        else:
-            held.add_(clipped.reshape(shape))
+        if held is None:  # the first backward's sum becomes the buffer (no copy)
+            self._sums[name] = clipped.tensor().reshape(self._parameters[name].shape).contiguous()
+        else:  # later ones are added by the matmul that forms them
+            clipped.write_(held, add=True)
 
     def write_gradients(self, add_noise: NoiseFn) -> None:
         sums, self._sums = self._sums, {}

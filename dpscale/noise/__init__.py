@@ -22,10 +22,26 @@ One idea per module
 - `host_generator` (OpenSSL and numpy on the CPU) and `torch_generator` (tensor operations on the
   tensor's device): the same values bit for bit.
 - `api`: `gaussian` and `add_gaussian_noise_`, which check a request once and pick a generator.
+- `workers`: `NoiseWorkers`, threads that one host request is spread over (the same values).
+- `ahead`: `NoiseAhead`, the next step's noise drawn by a background thread while the step's
+  forward and backward run, served bit for bit at the step (`NoiseAheadOptions`).
 """
 
+from dpscale.noise.ahead import DEFAULT_NOISE_AHEAD, NoiseAhead, NoiseAheadOptions
 from dpscale.noise.api import add_gaussian_noise_, gaussian, select_generator
 from dpscale.noise.key import NoiseKey, load_noise_key
 from dpscale.noise.scheme import SCHEME
+from dpscale.noise.workers import NoiseWorkers
 
-__all__ = ["SCHEME", "NoiseKey", "add_gaussian_noise_", "gaussian", "load_noise_key", "select_generator"]
+__all__ = [
+    "DEFAULT_NOISE_AHEAD",
+    "SCHEME",
+    "NoiseAhead",
+    "NoiseAheadOptions",
+    "NoiseKey",
+    "NoiseWorkers",
+    "add_gaussian_noise_",
+    "gaussian",
+    "load_noise_key",
+    "select_generator",
+]

@@ -47,6 +47,7 @@ from dpscale.errors import ConfigError
 from dpscale.noise import host_generator, torch_generator
 from dpscale.noise.key import NoiseKey
 from dpscale.noise.scheme import MAX_ELEMENTS, MAX_STEP
+from dpscale.noise.workers import NoiseWorkers
 
 __all__ = ["add_gaussian_noise_", "gaussian", "select_generator"]
 
@@ -133,18 +134,21 @@ def gaussian(
     *,
     device: torch.device | str = "cpu",
     generator: str = "auto",
+    workers: NoiseWorkers | None = None,
 ) -> torch.Tensor:
     """Elements offset..offset+numel-1 of the flattened N(0, 1) noise of parameter `name` at
     `step`, as a 1-D tensor of `dtype` on `device` (computed in float64, then rounded).
 
     Any split of a parameter into slices gives the same values as one call over the whole. To add
     noise to a gradient, prefer `add_gaussian_noise_`, which rounds only after the addition.
-    `generator` is as in `select_generator`.
+    `generator` is as in `select_generator`; `workers` spreads the host generator's work over its
+    threads (the same values).
     """
     step, numel, offset = _check_request(key, step, name, numel, offset)
     dtype = _check_dtype(dtype)
-    chosen = torch_generator if select_generator(device, generator) == "torch" else host_generator
-    return chosen.gaussian(key, step, name, numel, offset, dtype, device)
+    if select_generator(device, generator) == "torch":
+        return torch_generator.gaussian(key, step, name, numel, offset, dtype, device)
+    return host_generator.gaussian(key, step, name, numel, offset, dtype, device, workers)
 
 
 def add_gaussian_noise_(
@@ -156,6 +160,7 @@ def add_gaussian_noise_(
     offset: int = 0,
     *,
     generator: str = "auto",
+    workers: NoiseWorkers | None = None,
 ) -> torch.Tensor:
     """Add std * N(0, 1) noise in place to `tensor` viewed flat (row-major), its element i taking
     element offset + i of parameter `name`'s noise at `step`; returns `tensor`.
@@ -163,9 +168,12 @@ def add_gaussian_noise_(
     Each element becomes round(x + std * z), computed in float64 and rounded once to the tensor's
     dtype, so the released bits are a post-processing of a Gaussian mechanism's output (see the
     module docstring). `std` is the caller's (noise multiplier times clipping norm). A tensor on
-    an accelerator is noised where it lives, by the torch generator (`select_generator`).
+    an accelerator is noised where it lives, by the torch generator (`select_generator`); on the
+    host, `workers` (dpscale.noise.NoiseWorkers) spreads the work over its threads, with the same
+    values.
     """
     std = _check_target(tensor, std)
     step, _, offset = _check_request(key, step, name, tensor.numel(), offset)
-    chosen = torch_generator if select_generator(tensor.device, generator) == "torch" else host_generator
-    return chosen.add_gaussian_noise_(tensor, key, step, name, std, offset)
+    if select_generator(tensor.device, generator) == "torch":
+        return torch_generator.add_gaussian_noise_(tensor, key, step, name, std, offset)
+    return host_generator.add_gaussian_noise_(tensor, key, step, name, std, offset, workers)

@@ -24,8 +24,9 @@ from dpscale.noise.scheme import (
     sin_series_into,
     subkey,
 )
+from dpscale.noise.workers import NoiseWorkers
 
-__all__ = ["add_gaussian_noise_", "gaussian"]
+__all__ = ["add_gaussian_noise_", "add_scaled_", "gaussian", "scaled_noise_into"]
 
 # Work is done on aligned pieces: every array handed to numpy and torch then holds a multiple of
 # 16 pairs, so SIMD kernels have no scalar tails and an element's value does not depend on where
@@ -180,40 +181,93 @@ def _standard_normal_pieces(
         yield first - offset, z[first - start : last - start]
 
 
+def _spans(numel: int, offset: int, workers: NoiseWorkers | None) -> list[tuple[int, int]]:
+    """[a, b) spans of a request of `numel` elements at `offset`, one per thread of `workers`, cut at
+    multiples of _CHUNK in the stream (so no span adds a partial chunk of its own), each at least
+    _CHUNK long. One span where the request is small or there is one thread."""
+    threads = 1 if workers is None else workers.threads
+    if threads == 1 or numel < 2 * _CHUNK:
+        return [(0, numel)]
+    chunks = -(-(offset + numel) // _CHUNK) - offset // _CHUNK
+    cuts = [0]
+    for i in range(1, threads):
+        cut = ((offset // _CHUNK) + chunks * i // threads) * _CHUNK - offset
+        if cuts[-1] < cut < numel:
+            cuts.append(cut)
+    cuts.append(numel)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def gaussian(
     key: NoiseKey, step: int, name: str, numel: int, offset: int, dtype: torch.dtype,
-    device: torch.device | str,
+    device: torch.device | str, workers: NoiseWorkers | None = None,
 ) -> torch.Tensor:
     """dpscale.noise.gaussian computed here and moved to `device` (arguments already checked
-    there; call that one)."""
+    there; call that one); spread over `workers`' threads, with the same values."""
     out = torch.empty(numel, dtype=dtype)
-    for position, z in _standard_normal_pieces(key, step, name, numel, offset):
-        out[position : position + z.shape[0]] = torch.from_numpy(z)
+
+    def span(a: int, b: int) -> None:
+        for position, z in _standard_normal_pieces(key, step, name, b - a, offset + a):
+            out[a + position : a + position + z.shape[0]] = torch.from_numpy(z)
+
+    _run_spans(span, numel, offset, workers)
     return out.to(device)
 
 
+def scaled_noise_into(out: np.ndarray, key: NoiseKey, step: int, name: str, std: float, offset: int,
+                      workers: NoiseWorkers | None = None) -> np.ndarray:
+    """std * z in float64 for elements offset..offset+len(out)-1 into `out`: the very values
+    `add_gaussian_noise_` adds (the same product, rounded the same way), drawn ahead of the step
+    (dpscale.noise.ahead); `add_scaled_` adds them."""
+
+    def span(a: int, b: int) -> None:
+        for position, z in _standard_normal_pieces(key, step, name, b - a, offset + a):
+            np.multiply(z, std, out=out[a + position : a + position + z.shape[0]])
+
+    _run_spans(span, out.shape[0], offset, workers)
+    return out
+
+
+def add_scaled_(piece: torch.Tensor, scaled: np.ndarray) -> None:
+    """piece = round(piece + scaled), computed in float64 and rounded once to piece's dtype, for a
+    contiguous CPU tensor: the last step of `add_gaussian_noise_`. `scaled` is overwritten."""
+    if piece.dtype in (torch.float32, torch.float64):  # numpy rounds float64 -> float32 as torch does
+        values = piece.numpy()
+        scaled += values
+        np.copyto(values, scaled, casting="same_kind")  # the one rounding
+    else:
+        z_tensor = torch.from_numpy(scaled)
+        z_tensor += piece
+        piece.copy_(z_tensor)
+
+
 def add_gaussian_noise_(
-    tensor: torch.Tensor, key: NoiseKey, step: int, name: str, std: float, offset: int
+    tensor: torch.Tensor, key: NoiseKey, step: int, name: str, std: float, offset: int,
+    workers: NoiseWorkers | None = None,
 ) -> torch.Tensor:
     """dpscale.noise.add_gaussian_noise_ through the host (arguments already checked there; call
     that one): round(x + std * z) computed in float64, rounded once to the tensor's dtype; a tensor
-    elsewhere than on the CPU, or not contiguous, goes through a flat CPU copy."""
+    elsewhere than on the CPU, or not contiguous, goes through a flat CPU copy. Spread over
+    `workers`' threads, disjoint spans each, with the same values."""
     numel = tensor.numel()
     target = tensor.detach()  # shares storage: in-place writes reach `tensor`, autograd stays out
     on_cpu_flat = target.device.type == "cpu" and target.is_contiguous()
     flat = target.view(-1) if on_cpu_flat else target.reshape(-1).to("cpu", copy=True)
-    as_numpy = flat.dtype in (torch.float32, torch.float64)  # numpy rounds float64 -> float32 as torch does
-    for position, z in _standard_normal_pieces(key, step, name, numel, offset):
-        piece = flat[position : position + z.shape[0]]
-        z *= std  # the piece is ours until the next one: x + std * z in float64, in place
-        if as_numpy:
-            values = piece.numpy()
-            z += values
-            np.copyto(values, z, casting="same_kind")  # the one rounding
-        else:
-            z_tensor = torch.from_numpy(z)
-            z_tensor += piece
-            piece.copy_(z_tensor)
+
+    def span(a: int, b: int) -> None:
+        for position, z in _standard_normal_pieces(key, step, name, b - a, offset + a):
+            z *= std  # the piece is ours until the next one: x + std * z in float64, in place
+            add_scaled_(flat[a + position : a + position + z.shape[0]], z)
+
+    _run_spans(span, numel, offset, workers)
     if not on_cpu_flat:
         target.copy_(flat.view(target.shape))
     return tensor
+
+
+def _run_spans(span, numel: int, offset: int, workers: NoiseWorkers | None) -> None:
+    spans = _spans(numel, offset, workers)
+    if len(spans) == 1:
+        span(0, numel)
+    else:
+        workers.run([lambda a=a, b=b: span(a, b) for a, b in spans])
