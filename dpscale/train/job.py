@@ -42,6 +42,7 @@ from dpscale.train.checkpoint import (
     save_checkpoint,
 )
 from dpscale.train.config import TrainConfig
+from dpscale.train.precision import check_mixed_precision, check_requested_precision
 from dpscale.train.report import Trained, log_step, progress, write_report
 
 __all__ = ["TrainResult", "run"]
@@ -65,6 +66,7 @@ class _Task:
     labels: list | None
     classification: bool
     users: list | None = None  # privacy_unit user: the user of each training row, in row order
+    generation: object | None = None  # causal LM: every held-out row, for the prompts BLEU is read on
 
     def losses(self, model, batch, device) -> torch.Tensor:
         """Per-example losses of a collated batch, moved to ``device`` first (both loops' batches
@@ -88,8 +90,10 @@ def run(config: TrainConfig) -> TrainResult:
     )
 
     output = Path(config.output_dir)
+    check_requested_precision(config.mixed_precision, cpu=config.cpu)  # before Accelerate's global state holds it
     accelerator = Accelerator(log_with=config.report_to or None, project_dir=str(output / "logs"),
-                              **_placement_kwargs(config))
+                              mixed_precision=config.mixed_precision, **_placement_kwargs(config))
+    precision = check_mixed_precision(accelerator.mixed_precision, accelerator.device)  # as launched
     if distributed_type(accelerator) == "FSDP":
         raise ConfigError(
             "dpscale train does not run under FSDP: its checkpoints, resume and evaluation read whole parameters "
@@ -119,7 +123,8 @@ def run(config: TrainConfig) -> TrainResult:
     state = load_checkpoint(folder, config, accelerator)
     if state:
         restore_checkpoint(model, optimizer, state, accelerator)
-    before = state["before"] if state else _evaluate(config, task, accelerator.unwrap_model(model), tokenizer)
+    with accelerator.autocast():  # bf16: generation too (PEFT's generate bypasses the prepared forward)
+        before = state["before"] if state else _evaluate(config, task, accelerator.unwrap_model(model), tokenizer)
     start = time.perf_counter()
     if config.non_private:
         from dpscale.train.baseline import train_non_private
@@ -129,7 +134,8 @@ def run(config: TrainConfig) -> TrainResult:
         trained = _train_private(config, task, model, optimizer, accelerator, state, folder, before)
     seconds = time.perf_counter() - start
     unwrapped = accelerator.unwrap_model(model)
-    after = _evaluate(config, task, unwrapped, tokenizer)
+    with accelerator.autocast():
+        after = _evaluate(config, task, unwrapped, tokenizer)
     metrics = {
         "task": config.task, "model": config.model, "trainable": config.trainable,
         "non_private": config.non_private, "before": before, "after": after, "privacy": trained.privacy,
@@ -137,6 +143,7 @@ def run(config: TrainConfig) -> TrainResult:
         "privacy_unit": None if config.non_private else config.privacy_unit,
         **({"train_users": len(set(task.users))} if task.users is not None else {}),
         "wall_seconds_this_run": round(seconds, 1), "processes": accelerator.num_processes,
+        "mixed_precision": precision,
         "hardware": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
         "command_config": {k: v for k, v in config.as_dict().items() if k != "noise_key"},
     }
@@ -162,8 +169,6 @@ def _rows(config: TrainConfig):
         eval_rows = read_table(config.eval_data) if config.eval_data else None
     if config.max_train_examples:
         train_rows = train_rows[: config.max_train_examples]
-    if eval_rows is not None and config.max_eval_examples:
-        eval_rows = eval_rows[: config.max_eval_examples]
     labels = None
     if config.task == "classification":
         if not train_rows or config.label_column not in train_rows[0]:
@@ -198,7 +203,8 @@ def _task(config: TrainConfig, train_rows, eval_rows, tokenizer, labels) -> _Tas
                                       max_length=config.max_length, labels=labels)
 
         train = build(train_rows, config.text_column)
-        evaluation = build(eval_rows, config.eval_text_column or config.text_column) if eval_rows else None
+        column = config.eval_text_column or config.text_column
+        evaluation = build(_first(eval_rows, config), column) if eval_rows else None
         return _Task(train, evaluation, labels, True)
 
     def build_lm(rows):
@@ -207,7 +213,15 @@ def _task(config: TrainConfig, train_rows, eval_rows, tokenizer, labels) -> _Tas
         return CausalLMData(rows, tokenizer, max_length=config.max_length, prompt_column=config.prompt_column,
                             target_column=config.target_column)
 
-    return _Task(build_lm(train_rows), build_lm(eval_rows) if eval_rows else None, None, False)
+    # the eval loss reads the first max_eval_examples held-out rows; BLEU the first `generations`
+    # distinct prompts of all of them, each with every reference it has
+    generation = build_lm(eval_rows) if eval_rows and config.generations else None
+    return _Task(build_lm(train_rows), build_lm(_first(eval_rows, config)) if eval_rows else None, None, False,
+                 generation=generation)
+
+
+def _first(rows, config: TrainConfig):
+    return rows[: config.max_eval_examples] if rows and config.max_eval_examples else rows
 
 
 # evaluation ---------------------------------------------------------------------------------------
@@ -221,9 +235,10 @@ def _evaluate(config: TrainConfig, task: _Task, model, tokenizer) -> dict:
     if task.classification:
         return evaluate.evaluate_classification(model, task.eval, batch_size=config.eval_batch_size)
     result = evaluate.evaluate_causal_lm(model, task.eval, batch_size=config.eval_batch_size)
-    if config.generations and task.eval.prompts:
-        prompts = task.eval.prompts[: config.generations]
-        references = task.eval.references[: config.generations]
+    source = task.generation or task.eval
+    if config.generations and source.prompts:
+        prompts = source.prompts[: config.generations]
+        references = source.references[: config.generations]
         outputs = evaluate.generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens)
         result["bleu"] = evaluate.bleu(outputs, references)
         result["bleu_prompts"] = len(prompts)
