@@ -265,6 +265,8 @@ _TRAIN_HELP = {
     "noise_key": "noise key file (every rank reads it; default: created in --output-dir)",
     "collective_timeout": "seconds a process waits for the others in a collective before the job fails: a dead "
                           "or hung rank ends the run in bounded time",
+    "mixed_precision": "no or bf16 (forward/backward under bf16 autocast; norms, sums and noise in float32); "
+                       "refused on hardware without bf16, fp16 always",
 }
 
 
