@@ -285,6 +285,8 @@ _TRAIN_HELP = {
                      "each step (--max-grad-norm is the start; needs --clip-fn abadi; epsilon unchanged)",
     "clip_quantile_lr": "with --clip-quantile: eta of the update R <- R exp(-eta (unclipped fraction - quantile))",
     "clip_count_std": "with --clip-quantile: std of the noise on the unclipped count (default batch size / 20)",
+    "mixed_precision": "no or bf16 (forward/backward under bf16 autocast; norms, sums and noise in float32); "
+                       "refused on hardware without bf16, fp16 always",
 }
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpscale.cross_entropy import token_cross_entropy
 from dpscale.errors import LossShapeError
 from dpscale.per_example import accumulation_dtype
 
@@ -28,10 +29,9 @@ def token_mean_losses(logits: Tensor, labels: Tensor, ignore_index: int = -100, 
             f"Expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}."
         )
     batch, vocab = logits.shape[0], logits.shape[-1]
-    dtype = accumulation_dtype(logits)
-    per_token = F.cross_entropy(
-        logits.reshape(-1, vocab).to(dtype), labels.reshape(-1), ignore_index=ignore_index, reduction="none",
-        label_smoothing=label_smoothing,
+    per_token = token_cross_entropy(  # chunked: no full-size float32 copy of the logits
+        logits.reshape(-1, vocab), labels.reshape(-1), ignore_index, label_smoothing=label_smoothing,
+        dtype=accumulation_dtype(logits),
     ).reshape(batch, -1)
     counts = (labels.reshape(batch, -1) != ignore_index).sum(1).clamp(min=1)
     return per_token.sum(1) / counts
@@ -39,12 +39,15 @@ def token_mean_losses(logits: Tensor, labels: Tensor, ignore_index: int = -100, 
 
 def causal_lm_losses(logits: Tensor, labels: Tensor, ignore_index: int = -100, *,
                      label_smoothing: float = 0.0) -> Tensor:
-    """[B] next-token losses: position t predicts label t+1, as Hugging Face causal LMs do."""
+    """[B] next-token losses: position t predicts label t+1, as Hugging Face causal LMs do. The
+    labels are shifted, not the logits (the last position gets ``ignore_index``), so that the
+    logits are read in place rather than copied."""
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise LossShapeError(
             f"Expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}."
         )
-    return token_mean_losses(logits[:, :-1], labels[:, 1:], ignore_index, label_smoothing=label_smoothing)
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
+    return token_mean_losses(logits, shifted, ignore_index, label_smoothing=label_smoothing)
 
 
 def sequence_classification_losses(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:

@@ -68,9 +68,7 @@ def _tables(config: TrainConfig) -> tuple[Table, Table | None]:
     else:
         train = read_located(config.data)
         evaluation = read_located(config.eval_data) if config.eval_data else None
-    train = train.head(config.max_train_examples)
-    if evaluation is not None:
-        evaluation = evaluation.head(config.max_eval_examples)
+    train = train.head(config.max_train_examples)  # every eval row is checked: BLEU may read beyond max_eval_examples
     if not train.rows:
         raise DataError(f"{train.source} has no rows: give training data with one example per row.")
     if evaluation is not None and not evaluation.rows:

@@ -3,8 +3,10 @@ overridden by flags, validated before anything is loaded.
 
 The defaults are the embedded default job, sized to finish in under 10 minutes on 2 CPU cores:
 DP-LoRA of SmolLM2-135M on the packaged E2E split at epsilon 8, 12 Poisson steps of expected batch
-64, a small clipping norm with automatic clipping. Real runs want more steps and larger batches
-(the recipes in examples/).
+64, a small clipping norm with automatic clipping, BLEU on 100 held-out meaning representations.
+Its memory is set by the micro-batch (activations of 30 layers; BENCHMARKS.md, "The main job"):
+4 keeps the whole job under 3 GiB resident at no cost in time per example on a CPU. Real runs
+want more steps and larger batches (the recipes in examples/).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class TrainConfig:
     batch_size: the expected logical batch B (Poisson: q = B / N); micro_batch: the physical one.
     max_train_examples, max_eval_examples: use the first n rows only (quick runs; N is then n, or
         at user level the number of users among those rows).
+    generations, max_new_tokens: causal LM: BLEU of greedy generations (64 prompts at a time) for
+        the first ``generations`` distinct prompts of ALL the eval rows, each against every
+        reference it has (max_eval_examples cuts the rows of the eval loss only); 0: no BLEU.
     privacy_unit: "example" (default: epsilon protects one row) or "user": epsilon protects one user
         with all their rows, the user named by ``user_column``. Then N is the number of distinct
         users in the training rows, batch_size the expected number of users per step (each bringing
@@ -82,6 +87,10 @@ class TrainConfig:
         label in the labels' order (sorted values; SST-2: terrible,great), each scored as the LM's
         next token " <word>" after the rendered prompt_template. No head is created.
     prompt_template: with label_words, where the text goes: default "{text} It was".
+    mixed_precision: "no" or "bf16" (forward and backward under bf16 autocast; weights, norms,
+        clipped sums and noise in float32: dpscale/train/precision.py); unset: what ``accelerate
+        launch --mixed_precision`` says, else "no". bf16 is refused on hardware without bf16
+        arithmetic, fp16 always (it needs loss scaling).
     """
 
     model: str = "smollm2-135m"
@@ -103,7 +112,7 @@ class TrainConfig:
     max_steps: int | None = 12
     stop_after: int | None = None
     batch_size: float = 64
-    micro_batch: int = 16
+    micro_batch: int = 4
     lr: float = 3e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 0.1
@@ -122,9 +131,9 @@ class TrainConfig:
     checkpoint_every: int = 20
     resume: bool = True
     fresh_key: bool = False
-    generations: int = 10
+    generations: int = 100
     max_new_tokens: int = 40
-    eval_batch_size: int = 32
+    eval_batch_size: int = 16
     cpu: bool = False
     collective_timeout: float = 300.0
     deepspeed: str | None = None
@@ -138,6 +147,7 @@ class TrainConfig:
     lp_steps: int | None = None
     label_words: list[str] | None = None
     prompt_template: str | None = None
+    mixed_precision: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):
@@ -154,6 +164,10 @@ class TrainConfig:
         self._check_privacy_unit()
         self._check_optimizer_and_adaptive_clipping()
         self._check_heads()
+        if self.mixed_precision is not None:
+            from dpscale.train.precision import check_mixed_precision_name
+
+            self.mixed_precision = check_mixed_precision_name(self.mixed_precision)
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("Give epochs or max_steps: the length of the run the noise is calibrated for.")
         for name in ("batch_size", "lr", "max_grad_norm", "epsilon", "collective_timeout"):

@@ -92,7 +92,7 @@ def generate(
     prompts: Sequence[str],
     max_new_tokens: int = 64,
     *,
-    batch_size: int = 16,
+    batch_size: int = 64,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (as ``CausalLMData.prompts`` gives them: the prompt
     and its separator), one string per prompt, in order. Prompts are tokenised as in training
@@ -105,7 +105,8 @@ def generate(
 
     pad, eos = padding_id(tokenizer), end_id(tokenizer)
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos,
+        use_cache=True,  # training turns the model config's cache off; decoding needs it
     )
     encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))

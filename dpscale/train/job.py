@@ -50,6 +50,7 @@ from dpscale.train.checks import check_data, describe_labels
 from dpscale.train.config import TrainConfig
 from dpscale.train.model_card import key_message, write_job_card
 from dpscale.train.optimizers import build_optimizer
+from dpscale.train.precision import check_mixed_precision, check_requested_precision
 from dpscale.train.report import Trained, log_step, progress, write_report
 from dpscale.train.rerun import apply_rerun, check_resumable, job_record, plan_rerun
 
@@ -78,6 +79,7 @@ class _Task:
     users: list | None = None  # privacy_unit user: the user of each training row, in row order
     job: dict | None = None  # what the checkpoint records of this run (rerun.job_record)
     prompt: bool = False  # classification through a causal LM's label words (train/prompting.py)
+    generation: object | None = None  # causal LM: every held-out row, for the prompts BLEU is read on
 
     def losses(self, model, batch, device) -> torch.Tensor:
         """Per-example losses of a collated batch, moved to ``device`` first (both loops' batches
@@ -104,8 +106,10 @@ def run(config: TrainConfig) -> TrainResult:
 
     data = check_data(config)  # every data file checked before anything is created or loaded
     output = Path(config.output_dir)
+    check_requested_precision(config.mixed_precision, cpu=config.cpu)  # before Accelerate's global state holds it
     accelerator = Accelerator(log_with=config.report_to or None, project_dir=str(output / "logs"),
-                              **_placement_kwargs(config))
+                              mixed_precision=config.mixed_precision, **_placement_kwargs(config))
+    precision = check_mixed_precision(accelerator.mixed_precision, accelerator.device)  # as launched
     if distributed_type(accelerator) == "FSDP":
         raise ConfigError(
             "dpscale train does not run under FSDP: its checkpoints, resume and evaluation read whole parameters "
@@ -152,7 +156,8 @@ def run(config: TrainConfig) -> TrainResult:
             for k, v in config.as_dict().items() if k != "noise_key"})
     if state:
         restore_checkpoint(model, optimizer, state, accelerator)
-    before = state["before"] if state else _evaluate(config, task, accelerator.unwrap_model(model), tokenizer)
+    with accelerator.autocast():  # bf16: generation too (PEFT's generate bypasses the prepared forward)
+        before = state["before"] if state else _evaluate(config, task, accelerator.unwrap_model(model), tokenizer)
     start = time.perf_counter()
     if config.non_private:
         from dpscale.train.baseline import train_non_private
@@ -162,7 +167,8 @@ def run(config: TrainConfig) -> TrainResult:
         trained = _train_private(config, task, model, optimizer, accelerator, state, folder, before, phases)
     seconds = time.perf_counter() - start
     unwrapped = accelerator.unwrap_model(model)
-    after = _evaluate(config, task, unwrapped, tokenizer)
+    with accelerator.autocast():
+        after = _evaluate(config, task, unwrapped, tokenizer)
     metrics = {
         "task": config.task, "model": config.model, "trainable": config.trainable,
         "non_private": config.non_private, "before": before, "after": after, "privacy": trained.privacy,
@@ -171,6 +177,7 @@ def run(config: TrainConfig) -> TrainResult:
         **({"labels": [str(label) for label in labels], "label_counts": data.label_counts} if labels else {}),
         **({"train_users": len(set(task.users))} if task.users is not None else {}),
         "wall_seconds_this_run": round(seconds, 1), "processes": accelerator.num_processes,
+        "mixed_precision": precision,
         "hardware": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
         "command_config": {k: v for k, v in config.as_dict().items() if k != "noise_key"},
     }
@@ -208,7 +215,8 @@ def _task(config: TrainConfig, train_rows, eval_rows, tokenizer, labels) -> _Tas
                                             label_column=config.label_column, max_length=config.max_length,
                                             labels=labels)
 
-        evaluation = prompted(eval_rows, config.eval_text_column or config.text_column) if eval_rows else None
+        column = config.eval_text_column or config.text_column
+        evaluation = prompted(_first(eval_rows, config), column) if eval_rows else None
         return _Task(prompted(train_rows, config.text_column), evaluation, labels, True, prompt=True)
     if config.task == "classification":
         def build(rows, column):
@@ -216,7 +224,8 @@ def _task(config: TrainConfig, train_rows, eval_rows, tokenizer, labels) -> _Tas
                                       max_length=config.max_length, labels=labels)
 
         train = build(train_rows, config.text_column)
-        evaluation = build(eval_rows, config.eval_text_column or config.text_column) if eval_rows else None
+        column = config.eval_text_column or config.text_column
+        evaluation = build(_first(eval_rows, config), column) if eval_rows else None
         return _Task(train, evaluation, labels, True)
 
     def build_lm(rows):
@@ -225,7 +234,15 @@ def _task(config: TrainConfig, train_rows, eval_rows, tokenizer, labels) -> _Tas
         return CausalLMData(rows, tokenizer, max_length=config.max_length, prompt_column=config.prompt_column,
                             target_column=config.target_column)
 
-    return _Task(build_lm(train_rows), build_lm(eval_rows) if eval_rows else None, None, False)
+    # the eval loss reads the first max_eval_examples held-out rows; BLEU the first `generations`
+    # distinct prompts of all of them, each with every reference it has
+    generation = build_lm(eval_rows) if eval_rows and config.generations else None
+    return _Task(build_lm(train_rows), build_lm(_first(eval_rows, config)) if eval_rows else None, None, False,
+                 generation=generation)
+
+
+def _first(rows, config: TrainConfig):
+    return rows[: config.max_eval_examples] if rows and config.max_eval_examples else rows
 
 
 # evaluation ---------------------------------------------------------------------------------------
@@ -243,9 +260,10 @@ def _evaluate(config: TrainConfig, task: _Task, model, tokenizer) -> dict:
     if task.classification:
         return evaluate.evaluate_classification(model, task.eval, batch_size=config.eval_batch_size)
     result = evaluate.evaluate_causal_lm(model, task.eval, batch_size=config.eval_batch_size)
-    if config.generations and task.eval.prompts:
-        prompts = task.eval.prompts[: config.generations]
-        references = task.eval.references[: config.generations]
+    source = task.generation or task.eval
+    if config.generations and source.prompts:
+        prompts = source.prompts[: config.generations]
+        references = source.references[: config.generations]
         outputs = evaluate.generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens)
         result["bleu"] = evaluate.bleu(outputs, references)
         result["bleu_prompts"] = len(prompts)

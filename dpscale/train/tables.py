@@ -263,10 +263,11 @@ def split_by_column(rows: Sequence[Row], column: str, eval_fraction: float = 0.1
     return train, held_out
 
 
-def default_e2e(eval_fraction: float = 0.1) -> tuple[list[Row], list[Row]]:
+def default_e2e(eval_fraction: float = 0.2) -> tuple[list[Row], list[Row]]:
     """The packaged E2E development split (CC BY-SA 4.0, see default_data/ATTRIBUTION.md) as
     (train rows, eval rows), columns "mr" and "ref", split by meaning representation: no MR in
-    both parts, about ``eval_fraction`` of the MRs in eval, the same split on every call."""
+    both parts, about ``eval_fraction`` of the MRs in eval, the same split on every call. The
+    default 0.2 holds out 109 of the 547 MRs, so that BLEU is read on at least 100 of them."""
     resource = importlib.resources.files("dpscale.train") / "default_data" / "e2e_dev.csv"
     with importlib.resources.as_file(resource) as path:
         rows = read_table(path)
