@@ -265,6 +265,11 @@ _TRAIN_HELP = {
     "noise_key": "noise key file (every rank reads it; default: created in --output-dir)",
     "collective_timeout": "seconds a process waits for the others in a collective before the job fails: a dead "
                           "or hung rank ends the run in bounded time",
+    "audit": "plant canaries in this run (each trained with probability 1/2 by a keyed coin) and report the one-run "
+             "lower bound on epsilon beside the accountant's (privacy_report.json 'audit', docs/RELIABILITY.md)",
+    "audit_canaries": "with --audit: m canaries, all counted in N",
+    "audit_guesses": "with --audit: 'member' guesses on the highest scores (default: audit_canaries // 10)",
+    "audit_confidence": "with --audit: confidence of the lower bound",
 }
 
 

@@ -59,6 +59,10 @@ class TrainConfig:
         died or hung ends the run in bounded time instead of torch's default 30 minutes.
     deepspeed: a DeepSpeed config file (ds_configs/zero*.json), for the deepspeed launcher or
         torchrun; ``accelerate launch`` with a DeepSpeed config needs none.
+    audit: plant audit_canaries canaries in this run (each trained with probability 1/2 by a keyed
+        coin; N counts all of them) and report the one-run lower bound on epsilon (Steinke, Nasr
+        and Jagielski 2023) from audit_guesses member guesses (default audit_canaries // 10) at
+        audit_confidence beside the accountant's epsilon (docs/RELIABILITY.md).
     """
 
     model: str = "smollm2-135m"
@@ -103,6 +107,10 @@ class TrainConfig:
     cpu: bool = False
     collective_timeout: float = 300.0
     deepspeed: str | None = None
+    audit: bool = False
+    audit_canaries: int = 1000
+    audit_guesses: int | None = None
+    audit_confidence: float = 0.95
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):
@@ -116,6 +124,8 @@ class TrainConfig:
         if self.task == "classification" and self.text_column is None:
             self.text_column = "sentence"
         self._check_privacy_unit()
+        if self.audit:
+            self._check_audit()
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("Give epochs or max_steps: the length of the run the noise is calibrated for.")
         for name in ("batch_size", "lr", "max_grad_norm", "epsilon", "collective_timeout"):
@@ -159,6 +169,17 @@ class TrainConfig:
                     f"{flag} ({name}) is for --privacy-unit user; with privacy_unit example each row is its own "
                     f"unit and {name} would be ignored. Add --privacy-unit user, or drop {flag}."
                 )
+
+    def _check_audit(self) -> None:
+        """--audit plants canaries in a private run at example level (dpscale/train/canaries.py)."""
+        from dpscale.audit_run import check_audit_options
+
+        if self.non_private or self.privacy_unit != "example":
+            raise ConfigError(
+                "--audit tests a private run's epsilon per example: drop --non-private (the baseline claims no "
+                "epsilon) and --privacy-unit user (canaries are single rows), or drop --audit."
+            )
+        check_audit_options(self.audit_canaries, self.audit_guesses, self.audit_confidence)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

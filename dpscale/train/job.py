@@ -65,6 +65,7 @@ class _Task:
     labels: list | None
     classification: bool
     users: list | None = None  # privacy_unit user: the user of each training row, in row order
+    canaries: object | None = None  # --audit: the planted canaries (dpscale/train/canaries.py)
 
     def losses(self, model, batch, device) -> torch.Tensor:
         """Per-example losses of a collated batch, moved to ``device`` first (both loops' batches
@@ -105,6 +106,11 @@ def run(config: TrainConfig) -> TrainResult:
                                   labels=[str(label) for label in labels] if labels else None)
     task = _task(config, train_rows, eval_rows, tokenizer, labels)
     task.users = users
+    if config.audit:  # canaries join the training rows before anything counts them
+        from dpscale.train.canaries import plant_canaries
+
+        task.canaries = plant_canaries(config, task, tokenizer, key=_shared_key(config, accelerator),
+                                       build=lambda rows: _task(config, rows, None, tokenizer, labels).train)
     model = select_trainable(model, config.trainable, task=config.task, lora_r=config.lora_r,
                              lora_alpha=config.lora_alpha, lora_dropout=0.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -120,6 +126,9 @@ def run(config: TrainConfig) -> TrainResult:
     if state:
         restore_checkpoint(model, optimizer, state, accelerator)
     before = state["before"] if state else _evaluate(config, task, accelerator.unwrap_model(model), tokenizer)
+    if task.canaries is not None:
+        task.canaries.start(accelerator.unwrap_model(model), accelerator.device, resumed=state is not None,
+                            main_process=accelerator.is_main_process)
     start = time.perf_counter()
     if config.non_private:
         from dpscale.train.baseline import train_non_private
@@ -130,6 +139,8 @@ def run(config: TrainConfig) -> TrainResult:
     seconds = time.perf_counter() - start
     unwrapped = accelerator.unwrap_model(model)
     after = _evaluate(config, task, unwrapped, tokenizer)
+    audit = None if task.canaries is None else task.canaries.finish(
+        unwrapped, accelerator.device, trained.privacy, main_process=accelerator.is_main_process)
     metrics = {
         "task": config.task, "model": config.model, "trainable": config.trainable,
         "non_private": config.non_private, "before": before, "after": after, "privacy": trained.privacy,
@@ -139,6 +150,7 @@ def run(config: TrainConfig) -> TrainResult:
         "wall_seconds_this_run": round(seconds, 1), "processes": accelerator.num_processes,
         "hardware": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
         "command_config": {k: v for k, v in config.as_dict().items() if k != "noise_key"},
+        **({"audit": audit} if audit is not None else {}),
     }
     with _whole_parameters(accelerator, unwrapped):  # ZeRO-3: gathered on every rank, saved by one
         if accelerator.is_main_process:
@@ -266,6 +278,9 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
 
     def losses_of(micro):
         return task.losses(engine.model, micro, accelerator.device)
+
+    if task.canaries is not None:  # an excluded canary's loss times 0: a zero gradient
+        losses_of = task.canaries.weigh(losses_of)
 
     def on_step(outcome: StepOutcome) -> None:
         norms = engine.step_norms
