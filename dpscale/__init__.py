@@ -48,6 +48,8 @@ _LAZY = {
     "train_only": "dpscale.subsets",
     "audit_one_run": "dpscale.audit",
     "AuditResult": "dpscale.audit",
+    "CanaryAudit": "dpscale.audit_run",
+    "CanaryAuditResult": "dpscale.audit_run",
 }
 
 __all__ = [

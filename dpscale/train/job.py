@@ -11,6 +11,9 @@ again, and leave in ``output_dir``:
     training.png         loss and epsilon against steps
     checkpoint/          the trainable parameters, optimizer and privacy state: a rerun with the
                          same output_dir and key file resumes here
+    audit.json           with --audit: the canaries, their keyed coins, their losses before and
+                         after training and the audit's result (also under "audit" in
+                         privacy_report.json and metrics.json; dpscale/train/canaries.py)
 
 This module is the orchestration and the private run (the engine through ``make_private``, its
 loader, and ``dpscale.driver.run_steps``: the one DP loop every entry point shares). The
@@ -157,6 +160,8 @@ def run(config: TrainConfig) -> TrainResult:
             output.mkdir(parents=True, exist_ok=True)
             save_model(unwrapped, tokenizer, output / "model", base_model=name, labels=labels)
     write_report(accelerator, output, metrics, trained.history)
+    if audit is not None:
+        accelerator.print(audit["describe"])
     accelerator.end_training()
     return TrainResult(metrics, output, trained.history)
 
