@@ -196,7 +196,7 @@ class CanaryAudit:
 
         if key is None:
             raise ConfigError("CanaryAudit needs the secret key its coins derive from (key=noise key or key file); "
-                              "a public seed would let anyone read the coins off the run.")
+                              "coins from a public seed would be public, and the audit void.")
         self.canaries = list(canaries)
         m = len(self.canaries)
         self.guesses_member, self.guesses_non_member = check_audit_options(m, guesses, confidence)

@@ -23,7 +23,7 @@ is ``dpscale.audit_run.CanaryAudit``; this module is what the job adds to it:
   auditor's secret while the audit matters).
 * **The report.** ``privacy_report.json`` and ``metrics.json`` get an ``audit`` entry: the bound,
   the counts, and what the canaries cost (their share of the rows and of the tokens, which is their
-  share of the training compute in expectation, and the seconds spent scoring them).
+  share of the training compute in expectation, and the seconds spent scoring them after training).
 """
 
 from __future__ import annotations
