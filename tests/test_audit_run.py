@@ -179,7 +179,7 @@ def test_from_a_users_own_loop_with_the_engines_loader():
 
 def word_tokenizer(extra: int = 3000):
     """A word-level tokenizer: the E2E rows' words and ``extra`` filler words, so that canaries have
-    tokens of their own (the BPE test tokenizer's 400 tokens are all in the E2E rows)."""
+    tokens of their own (the BPE test tokenizer's 400 tokens are too few for 400 canaries of 16)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = sorted({w for row in E2E_ROWS for w in (row["mr"] + " " + row["ref"]).split()})
