@@ -65,6 +65,8 @@ _LAZY = {
     "label_word_losses": "dpscale.losses",
     "audit_one_run": "dpscale.audit",
     "AuditResult": "dpscale.audit",
+    "CanaryAudit": "dpscale.audit_run",
+    "CanaryAuditResult": "dpscale.audit_run",
 }
 
 __all__ = [

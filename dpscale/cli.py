@@ -287,6 +287,11 @@ _TRAIN_HELP = {
     "clip_count_std": "with --clip-quantile: std of the noise on the unclipped count (default batch size / 20)",
     "mixed_precision": "no or bf16 (forward/backward under bf16 autocast; norms, sums and noise in float32); "
                        "refused on hardware without bf16, fp16 always",
+    "audit": "plant canaries in this run (each trained with probability 1/2 by a keyed coin) and report the one-run "
+             "lower bound on epsilon beside the accountant's (privacy_report.json 'audit', docs/RELIABILITY.md)",
+    "audit_canaries": "with --audit: m canaries, all counted in N",
+    "audit_guesses": "with --audit: 'member' guesses on the highest scores (default: audit_canaries // 10)",
+    "audit_confidence": "with --audit: confidence of the lower bound",
 }
 
 

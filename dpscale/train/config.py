@@ -91,6 +91,10 @@ class TrainConfig:
         clipped sums and noise in float32: dpscale/train/precision.py); unset: what ``accelerate
         launch --mixed_precision`` says, else "no". bf16 is refused on hardware without bf16
         arithmetic, fp16 always (it needs loss scaling).
+    audit: plant audit_canaries canaries in this run (each trained with probability 1/2 by a keyed
+        coin; N counts all of them) and report the one-run lower bound on epsilon (Steinke, Nasr
+        and Jagielski 2023) from audit_guesses member guesses (default audit_canaries // 10) at
+        audit_confidence beside the accountant's epsilon (docs/RELIABILITY.md).
     """
 
     model: str = "smollm2-135m"
@@ -148,6 +152,10 @@ class TrainConfig:
     label_words: list[str] | None = None
     prompt_template: str | None = None
     mixed_precision: str | None = None
+    audit: bool = False
+    audit_canaries: int = 1000
+    audit_guesses: int | None = None
+    audit_confidence: float = 0.95
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):
@@ -168,6 +176,8 @@ class TrainConfig:
             from dpscale.train.precision import check_mixed_precision_name
 
             self.mixed_precision = check_mixed_precision_name(self.mixed_precision)
+        if self.audit:
+            self._check_audit()
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("Give epochs or max_steps: the length of the run the noise is calibrated for.")
         for name in ("batch_size", "lr", "max_grad_norm", "epsilon", "collective_timeout"):
@@ -304,6 +314,17 @@ class TrainConfig:
             if self.max_steps is not None and self.epochs is None and self.lp_steps >= self.max_steps:
                 raise ConfigError(f"lp_steps {self.lp_steps} leaves no fine-tuning step of max_steps "
                                   f"{self.max_steps}: lower --lp-steps or raise --max-steps.")
+
+    def _check_audit(self) -> None:
+        """--audit plants canaries in a private run at example level (dpscale/train/canaries.py)."""
+        from dpscale.audit_run import check_audit_options
+
+        if self.non_private or self.privacy_unit != "example":
+            raise ConfigError(
+                "--audit tests a private run's epsilon per example: drop --non-private (the baseline claims no "
+                "epsilon) and --privacy-unit user (canaries are single rows), or drop --audit."
+            )
+        check_audit_options(self.audit_canaries, self.audit_guesses, self.audit_confidence)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

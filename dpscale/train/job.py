@@ -14,6 +14,9 @@ again, and leave in ``output_dir``:
     training.png         loss and epsilon against steps
     checkpoint/          the trainable parameters, optimizer and privacy state: a rerun with the
                          same output_dir and key file resumes here
+    audit.json           with --audit: the canaries, their keyed coins, their losses before and
+                         after training and the audit's result (also under "audit" in
+                         privacy_report.json and metrics.json; dpscale/train/canaries.py)
 
 This module is the orchestration and the private run (the engine through ``make_private``, its
 loader, and ``dpscale.driver.run_steps``: the one DP loop every entry point shares). The
@@ -80,6 +83,7 @@ class _Task:
     job: dict | None = None  # what the checkpoint records of this run (rerun.job_record)
     prompt: bool = False  # classification through a causal LM's label words (train/prompting.py)
     generation: object | None = None  # causal LM: every held-out row, for the prompts BLEU is read on
+    canaries: object | None = None  # --audit: the planted canaries (dpscale/train/canaries.py)
 
     def losses(self, model, batch, device) -> torch.Tensor:
         """Per-example losses of a collated batch, moved to ``device`` first (both loops' batches
@@ -141,6 +145,11 @@ def run(config: TrainConfig) -> TrainResult:
         zero_head(model)
     task = _task(config, train_rows, eval_rows, tokenizer, labels)
     task.users, task.job = data.users, record
+    if config.audit:  # canaries join the training rows before anything counts them
+        from dpscale.train.canaries import plant_canaries
+
+        task.canaries = plant_canaries(config, task, tokenizer, key=_shared_key(config, accelerator),
+                                       build=lambda rows: _task(config, rows, None, tokenizer, labels).train)
     model = select_trainable(model, config.trainable, task=model_task, lora_r=config.lora_r,
                              lora_alpha=config.lora_alpha, lora_dropout=0.0)
     from dpscale.train.lpft import plan_phases
@@ -158,6 +167,9 @@ def run(config: TrainConfig) -> TrainResult:
         restore_checkpoint(model, optimizer, state, accelerator)
     with accelerator.autocast():  # bf16: generation too (PEFT's generate bypasses the prepared forward)
         before = state["before"] if state else _evaluate(config, task, accelerator.unwrap_model(model), tokenizer)
+    if task.canaries is not None:
+        task.canaries.start(accelerator.unwrap_model(model), accelerator.device, resumed=state is not None,
+                            main_process=accelerator.is_main_process)
     start = time.perf_counter()
     if config.non_private:
         from dpscale.train.baseline import train_non_private
@@ -169,6 +181,8 @@ def run(config: TrainConfig) -> TrainResult:
     unwrapped = accelerator.unwrap_model(model)
     with accelerator.autocast():
         after = _evaluate(config, task, unwrapped, tokenizer)
+    audit = None if task.canaries is None else task.canaries.finish(
+        unwrapped, accelerator.device, trained.privacy, main_process=accelerator.is_main_process)
     metrics = {
         "task": config.task, "model": config.model, "trainable": config.trainable,
         "non_private": config.non_private, "before": before, "after": after, "privacy": trained.privacy,
@@ -180,6 +194,7 @@ def run(config: TrainConfig) -> TrainResult:
         "mixed_precision": precision,
         "hardware": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
         "command_config": {k: v for k, v in config.as_dict().items() if k != "noise_key"},
+        **({"audit": audit} if audit is not None else {}),
     }
     with _whole_parameters(accelerator, unwrapped):  # ZeRO-3: gathered on every rank, saved by one
         if accelerator.is_main_process:
@@ -196,6 +211,8 @@ def run(config: TrainConfig) -> TrainResult:
         message = key_message(_key_path(config), trained.privacy.get("key_fingerprint"))
         logger.info(message)
         accelerator.print(message)
+    if audit is not None:
+        accelerator.print(audit["describe"])
     accelerator.end_training()
     return TrainResult(metrics, output, trained.history)
 
@@ -315,6 +332,9 @@ def _train_private(config: TrainConfig, task: _Task, model, optimizer, accelerat
     def clip_norm_used() -> float:
         adaptive = engine.adaptive_clipping
         return config.max_grad_norm if adaptive is None else adaptive.history[-1]
+
+    if task.canaries is not None:  # an excluded canary's loss times 0: a zero gradient
+        losses_of = task.canaries.weigh(losses_of)
 
     def on_step(outcome: StepOutcome) -> None:
         norms = engine.step_norms
