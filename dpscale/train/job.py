@@ -253,9 +253,18 @@ def _task(config: TrainConfig, train_rows, eval_rows, tokenizer, labels) -> _Tas
 
     # the eval loss reads the first max_eval_examples held-out rows; BLEU the first `generations`
     # distinct prompts of all of them, each with every reference it has
-    generation = build_lm(eval_rows) if eval_rows and config.generations else None
+    generation = build_lm(_generation_rows(eval_rows, config)) if eval_rows and config.generations else None
     return _Task(build_lm(train_rows), build_lm(_first(eval_rows, config)) if eval_rows else None, None, False,
                  generation=generation)
+
+
+def _generation_rows(rows, config: TrainConfig):
+    """The held-out rows of the first ``generations`` distinct prompts, each with all its references
+    (BLEU reads only those, so no other row is tokenised or held to max_length)."""
+    if not config.prompt_column or config.text_column:
+        return rows
+    chosen = set(list(dict.fromkeys(str(row[config.prompt_column]) for row in rows))[: config.generations])
+    return [row for row in rows if str(row[config.prompt_column]) in chosen]
 
 
 def _first(rows, config: TrainConfig):
