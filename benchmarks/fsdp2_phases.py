@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -23,6 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_scaleout import fsdp2_mode, local_batches  # noqa: E402
+from phase_timing import add_noise_ahead_flag, time_rounds, wrap_methods  # noqa: E402
 
 
 def main() -> None:
@@ -30,8 +30,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--noise-ahead", type=int, default=1, metavar="THREADS",
-                        help="threads drawing the next step's noise while it runs (the default); 0: at the step")
+    add_noise_ahead_flag(parser)
     cli = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -44,33 +43,12 @@ def main() -> None:
     import dpscale.engine as engine
 
     spent: dict[str, list[float]] = {}
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            result = fn(*a, **k)
-            spent.setdefault(name, []).append(time.perf_counter() - start)
-            return result
-        return wrapper
-
-    for owner, name in ((fsdp2.FSDP2Backend, "write_gradients"), (fsdp2.FSDP2Backend, "_reduce"),
-                        (fsdp2.FSDP2Backend, "_absorb"), (fsdp2.FSDP2Backend, "accumulate"),
-                        (fsdp2.FSDP2Backend, "_reshard"),
-                        (engine.PrivacyEngine, "backward")):
-        setattr(owner, name, timed(f"{owner.__name__}.{name}", getattr(owner, name)))
+    wrap_methods(((fsdp2.FSDP2Backend, "write_gradients"), (fsdp2.FSDP2Backend, "_reduce"),
+                  (fsdp2.FSDP2Backend, "_absorb"), (fsdp2.FSDP2Backend, "accumulate"),
+                  (fsdp2.FSDP2Backend, "_reshard"), (engine.PrivacyEngine, "backward")), spent)
     modes = {"dp": fsdp2_mode(args, True), "nonprivate": fsdp2_mode(args, False)}
     batches = local_batches(args, 3, dist.get_rank())
-    for mode in modes.values():
-        mode.step(batches[0])
-    spent.clear()
-    steps: dict[str, list[float]] = {name: [] for name in modes}
-    for _ in range(cli.rounds):
-        for name, mode in modes.items():
-            for ids in batches:
-                dist.barrier()
-                start = time.perf_counter()
-                mode.step(ids)
-                steps[name].append(time.perf_counter() - start)
+    steps = time_rounds(modes, batches, cli.rounds, spent)
     if dist.get_rank() == 0:
         medians = {name: round(statistics.median(times), 4) for name, times in steps.items()}
         sys.stdout.write(f"median step s: {medians}\n")

@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -27,26 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_scaleout import local_batches, zero_mode  # noqa: E402
-
-
-def wrap_methods(targets, spent: dict[str, list[float]], current: list[str]) -> list[str]:
-    """Wrap each (class, method) with a timer keyed by the running mode; returns the names missing."""
-    missing = []
-    for owner, name in targets:
-        fn = getattr(owner, name, None)
-        if fn is None:
-            missing.append(f"{owner.__name__}.{name}")
-            continue
-
-        def wrapper(*a, __fn=fn, __label=f"{owner.__name__}.{name}", **k):
-            start = time.perf_counter()
-            try:
-                return __fn(*a, **k)
-            finally:
-                spent.setdefault(f"{current[0]}: {__label}", []).append(time.perf_counter() - start)
-
-        setattr(owner, name, wrapper)
-    return missing
+from phase_timing import add_noise_ahead_flag, time_rounds, wrap_methods  # noqa: E402
 
 
 def main() -> None:
@@ -55,6 +35,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stage", type=int, default=2, choices=(1, 2, 3))
+    add_noise_ahead_flag(parser)
     cli = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -63,7 +44,8 @@ def main() -> None:
     deepspeed.init_distributed("gloo")
     world = dist.get_world_size()
     args = argparse.Namespace(small=False, seed=0, batch=cli.batch, seq=cli.seq, world=world, optimizer="sgd",
-                              lr=1e-4, max_grad_norm=1.0, noise_multiplier=1.0, rmsnorm_rule="builtin")
+                              lr=1e-4, max_grad_norm=1.0, noise_multiplier=1.0, rmsnorm_rule="builtin",
+                              noise_ahead=cli.noise_ahead)
     import deepspeed.runtime.engine as ds_engine_module
 
     import dpscale.backends.deepspeed as ds_backend
@@ -87,18 +69,7 @@ def main() -> None:
     missing = wrap_methods(targets, spent, current)
     modes = {"dp": zero_mode(args, cli.stage, True), "nonprivate": zero_mode(args, cli.stage, False)}
     batches = local_batches(args, 3, dist.get_rank())
-    for mode in modes.values():
-        mode.step(batches[0])
-    spent.clear()
-    steps: dict[str, list[float]] = {name: [] for name in modes}
-    for _ in range(cli.rounds):
-        for name, mode in modes.items():
-            current[0] = name
-            for ids in batches:
-                dist.barrier()
-                start = time.perf_counter()
-                mode.step(ids)
-                steps[name].append(time.perf_counter() - start)
+    steps = time_rounds(modes, batches, cli.rounds, spent, current)
     if dist.get_rank() == 0:
         medians = {name: round(statistics.median(times), 4) for name, times in steps.items()}
         sys.stdout.write(f"ZeRO-{cli.stage}, global batch {cli.batch}, seq {cli.seq}, {world} ranks\n")
