@@ -5,6 +5,7 @@ process."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -212,6 +213,12 @@ def test_training_stops_and_saves_at_the_privacy_budget(tmp_path, caplog):
     assert engine.epsilon() <= 8.0 and engine.budget_exhausted
     assert (tmp_path / f"checkpoint-{engine.budget_steps}" / PRIVACY_STATE_NAME).is_file()
     assert caplog.text.count("Privacy budget reached") == 1 and "allows" in caplog.text
+    # said where a user sees it: the log line, one log-history entry, the privacy report's steps
+    budget = engine.budget_steps
+    assert f"DPTrainer stopped at step {budget} of max_steps=10: the privacy budget is spent" in caplog.text
+    said = [entry for entry in t.state.log_history if "privacy_budget_reached" in entry]
+    assert len(said) == 1 and said[0]["privacy_budget_steps"] == budget and said[0]["step"] == budget
+    assert json.loads((tmp_path / "privacy_report.json").read_text())["steps"] == budget
 
 
 def test_label_smoothing_is_per_example(tmp_path):

@@ -6,7 +6,6 @@ loader; the stop at the privacy budget said in the log (a warning) and in the lo
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
@@ -58,19 +57,3 @@ def test_each_checkpoint_carries_the_card_of_its_own_step(tmp_path):
     t.train()
     first, second = card_figures(tmp_path / "checkpoint-1"), card_figures(tmp_path / "checkpoint-2")
     assert first["steps"] == 1 and second["steps"] == 2 and first["epsilon"] < second["epsilon"]
-
-
-def test_the_budget_stop_is_said_in_the_log_and_the_log_history(tmp_path, caplog):
-    config = DPConfig(max_grad_norm=0.5, expected_batch_size=6, dataset_size=24, target_epsilon=8.0, steps=2,
-                      target_delta=1e-3)
-    t = DPTrainer(model=worker.gpt2(), args=worker.training_arguments({"steps": 10}, str(tmp_path)),
-                  train_dataset=worker.TokenDataset(), data_collator=worker.collate, dp_config=config,
-                  noise_key=worker.KEY)
-    with caplog.at_level(logging.WARNING, logger="dpscale"):
-        t.train()
-    budget = t.privacy_engine.budget_steps
-    assert t.state.global_step == budget < 10
-    assert f"DPTrainer stopped at step {budget} of max_steps=10: the privacy budget is spent" in caplog.text
-    said = [entry for entry in t.state.log_history if "privacy_budget_reached" in entry]
-    assert len(said) == 1 and said[0]["privacy_budget_steps"] == budget and said[0]["step"] == budget
-    assert json.loads((tmp_path / "privacy_report.json").read_text())["steps"] == budget
