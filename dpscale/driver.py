@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,16 +37,23 @@ LossesFn = Callable[[Any], Tensor]
 @dataclass(frozen=True)
 class StepOutcome:
     """What one logical step did on this rank. ``loss_sum`` and ``examples`` describe the sampled
-    examples themselves: non-private statistics, for the user's own monitoring only. ``epsilon``:
-    spent after this step (``run_steps`` fills it in; None where the step is not closed here or
-    nothing is accounted)."""
+    examples themselves: non-private statistics, for the user's own monitoring only.
+
+    ``epsilon``: spent after this step (None where the step is not closed here or nothing is
+    accounted). It is computed when first read, not when the step ends: composing T steps costs
+    the accountant far more than a tiny model's step, and most steps' epsilon is never looked at.
+    ``run_steps`` binds it to the step count, so it is this step's epsilon whenever it is read."""
 
     step: int
     examples: int
     global_size: int
     loss_sum: float
     seconds: float
-    epsilon: float | None = None
+    epsilon_of: Callable[[], float] | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def epsilon(self) -> float | None:
+        return None if self.epsilon_of is None else self.epsilon_of()
 
     @property
     def loss(self) -> float | None:
@@ -129,7 +137,7 @@ def run_steps(engine, loader: Iterable[LogicalBatch], losses_fn: LossesFn, *, ma
     progress: a progress bar (tqdm, on stderr, first rank only) with epsilon and the sampled loss.
     """
     _check_loader(engine, loader)
-    bar = _progress_bar(engine, loader, max_steps) if progress else None
+    bar = _StepBar(engine, loader, max_steps) if progress else None
     taken = 0
     stopped = "end"
     batches = iter(loader)
@@ -150,12 +158,10 @@ def run_steps(engine, loader: Iterable[LogicalBatch], losses_fn: LossesFn, *, ma
             _check_batch(batch)
             outcome = run_logical_step(engine, batch, losses_fn)
             if engine.plan.accounts:
-                outcome = dataclasses.replace(outcome, epsilon=engine.epsilon())
+                outcome = dataclasses.replace(outcome, epsilon_of=_epsilon_after(engine, engine.steps_taken))
             taken += 1
             if bar is not None:
-                shown = {"eps": outcome.epsilon, "loss": outcome.loss}
-                bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if v is not None}, refresh=False)
-                bar.update(1)
+                bar.show(outcome)
             if on_step is not None:
                 on_step(outcome)
     finally:
@@ -190,13 +196,57 @@ def _check_batch(batch) -> None:
                             f"micro_batches) belongs. {_LOADER_FIX}.")
 
 
-def _progress_bar(engine, loader, max_steps: int | None):
-    from tqdm.auto import tqdm
+def _epsilon_after(engine, steps: int) -> Callable[[], float]:
+    """Epsilon after the run's first ``steps`` steps, computed when called (see StepOutcome)."""
 
-    total = max_steps
-    if total is None:
-        with contextlib.suppress(TypeError):
-            total = len(loader)
-    if engine.budget_steps is not None and total is not None:
-        total = min(total, max(0, engine.budget_steps - engine.steps_taken))
-    return tqdm(total=total, unit="step", desc="dpscale", disable=engine.backend.rank != 0, leave=True)
+    def epsilon() -> float:
+        if steps == engine.steps_taken or engine.noise_multiplier == 0:
+            return engine.epsilon()
+        return engine.accountant.epsilon_at(steps, engine.delta)
+
+    return epsilon
+
+
+class _StepBar:
+    """The progress bar with epsilon and the sampled loss. Epsilon is refreshed only when the time
+    since the last refresh is at least 20 times what that computation took (and at least every
+    ``EVERY_S``): composing thousands of steps in the PLD accountant takes longer than a small
+    model's step, and computing it at every step made a tiny run 50 times slower."""
+
+    EVERY_S = 2.0
+
+    def __init__(self, engine, loader, max_steps: int | None) -> None:
+        from tqdm.auto import tqdm
+
+        total = max_steps
+        if total is None:
+            with contextlib.suppress(TypeError):
+                total = len(loader)
+        if engine.budget_steps is not None and total is not None:
+            total = min(total, max(0, engine.budget_steps - engine.steps_taken))
+        self.bar = tqdm(total=total, unit="step", desc="dpscale", disable=engine.backend.rank != 0, leave=True)
+        self.shown: dict[str, float] = {}
+        self.last: StepOutcome | None = None
+        self.next_epsilon_at = 0.0  # perf_counter time after which epsilon is refreshed
+
+    def show(self, outcome: StepOutcome) -> None:
+        self.last = outcome
+        if outcome.loss is not None:
+            self.shown["loss"] = outcome.loss
+        now = time.perf_counter()
+        if not self.bar.disable and outcome.epsilon_of is not None and now >= self.next_epsilon_at:
+            self._take_epsilon(outcome, now)
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in self.shown.items()}, refresh=False)
+        self.bar.update(1)
+
+    def _take_epsilon(self, outcome: StepOutcome, now: float) -> None:
+        self.shown = {"eps": outcome.epsilon, **{k: v for k, v in self.shown.items() if k != "eps"}}
+        cost = time.perf_counter() - now
+        self.next_epsilon_at = now + max(self.EVERY_S, 20 * cost)
+
+    def close(self) -> None:
+        last = self.last
+        if not self.bar.disable and last is not None and last.epsilon_of is not None:
+            self._take_epsilon(last, time.perf_counter())  # the bar ends on the run's epsilon
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in self.shown.items()}, refresh=True)
+        self.bar.close()

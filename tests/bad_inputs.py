@@ -348,6 +348,12 @@ def rerun(**flags) -> None:
     train_run(**flags)
 
 
+def canary_audit_without_key() -> None:
+    from dpscale.audit_run import CanaryAudit
+
+    CanaryAudit(list(range(4)), key=None)
+
+
 def engine_for_steps(sigma: float) -> PrivacyEngine:
     return engine_with(noise_multiplier=sigma, dataset_size=1000, expected_batch_size=50, steps=300)
 
@@ -616,6 +622,25 @@ CASES: list[Case] = [
          in_folder(lambda: rerun(noise_key="run.key", resume=False)), ConfigError, "--fresh-key"),
     Case("rerun_fresh_with_key", "Train rerun", "`--fresh-key` with `--noise-key`",
          in_folder(lambda: rerun(noise_key="run.key", fresh_key=True)), ConfigError, "drop --noise-key"),
+    # dpscale train --audit and --mixed-precision: refused when the config is built, before any data or model
+    Case("audit_non_private", "Train options", "`--audit --non-private`",
+         in_folder(lambda: train_run(audit=True, non_private=True)), ConfigError, "drop --non-private"),
+    Case("audit_user_level", "Train options", "`--audit --privacy-unit user`",
+         in_folder(lambda: train_run(audit=True, privacy_unit="user", user_column="mr")), ConfigError,
+         "--privacy-unit user"),
+    Case("audit_canaries_zero", "Train options", "`--audit --audit-canaries 0`",
+         in_folder(lambda: train_run(audit=True, audit_canaries=0)), ConfigError, "--audit-canaries"),
+    Case("audit_guesses_too_many", "Train options", "`--audit --audit-canaries 100 --audit-guesses 200`",
+         in_folder(lambda: train_run(audit=True, audit_canaries=100, audit_guesses=200)), ConfigError,
+         "--audit-guesses"),
+    Case("audit_confidence_one", "Train options", "`--audit --audit-confidence 1`",
+         in_folder(lambda: train_run(audit=True, audit_confidence=1.0)), ConfigError, "(0, 1)"),
+    Case("canary_audit_without_key", "Train options", "`CanaryAudit(...)` without the run's key",
+         lambda: canary_audit_without_key(), ConfigError, "secret key"),
+    Case("precision_fp16", "Train options", "`--mixed-precision fp16`",
+         in_folder(lambda: train_run(mixed_precision="fp16")), ConfigError, "--mixed-precision bf16"),
+    Case("precision_unknown", "Train options", "`--mixed-precision fp8`",
+         in_folder(lambda: train_run(mixed_precision="fp8")), ConfigError, "mixed_precision must be one of"),
     # the accountant's range
     Case("sigma_1e-6_epsilon", "Accounting", "`dpscale epsilon --sigma 1e-6` (PLD; q = 0.05, 300 steps)",
          lambda: dpscale.compute_epsilon(1e-6, 0.05, 300, 1e-5), PrivacyBudgetError, "noise_multiplier >="),

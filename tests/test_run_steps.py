@@ -85,3 +85,25 @@ def test_with_declared_sampling_a_loader_of_plain_batches_is_refused_too():
     with pytest.raises(SamplingError, match="logical batch"):
         dpscale.run_steps(engine, plain, lambda micro: (net(micro[0]) - micro[1]).pow(2).sum(1), progress=False)
     assert engine.steps_taken == 0
+
+
+def test_epsilon_is_composed_only_when_read_not_at_every_step(monkeypatch, capsys):
+    """Composing T steps in the accountant costs more than a small model's step: computed at every
+    step (as the bar once did) a 10,000-step run of a tiny model took 50 times longer. The bar
+    refreshes epsilon at most every few seconds and once at the end; an outcome's epsilon is
+    composed when read, and is still that step's."""
+    import dpscale.accounting.accountant as accountant
+
+    calls = []
+    real = accountant.epsilon_of
+    monkeypatch.setattr(accountant, "epsilon_of", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    net, engine, data = setup()
+    loader = engine.make_data_loader(data, max_physical_batch_size=4)
+    outcomes = []
+    dpscale.run_steps(engine, loader, lambda micro: (net(micro[0]) - micro[1]).pow(2).sum(1), max_steps=30,
+                      on_step=outcomes.append)
+    assert len(calls) <= 3, len(calls)  # the bar: the first step, the end (and a refresh on a slow machine)
+    assert f"eps={engine.epsilon():.3g}" in capsys.readouterr().err
+    calls.clear()
+    assert outcomes[9].epsilon == pytest.approx(compute_epsilon(1.0, B / N, 10, engine.delta), rel=1e-9)
+    assert outcomes[9].epsilon == outcomes[9].epsilon and len(calls) == 1  # read once, then kept

@@ -81,6 +81,14 @@ class PrivacyAccountant:
             self.segments, float(delta), self.accountant, self.sampling, self.dataset_size
         )
 
+    def epsilon_at(self, steps: int, delta: float) -> float:
+        """Epsilon at `delta` of the first `steps` steps recorded (a step's own epsilon, read later)."""
+        check_delta(delta, self.dataset_size)
+        check_steps(steps, "steps")
+        if steps > self.steps:
+            raise ConfigError(f"epsilon_at(steps={steps}): only {self.steps} steps are recorded.")
+        return self._epsilon_after(steps, float(delta))
+
     def epsilon_curve(self, delta: float, points: int = 50) -> list[tuple[int, float]]:
         """(step, epsilon) at up to `points` step counts spread evenly up to the last step.
 
