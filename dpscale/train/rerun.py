@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dpscale.checkpoint import load_state
 from dpscale.errors import CheckpointError, ConfigError
-from dpscale.noise import NoiseKey
+from dpscale.noise import NoiseKey, load_noise_key
 from dpscale.train.checks import JobData
 from dpscale.train.config import TrainConfig
 
@@ -89,7 +89,7 @@ def plan_rerun(config: TrainConfig, record: dict, folder: Path, state: dict | No
         _refuse_changed_flags(state, record, where, start_anew)
     if config.non_private:
         return Rerun(state, None)
-    fingerprint = NoiseKey.from_file(key_path).fingerprint if key_path.exists() else None
+    fingerprint = load_noise_key(key_path).fingerprint if key_path.exists() else None
     if state is not None and previous is not None:
         if fingerprint is None:
             raise ConfigError(
