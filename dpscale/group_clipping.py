@@ -34,6 +34,7 @@ group) the rule is unchanged.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from dpscale.backends.base import GradientBackend
 from dpscale.clipped_sum import ClippedSum
-from dpscale.per_example import GramCache, PerExampleGrad, UnitLayout, total_squared_norm, zero_units
+from dpscale.per_example import GramCache, Outer, PerExampleGrad, UnitLayout, total_squared_norm, zero_units
 from dpscale.plan import ExecutionPlan
 from dpscale.tape import ModuleCall
 
@@ -106,11 +107,18 @@ class GroupClipper:
         self.uses: dict[str, list[tuple[int, PerExampleGrad]]] = defaultdict(list)
         self.grams = GramCache()
         self.received = 0  # calls whose forms arrived
+        self.lock = threading.Lock()
         self.handed = 0
 
     def add(self, call: ModuleCall, local: Mapping[str, PerExampleGrad]) -> None:
         """One call's per-example forms ({relative name: form}); finishes the groups it completes
-        where they may be finished now."""
+        where they may be finished now. Autograd runs each device's backward on a thread of its
+        own, so eager rules of a model spread over devices may call this concurrently: one at a
+        time."""
+        with self.lock:
+            self._add(call, local)
+
+    def _add(self, call: ModuleCall, local: Mapping[str, PerExampleGrad]) -> None:
         position = self.position.get(id(call))
         if position is None:  # not a call of this backward (a replayed one's): nothing reads it, as ever
             return
@@ -154,6 +162,7 @@ class GroupClipper:
                 target[k] += total_squared_norm(uses, self.grams).to(self.norms2.dtype)
                 forms[name] = uses
             self.finished[k] = True
+        self._forget_what_no_later_group_reads(last)
         if last and self.sharded:
             # A sharded parameter's per-example gradient is split over the model-parallel ranks: its
             # squared norm is the sum of the shards'. Replicated parameters count once. Never summed
@@ -186,6 +195,20 @@ class GroupClipper:
             # computed where the backend writes it (its bucket, its rows), not first here and then copied
             self.backend.accumulate(name, ClippedSum(uses, weights[row], self.parameters[name].dtype) if uses else None)
             self.handed += 1
-        self.grams.prune()
+
+    def _forget_what_no_later_group_reads(self, last: bool) -> None:
+        """Before the sums are allocated: the Gram matrices (and at user level the regrouped
+        factors) cached for groups finished now are kept only where a later group may read them.
+        While calls are still to come that is any whose tensor lives (the next projection of a
+        shared activation arrives after this one is finished); once none is, only those of forms
+        already in and not finished."""
+        if not last and any(count > 0 for count in self.pending.values()):
+            keep = None
+        else:
+            keep = [t for uses in self.uses.values() for _, use in uses if isinstance(use, Outer)
+                    for t in (use.left, use.right)]
         if self.layout is not None:
-            self.layout.prune()
+            self.layout.prune(keep)
+            if keep is not None:
+                keep = [r for r in map(self.layout.regrouped, keep) if r is not None]
+        self.grams.prune(keep)

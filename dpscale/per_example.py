@@ -152,9 +152,13 @@ class _ByStorage:
         owner = x._base if x._base is not None else x  # a view's base owns the storage
         self._entries[key] = (weakref.ref(owner), value)
 
-    def prune(self) -> None:
-        """Drop the entries whose tensor is gone (their results are of no further use)."""
-        self._entries = {key: entry for key, entry in self._entries.items() if entry[0]() is not None}
+    def prune(self, keep=None) -> None:
+        """Drop the entries whose tensor is gone and, given ``keep`` (tensors), every entry not of
+        one of them: when no later work can read an entry, it goes now rather than when its
+        tensor happens to die."""
+        wanted = None if keep is None else {self.key(t) for t in keep}
+        self._entries = {key: entry for key, entry in self._entries.items()
+                         if entry[0]() is not None and (wanted is None or key[:5] in wanted)}
 
 
 class GramCache(_ByStorage):
@@ -316,9 +320,14 @@ class UnitLayout:
         grouped = Outer(left=self._regroup(grad.left), right=self._regroup(grad.right), m=grad.m, shape=grad.shape)
         return grouped.cheapest()
 
-    def prune(self) -> None:
-        """Forget the regrouped copies of factors that are gone."""
-        self._regrouped.prune()
+    def prune(self, keep=None) -> None:
+        """Forget the regrouped copies of factors that are gone (and given ``keep``, of every
+        factor but those)."""
+        self._regrouped.prune(keep)
+
+    def regrouped(self, x: Tensor) -> Tensor | None:
+        """The regrouped copy of factor ``x`` made so far, if any."""
+        return self._regrouped.get(self._regrouped.key(x))
 
     def _regroup(self, x: Tensor) -> Tensor:
         """[B, T, ...] -> [U, width * T, ...]: each unit's examples' positions end to end."""

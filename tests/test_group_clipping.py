@@ -24,6 +24,7 @@ from dpscale import DPConfig, PrivacyEngine, StepBoundaryError
 from dpscale.adaptive_clipping import COUNT_NOISE_NAME
 from dpscale.backends import LocalBackend
 from dpscale.noise import NoiseKey, gaussian
+from dpscale.per_example import GramCache
 from tests.oracle import assert_close, per_example_grads, per_group_clipped_sum
 from tests.test_models import llama
 
@@ -290,3 +291,18 @@ def test_a_backward_that_fails_after_handing_sums_over_closes_no_step(clipping):
             engine.step()
         assert engine.steps_taken == 0
     engine.detach()
+
+
+def test_a_cached_gram_neither_keeps_its_activation_nor_outlives_it():
+    """Groups finished one after another share the Gram matrix of an activation they read (the
+    query, key and value projections), through a cache that outlives some forms: it must hold no
+    activation alive, and never serve a gram for a tensor gone (a later one may sit at its address)."""
+    cache = GramCache()
+    x = torch.randn(2, 3, 4)
+    key = cache.key(x, torch.float32)
+    gram = cache.gram(x, torch.float32)
+    assert cache.gram(x.view(2, 3, 4), torch.float32) is gram  # another view of the same storage: shared
+    gone = weakref.ref(x)
+    del x
+    assert gone() is None
+    assert cache.get(key) is None
