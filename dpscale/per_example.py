@@ -130,10 +130,12 @@ PerExampleGrad = Dense | Outer
 class _ByStorage:
     """Results cached by the tensor they were computed from, valid while that tensor's storage
     lives: the key is where its elements are (pointer, shape, strides, dtype, version), and an
-    entry holds only a weak reference to the tensor that owns the storage, never the tensor. A
-    cache that outlives some of the forms it served (clipping groups finished during the backward,
+    entry holds only a weak reference to the storage, never a tensor. A cache that outlives some
+    of the forms it served (clipping groups finished during the backward,
     ``dpscale.group_clipping``) neither keeps their activations alive nor mistakes a later tensor
-    allocated at a freed address for the one it saw."""
+    allocated at a freed address for the one it saw. The storage, not the tensor: under activation
+    checkpointing each eager call's saved input comes back as a tensor of its own over one shared
+    storage (the query, key and value projections' input), and the entry must outlive the first."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple, tuple[weakref.ref, object]] = {}
@@ -149,8 +151,8 @@ class _ByStorage:
         return entry[1]
 
     def put(self, key: tuple, x: Tensor, value) -> None:
-        owner = x._base if x._base is not None else x  # a view's base owns the storage
-        self._entries[key] = (weakref.ref(owner), value)
+        # torch keeps one Python object per storage while any tensor uses it: alive exactly as long
+        self._entries[key] = (weakref.ref(x.untyped_storage()), value)
 
     def prune(self, keep=None) -> None:
         """Drop the entries whose tensor is gone and, given ``keep`` (tensors), every entry not of

@@ -302,7 +302,12 @@ def test_a_cached_gram_neither_keeps_its_activation_nor_outlives_it():
     key = cache.key(x, torch.float32)
     gram = cache.gram(x, torch.float32)
     assert cache.gram(x.view(2, 3, 4), torch.float32) is gram  # another view of the same storage: shared
+    alias = x.detach()  # a tensor of its own over the same storage, as checkpointing gives each call
     gone = weakref.ref(x)
     del x
-    assert gone() is None
-    assert cache.get(key) is None
+    assert gone() is None  # the cache held no tensor
+    assert cache.gram(alias, torch.float32) is gram  # the storage lives on: still shared
+    storage = weakref.ref(alias.untyped_storage())
+    del alias
+    assert storage() is None  # nor the storage
+    assert cache.get(key) is None  # and serves nothing for whatever is allocated there next
