@@ -205,7 +205,7 @@ def build_dpscale(args: argparse.Namespace) -> Runner:
         config_cls(
             max_grad_norm=args.max_grad_norm,
             noise_multiplier=0.0,
-            clipping="flat",
+            clipping=args.clipping,
             clip_fn="abadi",
             expected_batch_size=args.batch,
         ),
@@ -417,7 +417,7 @@ def child_argv(args, mode: str) -> list[str]:
         "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
         "--optimizer", args.optimizer, "--lr", repr(args.lr), "--seed", str(args.seed),
         "--max-grad-norm", repr(args.max_grad_norm), "--mem-steps", str(args.mem_steps),
-        "--model", args.model, "--trainable", args.trainable, "--device", args.device,
+        "--model", args.model, "--trainable", args.trainable, "--device", args.device, "--clipping", args.clipping,
         *(["--checkpointing"] if args.checkpointing else []),
     ]  # fmt: skip
 
@@ -430,16 +430,28 @@ CHILD_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def measure_memory(args, modes) -> dict[str, dict]:
-    """Children run one after another, never concurrently."""
-    results = {}
+    """Children run one after another, never concurrently; with ``--mem-rounds`` N, N rounds of
+    one child per mode (mode order rotated), and each mode reports the child of median work memory
+    (``peak_above_baseline_rounds``: every round's)."""
     env = dict(os.environ) if args.glibc_default else {**os.environ, **CHILD_MALLOC}
-    for mode in modes:
-        proc = subprocess.run(child_argv(args, mode), stdout=subprocess.PIPE, text=True, env=env)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_MARKER)]
-        if proc.returncode != 0 or not lines:
-            results[mode] = {"status": "error", "reason": f"child exited {proc.returncode}"}
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for rnd in range(args.mem_rounds):
+        for mode in modes[rnd % len(modes):] + modes[: rnd % len(modes)]:
+            proc = subprocess.run(child_argv(args, mode), stdout=subprocess.PIPE, text=True, env=env)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_MARKER)]
+            if proc.returncode != 0 or not lines:
+                runs[mode].append({"status": "error", "reason": f"child exited {proc.returncode}"})
+                continue
+            runs[mode].append(json.loads(lines[-1][len(CHILD_MARKER):]))
+    results = {}
+    for mode, entries in runs.items():
+        failed = [entry for entry in entries if entry.get("status") != "ok"]
+        if failed or not entries:
+            results[mode] = failed[0] if failed else {"status": "error", "reason": "no child ran"}
             continue
-        results[mode] = json.loads(lines[-1][len(CHILD_MARKER):])
+        ordered = sorted(entries, key=lambda entry: entry.get("peak_above_baseline_bytes", 0))
+        results[mode] = {**ordered[(len(ordered) - 1) // 2],
+                         "peak_above_baseline_rounds": [entry.get("peak_above_baseline_bytes") for entry in entries]}
     return results
 
 
@@ -533,11 +545,12 @@ def render(args, meta, modes, status, timing, memory) -> str:
         f"- model: {meta['model_class']} ({args.model}), {meta['n_params']:,} parameters, "
         f"{meta['n_trainable']:,} trainable ({args.trainable}), "
         f"attention `{meta['attn_implementation']}`; optimizer {args.optimizer} lr {args.lr}; "
-        f"DP modes: max_grad_norm {args.max_grad_norm}, noise 0, flat clipping",
+        f"DP modes: max_grad_norm {args.max_grad_norm}, noise 0, {args.clipping.replace('_', '-')} clipping",
         f"- time: {args.rounds} paired rounds after {args.warmup} warmup rounds, "
         f"{args.steps_per_round} steps per mode per round, mode order rotated each round; "
         "time ratio = median over rounds of (mode / nonprivate in the same round)",
-        f"- memory: fresh process per mode, {args.mem_steps} steps; baseline = RSS once model, "
+        f"- memory: fresh process per mode, {args.mem_steps} steps"
+        + (f", median of {args.mem_rounds} rounds" if args.mem_rounds > 1 else "") + "; baseline = RSS once model, "
         "optimizer, DP wrapper and first batch are built; peak = the child's VmHWM (its own "
         "ru_maxrss; getrusage would also carry the parent's peak across exec)"
         + ("" if args.glibc_default
@@ -568,6 +581,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
     p.add_argument("--steps-per-round", type=int, default=3)
     p.add_argument("--mem-steps", type=int, default=3, help="steps per memory child")
+    p.add_argument("--mem-rounds", type=int, default=1,
+                   help="memory children per mode (rounds, mode order rotated); the median is reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -580,6 +595,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", choices=MODELS, default="llama")
     p.add_argument("--trainable", choices=SUBSETS, default="all")
     p.add_argument("--checkpointing", action="store_true", help="non-reentrant gradient checkpointing, every mode")
+    p.add_argument("--clipping", choices=("flat", "per_layer"), default="flat",
+                   help="dpscale's clipping (Abadi, R = --max-grad-norm over all groups); Opacus modes clip flat")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--glibc-default", action="store_true",
                    help="memory children keep glibc's default malloc (see CHILD_MALLOC)")
@@ -589,8 +606,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.mode_list) - set(MODES))
     if unknown:
         p.error(f"unknown modes {unknown}; choose from {MODES}")
-    if args.seq < 2 or args.batch < 1 or args.rounds < 1 or args.steps_per_round < 1:
-        p.error("need --seq >= 2, --batch >= 1, --rounds >= 1, --steps-per-round >= 1")
+    if args.seq < 2 or args.batch < 1 or args.rounds < 1 or args.steps_per_round < 1 or args.mem_rounds < 1:
+        p.error("need --seq >= 2, --batch >= 1, --rounds >= 1, --steps-per-round >= 1, --mem-rounds >= 1")
     if args.mode_list and "nonprivate" not in args.mode_list:
         p.error("the ratios divide by mode nonprivate: keep it in --modes")
     if args.seq > LLAMA_CONFIG["max_position_embeddings"]:

@@ -131,7 +131,8 @@ class AdaptiveClipping:
 
     def unclipped_counts(self, group_norms: Tensor, bad: Tensor) -> Tensor:
         """[K] centred counts of one backward: 1/2 for each unit a group leaves unclipped, -1/2 for
-        each it clips (a unit zeroed by the non-finite rule counts as clipped)."""
+        each it clips. ``bad``: [K, units] (or [units], every group alike), True where the non-finite
+        rule zeroed the unit in that group, which counts as clipped there."""
         thresholds = torch.tensor(self.thresholds, dtype=group_norms.dtype, device=group_norms.device)[:, None]
         unclipped = (group_norms <= thresholds) & ~bad.to(group_norms.device)
         return (unclipped.to(torch.float64) - 0.5).sum(1)

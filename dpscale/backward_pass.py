@@ -6,8 +6,12 @@ losses' graph (reentrant checkpointing, batch-mixing scalars, stale forwards, an
 leaves reached, each of which must have been used through a recorded module call); one
 ``torch.autograd.grad`` over the recorded module outputs only, so that no parameter receives a
 non-private weight gradient (eager rules run inside it as each output's gradient arrives); the
-remaining rules; per-example squared norms (summed over the model-parallel group by the backend
-where a parameter is sharded); clip factors; the non-finite rule; the clipped sums.
+remaining rules; then, per clipping group, per-example squared norms (summed over the
+model-parallel group by the backend where a parameter is sharded), clip factors, the non-finite
+rule and the clipped sums (``dpscale.group_clipping``: a group is finished, and its per-example
+forms released, as soon as all its parameters' uses are in, inside the backward where the backend
+allows it). A backward that fails after handing some sums over is reported (``on_partial``): the
+step then holds part of its examples' clipped gradients, and the engine refuses to close it.
 
 The numbers of the step come from the execution plan alone: the expected batch size B, the
 privacy unit and the examples a user may bring, the clipping groups and thresholds.
@@ -15,20 +19,18 @@ privacy unit and the examples a user may bring, the clipping groups and threshol
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from dpscale.adaptive_clipping import AdaptiveClipping
 from dpscale.backends.base import GradientBackend
-from dpscale.clipped_sum import ClippedSum
 from dpscale.errors import ConfigError, LossShapeError, SamplingError, TapeError, UnsupportedModuleError
+from dpscale.group_clipping import BackwardResult, GroupClipper
 from dpscale.layers.rule import CallInputs
 from dpscale.loss_graph import REENTRANT_CHECKPOINTING, passes_reentrant_checkpointing, walk_loss_graph
-from dpscale.per_example import GramCache, PerExampleGrad, UnitLayout, total_squared_norm, zero_units
+from dpscale.per_example import UnitLayout
 from dpscale.plan import ExecutionPlan
 from dpscale.sampling import PADDING_USER
 from dpscale.tape import ModuleCall, Tape
@@ -36,35 +38,22 @@ from dpscale.tape import ModuleCall, Tape
 __all__ = ["BackwardPipeline", "BackwardResult"]
 
 
-@dataclass(frozen=True)
-class BackwardResult:
-    """norms: per-unit gradient norms over all trainable parameters; group_norms: per clipping
-    group ([groups, units]); factors: the clip factors applied ([groups, units]); users: the drawn
-    users this backward brought (user level); nonfinite: units zeroed by the non-finite rule;
-    unclipped: with adaptive clipping, each group's centred count of units left unclipped ([groups])."""
-
-    norms: Tensor
-    group_norms: Tensor
-    factors: Tensor
-    users: frozenset
-    nonfinite: int
-    unclipped: Tensor | None = None
-
-
 class BackwardPipeline:
     """Owned by one engine; holds no state between backwards (the step's state is the step
     boundary's)."""
 
     def __init__(self, tape: Tape, parameters: Mapping[str, nn.Parameter], plan: ExecutionPlan,
-                 backend: GradientBackend, adaptive: AdaptiveClipping | None = None) -> None:
+                 backend: GradientBackend, adaptive: AdaptiveClipping | None = None,
+                 on_partial: Callable[[], None] = lambda: None) -> None:
         self.tape = tape
         self.parameters = parameters
         self.plan = plan
         self.clipping = plan.clipping
         self.backend = backend
         self._group_of = self.clipping.group_of()
-        self._sharded = backend.sharded_parameters
         self.adaptive = adaptive  # read only: its thresholds are the step's (the step boundary moves them)
+        self._on_partial = on_partial  # told when a backward fails after handing some sums over
+        self._clipper: GroupClipper | None = None  # the backward in progress's, inside run only
 
     def run(self, losses: Tensor, users, users_this_step: set) -> BackwardResult:
         batch = self._check_losses(losses)
@@ -73,37 +62,47 @@ class BackwardPipeline:
         calls = tape.take()
         reached = walk_loss_graph(losses, tape.stamp, tape.forward)
         self._check_all_uses_recorded(reached, calls)
-        edges = [edge for call in calls for edge in call.edges]
-        eager = [call for call in calls if call.eager]
-        targets = edges + [tape.anchor] if eager else edges
-        with tape.replaying():  # checkpointed regions re-run their forward in here
-            grads = list(torch.autograd.grad(losses.sum(), targets, allow_unused=True)) if targets else []
-        del grads[len(edges):]  # the anchor's: always None (see dpscale.tape)
-        if calls and not (any(g is not None for g in grads) or any(call.result is not None for call in eager)):
-            raise TapeError(
-                "The losses do not depend on any module call of the last forward pass: compute them "
-                "from the most recent forward, and call engine.backward before the next one."
-            )
-        with torch.no_grad(), tape.paused():
-            uses = self._per_example_grads(calls, grads)
-            del calls, grads
-            bad_losses = ~torch.isfinite(losses.detach())
-            if layout is not None:  # sum each user's examples: the unit clipped is the user
-                uses = {name: [layout.per_unit(use) for use in grad_uses] for name, grad_uses in uses.items()}
-                batch = layout.units
-                bad_losses = torch.zeros(batch, dtype=torch.long, device=losses.device).index_add_(
-                    0, layout.unit.to(losses.device), bad_losses.long()) > 0  # a user with a bad example
-            return self._clip_and_hand_over(uses, batch, bad_losses, frozenset(drawn_users))
+        bad_losses = ~torch.isfinite(losses.detach())
+        if layout is not None:  # the unit clipped is the user: a user with a bad example is bad
+            bad_losses = torch.zeros(layout.units, dtype=torch.long, device=losses.device).index_add_(
+                0, layout.unit.to(losses.device), bad_losses.long()) > 0
+        thresholds = self.clipping.thresholds if self.adaptive is None else self.adaptive.thresholds
+        clipper = self._clipper = GroupClipper(calls, self.parameters, self.plan, self.backend, self._group_of,
+                                               len(bad_losses), bad_losses, layout, thresholds, self.adaptive)
+        try:
+            edges = [edge for call in calls for edge in call.edges]
+            eager = any(call.eager for call in calls)
+            targets = edges + [tape.anchor] if eager else edges
+            with tape.replaying():  # checkpointed regions re-run their forward in here
+                grads = list(torch.autograd.grad(losses.sum(), targets, allow_unused=True)) if targets else []
+            del grads[len(edges):]  # the anchor's: always None (see dpscale.tape)
+            if calls and not (any(g is not None for g in grads) or clipper.received):
+                raise TapeError(
+                    "The losses do not depend on any module call of the last forward pass: compute them "
+                    "from the most recent forward, and call engine.backward before the next one."
+                )
+            with torch.no_grad(), tape.paused():
+                self._run_late_rules(calls, grads)
+                del calls, grads
+                return clipper.close(frozenset(drawn_users))
+        except BaseException:
+            if clipper.handed:
+                self._on_partial()
+            raise
+        finally:
+            self._clipper = None
 
     def run_rule_now(self, call: ModuleCall, output_grad: Tensor, saved: tuple) -> None:
-        """An eager call's rule, inside the backward, as soon as its output's gradient exists: what
-        it returns is kept and its input released (see ``dpscale.tape``)."""
+        """An eager call's rule, inside the backward, as soon as its output's gradient exists: its
+        forms go to the clipper (which finishes the groups they complete) and its input is released
+        (see ``dpscale.tape``)."""
         inputs = call.inputs
         if saved:
             inputs = CallInputs(saved[:1] + tuple(inputs[1:]), inputs.kwargs)
         with torch.no_grad(), self.tape.paused():
-            call.result = _rule_grads(call, inputs, call.output_grad([output_grad]))
-        call.inputs = CallInputs()
+            local = _rule_grads(call, inputs, call.output_grad([output_grad]))
+            call.inputs = inputs = CallInputs()
+            self._clipper.add(call, local)
 
     # the steps ----------------------------------------------------------------------------------
 
@@ -189,63 +188,20 @@ class BackwardPipeline:
                 "gradients. Freeze them or register a rule for the module that uses them."
             )
 
-    def _per_example_grads(self, calls: list[ModuleCall], grads: list) -> dict[str, list[PerExampleGrad]]:
-        """Every recorded call through its own rule, the same way: {global name: its uses}."""
-        uses: dict[str, list[PerExampleGrad]] = defaultdict(list)
+    def _run_late_rules(self, calls: list[ModuleCall], grads: list) -> None:
+        """The calls whose rules did not run inside the backward (whole-call rules), each through its
+        own rule, in the order recorded; their forms go to the clipper."""
         position = 0
         for call in calls:
-            if call.eager:  # its rule ran inside the backward
-                local, call.result = call.result, None
-                if local is None:
-                    continue
-            else:
-                count = len(call.edges)
-                call_grads = grads[position : position + count]
-                grads[position : position + count] = [None] * count  # free as we go
-                position += count
-                if all(g is None for g in call_grads):
-                    continue
-                local = _rule_grads(call, call.inputs, call.output_grad(call_grads))
-            for name, global_name in zip(call.names, call.global_names):
-                uses[global_name].append(local[name])
-        return uses
-
-    def _clip_and_hand_over(self, uses: dict[str, list[PerExampleGrad]], batch: int, bad_losses: Tensor,
-                            users: frozenset) -> BackwardResult:
-        parameters = self.parameters
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in parameters.values()) else torch.float32
-        device = next(iter(parameters.values())).device
-        norms2 = torch.zeros(len(self.clipping.groups), batch, dtype=dtype, device=device)
-        sharded2 = torch.zeros_like(norms2) if self._sharded else norms2
-        grams = GramCache()
-        for name, grad_uses in uses.items():
-            target = sharded2 if name in self._sharded else norms2
-            target[self._group_of[name]] += total_squared_norm(grad_uses, grams).to(dtype)
-        del grams
-        if self._sharded:
-            # A sharded parameter's per-example gradient is split over the model-parallel ranks: its
-            # squared norm is the sum of the shards'. Replicated parameters count once. Never summed
-            # over data-parallel ranks (they hold other examples).
-            self.backend.reduce_sharded_norms(sharded2)
-            norms2 = norms2 + sharded2
-        norms = norms2.sqrt()
-        factors = self.clipping.factors(norms, None if self.adaptive is None else self.adaptive.thresholds)
-        # The non-finite rule (docs/RELIABILITY.md): a unit whose loss or any group's norm is not
-        # finite contributes exactly zero. Its factors are masked, and so are its per-example forms,
-        # since a zero weight times a NaN is still NaN; the noise and the step go on as usual.
-        bad = bad_losses.to(norms.device) | ~torch.isfinite(norms).all(0)
-        nonfinite = int(bad.sum())
-        unclipped = None if self.adaptive is None else self.adaptive.unclipped_counts(norms, bad)
-        if nonfinite:
-            factors = torch.where(bad, torch.zeros_like(factors), factors)
-            uses = {name: [zero_units(use, bad) for use in grad_uses] for name, grad_uses in uses.items()}
-        weights = factors / self.plan.noise.expected_batch_size
-        for name, p in parameters.items():
-            # computed where the backend writes it (its bucket, its rows), not first here and then copied
-            grad_uses = uses.pop(name, [])
-            clipped = ClippedSum(grad_uses, weights[self._group_of[name]], p.dtype) if grad_uses else None
-            self.backend.accumulate(name, clipped)
-        return BackwardResult(norms2.sum(0).sqrt(), norms, factors, users, nonfinite, unclipped)
+            if call.eager:  # its rule ran inside the backward (or its output got no gradient)
+                continue
+            count = len(call.edges)
+            call_grads = grads[position : position + count]
+            grads[position : position + count] = [None] * count  # free as we go
+            position += count
+            if all(g is None for g in call_grads):
+                continue
+            self._clipper.add(call, _rule_grads(call, call.inputs, call.output_grad(call_grads)))
 
 
 def _rule_grads(call: ModuleCall, inputs: CallInputs, output_grad) -> dict:

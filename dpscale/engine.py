@@ -150,7 +150,8 @@ class PrivacyEngine:
                                       noise_ahead)
         self._tape = Tape(model, owners, self.rules.default, self.rules.batch_dim_inside,
                           on_output_grad=self._run_rule_now, on_foreign_backward=self._refuse_foreign_backward)
-        self._pipeline = BackwardPipeline(self._tape, self.parameters, self.plan, self.backend, self.adaptive_clipping)
+        self._pipeline = BackwardPipeline(self._tape, self.parameters, self.plan, self.backend, self.adaptive_clipping,
+                                          on_partial=self._boundary.partial_backward)
         self._handles: list = [
             module.register_forward_pre_hook(refuse_training_batch_norm)
             for module in model.modules()
@@ -273,11 +274,7 @@ class PrivacyEngine:
         as saved tensors, which checkpointing rebuilds (memory: see ``dpscale.tape``). Reentrant
         checkpointing is refused here, before any gradient is computed."""
         boundary = self._boundary
-        boundary.check_bound()
-        boundary.check_model_unchanged()
-        boundary.check_no_foreign_gradient()
-        boundary.check_budget()
-        boundary.check_drawn()
+        boundary.check_before_backward()
         boundary.draw_noise_ahead()
         result = self._pipeline.run(losses, users, boundary.users_this_step)
         self.last_norms, self.last_group_norms, self.last_clip_factors = (

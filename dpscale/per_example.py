@@ -20,6 +20,7 @@ clip factor computed in bf16 can be off by ~1%, enough to break the sensitivity 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -126,20 +127,55 @@ class Outer:
 PerExampleGrad = Dense | Outer
 
 
-class GramCache:
-    """Self-Gram matrices X X^T [B, T, T] of factors, shared within one backward pass: the
-    query, key and value projections read the same activation, as do an MLP's gate and up
-    projections, so their activation Gram matrix is computed once."""
+class _ByStorage:
+    """Results cached by the tensor they were computed from, valid while that tensor's storage
+    lives: the key is where its elements are (pointer, shape, strides, dtype, version), and an
+    entry holds only a weak reference to the storage, never a tensor. A cache that outlives some
+    of the forms it served (clipping groups finished during the backward,
+    ``dpscale.group_clipping``) neither keeps their activations alive nor mistakes a later tensor
+    allocated at a freed address for the one it saw. The storage, not the tensor: under activation
+    checkpointing each eager call's saved input comes back as a tensor of its own over one shared
+    storage (the query, key and value projections' input), and the entry must outlive the first."""
 
     def __init__(self) -> None:
-        self._grams: dict[tuple, Tensor] = {}
+        self._entries: dict[tuple, tuple[weakref.ref, object]] = {}
+
+    @staticmethod
+    def key(x: Tensor, *extra) -> tuple:
+        return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version, *extra)
+
+    def get(self, key: tuple):
+        entry = self._entries.get(key)
+        if entry is None or entry[0]() is None:
+            return None
+        return entry[1]
+
+    def put(self, key: tuple, x: Tensor, value) -> None:
+        # torch keeps one Python object per storage while any tensor uses it: alive exactly as long
+        self._entries[key] = (weakref.ref(x.untyped_storage()), value)
+
+    def prune(self, keep=None) -> None:
+        """Drop the entries whose tensor is gone and, given ``keep`` (tensors), every entry not of
+        one of them: when no later work can read an entry, it goes now rather than when its
+        tensor happens to die."""
+        wanted = None if keep is None else {self.key(t) for t in keep}
+        self._entries = {key: entry for key, entry in self._entries.items()
+                         if entry[0]() is not None and (wanted is None or key[:5] in wanted)}
+
+
+class GramCache(_ByStorage):
+    """Self-Gram matrices X X^T [B, T, T] of factors, shared within one backward pass: the
+    query, key and value projections read the same activation, as do an MLP's gate and up
+    projections, so their activation Gram matrix is computed once, also when their clipping groups
+    are finished one after another."""
 
     def gram(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, dtype)
-        gram = self._grams.get(key)
+        key = self.key(x, dtype)
+        gram = self.get(key)
         if gram is None:
             y = x.to(dtype)
-            gram = self._grams[key] = torch.bmm(y, y.transpose(1, 2))
+            gram = torch.bmm(y, y.transpose(1, 2))
+            self.put(key, x, gram)
         return gram
 
 
@@ -252,7 +288,7 @@ class UnitLayout:
         self.slot = slot  # [B] position of the example among its unit's examples
         self.units = units
         self.width = width  # the most examples any unit has
-        self._regrouped: dict[tuple, tuple[Tensor, Tensor]] = {}  # key -> (source kept alive, result)
+        self._regrouped = _ByStorage()  # source factor -> its regrouped copy, while the source lives
 
     @classmethod
     def from_ids(cls, ids: list[int], device: torch.device | None = None) -> UnitLayout:
@@ -286,13 +322,23 @@ class UnitLayout:
         grouped = Outer(left=self._regroup(grad.left), right=self._regroup(grad.right), m=grad.m, shape=grad.shape)
         return grouped.cheapest()
 
+    def prune(self, keep=None) -> None:
+        """Forget the regrouped copies of factors that are gone (and given ``keep``, of every
+        factor but those)."""
+        self._regrouped.prune(keep)
+
+    def regrouped(self, x: Tensor) -> Tensor | None:
+        """The regrouped copy of factor ``x`` made so far, if any."""
+        return self._regrouped.get(self._regrouped.key(x))
+
     def _regroup(self, x: Tensor) -> Tensor:
         """[B, T, ...] -> [U, width * T, ...]: each unit's examples' positions end to end."""
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+        key = self._regrouped.key(x)
         done = self._regrouped.get(key)
         if done is None:
             positions = x.shape[1]
             out = x.new_zeros((self.units, self.width, positions, *x.shape[2:]))
             out[self.unit.to(x.device), self.slot.to(x.device)] = x
-            done = self._regrouped[key] = (x, out.reshape(self.units, self.width * positions, *x.shape[2:]))
-        return done[1]
+            done = out.reshape(self.units, self.width * positions, *x.shape[2:])
+            self._regrouped.put(key, x, done)
+        return done

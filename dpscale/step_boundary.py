@@ -65,6 +65,9 @@ class StepBoundary:
         # std of the noise in each coordinate of the gradient of the step last closed (what the optimizer
         # applying it sees: after the 1/B, the micro-batches and the reduction over ranks); None before
         self.step_noise_std: float | None = None
+        # a backward failed after handing some clipped sums over: they stay in the backend's buffers,
+        # which no reset or resume clears, so this engine takes no further step
+        self._partial = False
         self.reset_step()
 
     def reset_step(self) -> None:
@@ -83,6 +86,34 @@ class StepBoundary:
         self.users_this_step |= users
         self._norms.append(norms)
         self._nonfinite += nonfinite
+
+    def partial_backward(self) -> None:
+        """A backward raised after the backend had taken part of its clipped sums (the groups
+        finished before the failure): the step now holds some of its examples' clipped gradients.
+        Running those examples again would count them twice (twice the sensitivity), and there is
+        no taking the part back (the backend's buffers keep it), so this engine takes no further
+        step (``check_not_partial``)."""
+        self._partial = True
+
+    def check_not_partial(self) -> None:
+        if self._partial:
+            raise StepBoundaryError(
+                "An engine.backward of this step raised after handing part of its clipped sums to the backend "
+                "(clipping groups are handed over during the backward as soon as their norms are known), so "
+                "this step holds part of those examples' gradients: running them again would count them twice, "
+                "and the step cannot be completed as drawn. This engine takes no further step: fix what raised "
+                "(e.g. out of memory: a smaller max_physical_batch_size) and restart from the last checkpoint with "
+                "a new engine (a new process)."
+            )
+
+    def check_before_backward(self) -> None:
+        """Everything ``engine.backward`` checks before it runs."""
+        self.check_bound()
+        self.check_model_unchanged()
+        self.check_no_foreign_gradient()
+        self.check_not_partial()
+        self.check_budget()
+        self.check_drawn()
 
     def on_draw(self, batch: LogicalBatch) -> None:
         """Called by the bound loader before it hands out a logical batch (its position has not
@@ -276,6 +307,7 @@ class StepBoundary:
         current = self._current_parameters()  # read once for both checks: the step's hot path
         self.check_model_unchanged(current)
         self.check_no_foreign_gradient()
+        self.check_not_partial()
         self.check_no_stray_gradient(current)
         self.check_budget()
         if self.checks_sampling and self.drawn_step is None:
@@ -298,7 +330,8 @@ class StepBoundary:
         if self._nonfinite:
             logger.warning(
                 "dpscale: step %d: %d %s(s) on this process had a non-finite loss or gradient norm and contributed "
-                "zero; the step went on and was charged to the budget as usual.",
+                "zero (in every clipping group for a non-finite loss, else in the groups whose norm was not "
+                "finite); the step went on and was charged to the budget as usual.",
                 step, self._nonfinite, self.plan.sampling.privacy_unit,
             )
             self.nonfinite_examples += self._nonfinite

@@ -83,9 +83,9 @@ class ModuleCall:
     model's ``global_names``. ``edges`` are the gradient edges of the output leaves the rule
     reads, at positions ``leaf_indices`` among the ``leaf_count`` leaves of the flattened output.
 
-    An eager call has no edges: its rule runs inside the backward (``result``: what it returned,
-    None while its gradient has not arrived), and ``inputs`` holds ``SAVED_INPUT`` where the
-    first input, kept as a saved tensor, goes."""
+    An eager call has no edges: its rule runs inside the backward as its output's gradient
+    arrives, and ``inputs`` holds ``SAVED_INPUT`` where the first input, kept as a saved tensor,
+    goes."""
 
     module: nn.Module
     qualname: str
@@ -99,7 +99,6 @@ class ModuleCall:
     seq: int
     batch_dim: int = 0  # where the recorded output keeps the batch; the rule reads it in dim 0
     eager: bool = False
-    result: dict | None = None
     dropped: bool = False  # covered by an enclosing whole call: its gradient is not needed
 
     def output_grad(self, grads: list[Tensor | None]) -> Any:

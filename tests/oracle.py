@@ -3,6 +3,7 @@ float64, autograd on one example at a time, then clipping and summing by the boo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -47,6 +48,38 @@ def clipped_sum(grads: dict[str, Tensor], plan: ClippingPlan, expected_batch_siz
             g = grads[n]
             sums[n] = (factors.reshape(-1, *([1] * (g.dim() - 1))) * g).sum(0) / expected_batch_size
     return totals, sums
+
+
+def per_group_clipped_sum(grads: dict[str, Tensor], bad_loss: list[bool], groups: list[list[str]],
+                          thresholds, clip_fn: str, gamma: float, expected_batch_size: float):
+    """By the book, unit by unit, with the non-finite rule (docs/RELIABILITY.md): a unit whose loss
+    is not finite (``bad_loss``) is zeroed in every group, a unit whose norm in group k is not finite
+    in group k only. From per-unit gradients ({name: [U, ...]}, NaN or inf where the unit's
+    gradient is): (group norms [K, U], factors applied [K, U], {name: clipped sum / B}, centred
+    unclipped counts [K], a zeroed unit counting as clipped)."""
+    units = len(bad_loss)
+    norms = torch.zeros(len(groups), units, dtype=torch.float64)
+    factors = torch.zeros_like(norms)
+    centred = [0.0] * len(groups)
+    for k, group in enumerate(groups):
+        for u in range(units):
+            norm = math.sqrt(sum(float(grads[n][u].pow(2).sum()) for n in group))
+            norms[k, u] = norm
+            if bad_loss[u] or not math.isfinite(norm):
+                centred[k] -= 0.5  # zeroed in this group, counted as clipped there
+                continue
+            if clip_fn == "abadi":
+                factors[k, u] = min(1.0, thresholds[k] / norm) if norm > 0 else 1.0
+            else:
+                factors[k, u] = thresholds[k] / (norm + gamma)
+            centred[k] += 0.5 if norm <= thresholds[k] else -0.5
+    sums = {}
+    for k, group in enumerate(groups):
+        for n in group:
+            g = grads[n]
+            terms = [factors[k, u] * g[u] for u in range(units) if factors[k, u] != 0]
+            sums[n] = (sum(terms) if terms else torch.zeros_like(g[0])) / expected_batch_size
+    return norms, factors, sums, centred
 
 
 def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-6, what: str = "") -> None:

@@ -1,7 +1,9 @@
-"""The non-finite rule (docs/RELIABILITY.md): an example (or user) whose loss or any group's
-per-example norm is not finite contributes exactly zero; the step goes on with its noise, is
-charged to the budget, and no parameter becomes NaN. Checked against the float64 oracle run on the
-batch without the bad examples, with the same divisor."""
+"""The non-finite rule (docs/RELIABILITY.md): an example (or user) whose loss is not finite
+contributes exactly zero, and one whose per-example norm in a clipping group is not finite
+contributes zero in that group; the step goes on with its noise, is charged to the budget, and no
+parameter becomes NaN. Checked against the float64 oracle run on the batch without the bad
+examples, with the same divisor (under flat clipping, and for a bad loss, the example is gone
+whole), and against the loop clipped group by group under that rule (``per_group_clipped_sum``)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dpscale import DPConfig, PrivacyEngine
 from dpscale.accounting import compute_epsilon
 from dpscale.noise import NoiseKey
 from tests.launcher import launch_workers
-from tests.oracle import assert_close, clipped_sum, per_example_grads
+from tests.oracle import assert_close, clipped_sum, per_example_grads, per_group_clipped_sum
 from tests.test_models import gpt2
 
 KEY = NoiseKey(bytes(range(32)))
@@ -91,7 +93,10 @@ def mlp_losses(model, inputs):
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-def test_a_nan_in_one_layers_norm_drops_the_example(clipping, caplog):
+def test_a_nan_in_one_layers_norm_zeroes_the_example_there(clipping, caplog):
+    """Flat: the one group's norm is NaN, the example is dropped. Per layer: only the first weight's
+    norm is NaN; the example is zeroed in that group and clipped as usual in the others (its
+    first-layer bias and second-layer weight gradients are 0 there, its second-layer bias is not)."""
     model, inputs = mlp_with_a_dead_unit()
     engine = PrivacyEngine(model, config(clipping, noise_multiplier=2.0), noise_key=KEY,
                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
@@ -113,9 +118,17 @@ def test_a_nan_in_one_layers_norm_drops_the_example(clipping, caplog):
     assert engine.epsilon() == pytest.approx(compute_epsilon(2.0, 3.0 / 100, 1, engine.delta), rel=1e-9)
     engine.detach()
     model.zero_grad(set_to_none=True)
-    model_ref, inputs_ref = mlp_with_a_dead_unit()  # the oracle from the same start, without example 2
-    grads = per_example_grads(model_ref, keep(inputs_ref, [0, 1, 3]), mlp_losses, 3)
-    expected = clipped_sum(grads, engine.clipping, 3.0)[1]
+    model_ref, inputs_ref = mlp_with_a_dead_unit()  # the oracle from the same start
+    if clipping == "flat":  # without example 2
+        grads = per_example_grads(model_ref, keep(inputs_ref, [0, 1, 3]), mlp_losses, 3)
+        expected = clipped_sum(grads, engine.clipping, 3.0)[1]
+    else:  # example 2 zeroed in the group whose norm is NaN only
+        grads = per_example_grads(model_ref, inputs_ref, mlp_losses, 4)
+        plan = engine.clipping
+        expected = per_group_clipped_sum(grads, [False] * 4, [list(g) for g in plan.groups], plan.thresholds,
+                                         plan.clip_fn, plan.gamma, 3.0)[2]
+        assert expected["2.bias"].ne(clipped_sum(
+            per_example_grads(model_ref, keep(inputs_ref, [0, 1, 3]), mlp_losses, 3), plan, 3.0)[1]["2.bias"]).any()
     for name, value in expected.items():
         assert torch.isfinite(got[name]).all(), name
         assert_close(got[name], value, 1e-9, name)

@@ -74,6 +74,12 @@ class GradientBackend(Protocol):
         parameters by name, since their objects change by design.
     own_optimizers: the torch optimizers the training engine steps itself (DeepSpeed's base
         optimizer), which the engine must not take for an optimizer it does not know.
+    accumulates_during_backward: True when ``accumulate`` may be called inside autograd's backward
+        and in any order of the parameters (each still once per backward): the engine then hands a
+        clipping group's sums over as soon as the group's norms are known (per-layer clipping:
+        layer by layer), which releases its per-example forms early. False: every sum is handed
+        over after the backward, in the order of ``context.parameters`` (a backend whose
+        ``accumulate`` starts collectives, or relies on that order, as FSDP2's buckets do).
     """
 
     rank: int
@@ -82,6 +88,7 @@ class GradientBackend(Protocol):
     owns_step: bool
     swaps_parameters: bool
     own_optimizers: tuple[torch.optim.Optimizer, ...]
+    accumulates_during_backward: bool
 
     def bind(self, context: BackendContext) -> Sequence[Removable]:
         """Called once by the engine it serves, when that engine is built: check the topology
@@ -93,8 +100,10 @@ class GradientBackend(Protocol):
         backend owns: nothing is written to ``p.grad`` before the step. The sum is not computed yet:
         the backend writes it where it lives (``clipped.write_(view, add=...)``, rows by rows where
         it splits dim 0), or takes it as a tensor (``clipped.tensor()``), inside this call. None:
-        the backward did not use the parameter (its contribution is zero). The engine hands the
-        sums over in the order of ``context.parameters``, every parameter once per backward."""
+        the backward did not use the parameter (its contribution is zero). The engine hands over
+        every parameter once per backward: in the order of ``context.parameters`` after the
+        backward, or, where ``accumulates_during_backward``, group by group as their norms are
+        known, inside the backward too."""
 
     def write_gradients(self, add_noise: NoiseFn) -> None:
         """At the attached optimizer's step, before the update: add the noise of the coordinates

@@ -72,9 +72,13 @@ class DataParallelBackend(OptimizerStepped):
     Clipped sums are written straight into the buckets (the matmul that forms each one writes its
     view: ``ClippedSum.write_``), and at the step ``p.grad`` is a view of its bucket (as DDP's
     ``gradient_as_bucket_view`` does), so neither the backward nor the step boundary copies a sum.
+    ``accumulate`` only writes this rank's view (the all-reduce waits for the step), so the engine
+    may hand the sums over during the backward and in any order.
     The reduction of bucket k runs asynchronously while the noise of bucket k + 1 is added (drawn
     ahead of the step by the engine's ``NoiseAhead``, or at the step): the wire is otherwise idle.
     """
+
+    accumulates_during_backward = True
 
     def __init__(self, process_group=None, *, shard_offsets: Mapping[str, int] | None = None,
                  bucket_mb: float = 25.0, ddp: DDPAttachment | None = None, model_parallel_group=None) -> None:

@@ -177,6 +177,9 @@ class DeepSpeedBackend:
 
     owns_step = True  # DeepSpeed runs the optimizer; the base optimizer's pre-hook adds the noise
     swaps_parameters = False  # ZeRO-3 partitions each parameter's storage, not the object
+    # accumulate writes the backend's own full-shape buffers (no collective: DeepSpeed reduces them
+    # when the accumulation block exits), so sums may come during the backward, in any order
+    accumulates_during_backward = True
 
     def __init__(self, ds_engine, *, verify_steps: int = 1) -> None:
         self.deepspeed_version = check_deepspeed_version()

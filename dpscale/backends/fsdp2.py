@@ -159,6 +159,9 @@ class FSDP2Backend(OptimizerStepped):
     explicitly. The step is the attached torch optimizer's, over the sharded parameters."""
 
     swaps_parameters = True  # unsharded tensors stand in for the DTensors while a module is gathered
+    # accumulate reshards the kept units at the first parameter, fills buckets in the engine's order
+    # and starts reduce-scatters: it must run after the backward, in that order (see base)
+    accumulates_during_backward = False
 
     def __init__(self, model: nn.Module, *, bucket_elements: int = BUCKET_ELEMENTS) -> None:
         if not (dist.is_available() and dist.is_initialized()):

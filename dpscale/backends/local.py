@@ -19,6 +19,7 @@ from dpscale.clipped_sum import ClippedSum
 class LocalBackend(OptimizerStepped):
     rank = 0
     world_size = 1
+    accumulates_during_backward = True  # a write into its own buffer: no collective, no order
 
     def __init__(self) -> None:
         self._parameters: Mapping[str, nn.Parameter] = {}
