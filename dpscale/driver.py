@@ -225,28 +225,34 @@ class _StepBar:
         if engine.budget_steps is not None and total is not None:
             total = min(total, max(0, engine.budget_steps - engine.steps_taken))
         self.bar = tqdm(total=total, unit="step", desc="dpscale", disable=engine.backend.rank != 0, leave=True)
-        self.shown: dict[str, float] = {}
+        self.epsilon: float | None = None
+        self.epsilon_step: int | None = None  # the step whose epsilon is shown
+        self.loss: float | None = None
         self.last: StepOutcome | None = None
         self.next_epsilon_at = 0.0  # perf_counter time after which epsilon is refreshed
 
     def show(self, outcome: StepOutcome) -> None:
         self.last = outcome
         if outcome.loss is not None:
-            self.shown["loss"] = outcome.loss
-        now = time.perf_counter()
-        if not self.bar.disable and outcome.epsilon_of is not None and now >= self.next_epsilon_at:
-            self._take_epsilon(outcome, now)
-        self.bar.set_postfix({k: f"{v:.3g}" for k, v in self.shown.items()}, refresh=False)
+            self.loss = outcome.loss
+        if time.perf_counter() >= self.next_epsilon_at:
+            self._take_epsilon(outcome)
+        self._postfix(refresh=False)
         self.bar.update(1)
 
-    def _take_epsilon(self, outcome: StepOutcome, now: float) -> None:
-        self.shown = {"eps": outcome.epsilon, **{k: v for k, v in self.shown.items() if k != "eps"}}
-        cost = time.perf_counter() - now
-        self.next_epsilon_at = now + max(self.EVERY_S, 20 * cost)
-
     def close(self) -> None:
-        last = self.last
-        if not self.bar.disable and last is not None and last.epsilon_of is not None:
-            self._take_epsilon(last, time.perf_counter())  # the bar ends on the run's epsilon
-            self.bar.set_postfix({k: f"{v:.3g}" for k, v in self.shown.items()}, refresh=True)
+        if self.last is not None:
+            self._take_epsilon(self.last)  # the bar ends on the run's epsilon
+            self._postfix(refresh=True)
         self.bar.close()
+
+    def _take_epsilon(self, outcome: StepOutcome) -> None:
+        if self.bar.disable or outcome.epsilon_of is None or self.epsilon_step == outcome.step:
+            return
+        start = time.perf_counter()
+        self.epsilon, self.epsilon_step = outcome.epsilon, outcome.step
+        self.next_epsilon_at = start + max(self.EVERY_S, 20 * (time.perf_counter() - start))
+
+    def _postfix(self, refresh: bool) -> None:
+        shown = {"eps": self.epsilon, "loss": self.loss}
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if v is not None}, refresh=refresh)
