@@ -9,7 +9,7 @@ import math
 import pytest
 
 import dpscale
-import dpscale.backward_pass
+import dpscale.group_clipping
 from dpscale.audit import (
     audit_one_run,
     audit_p_value,
@@ -65,8 +65,8 @@ def test_broken_clipping_is_caught(correct_run, monkeypatch):
     # Test-only breakage: the engine under-reports every per-example squared norm 10^4-fold, so
     # nothing is clipped and the canaries (raw norm 10 R) enter at ten times the sensitivity the
     # accountant assumes. Noise and accounting are untouched.
-    real = dpscale.backward_pass.total_squared_norm
-    monkeypatch.setattr(dpscale.backward_pass, "total_squared_norm", lambda *a, **k: real(*a, **k) / 1e4)
+    real = dpscale.group_clipping.total_squared_norm
+    monkeypatch.setattr(dpscale.group_clipping, "total_squared_norm", lambda *a, **k: real(*a, **k) / 1e4)
     result = audit_one_run(noise_multiplier=SIGMA, **RUN)
     assert result.accountant_epsilon == pytest.approx(correct_run.accountant_epsilon)
     assert result.refutes_claim

@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 
 import dpscale
-import dpscale.backward_pass
+import dpscale.group_clipping
 from dpscale.audit import epsilon_lower_bound
 from dpscale.audit_run import WEIGHT_KEY, CanaryAudit
 from dpscale.cli import main as cli
@@ -248,8 +248,8 @@ def test_a_correct_run_stopped_and_resumed_stays_below_the_accountant(job, tmp_p
 def test_the_same_run_with_clipping_bypassed_is_refuted(job, tmp_path, monkeypatch):
     # Broken inside this test only: every per-example squared norm under-reported 10^8-fold, so no
     # gradient is clipped (the run's gradients are ~10^2 R); noise and accounting are untouched.
-    real = dpscale.backward_pass.total_squared_norm
-    monkeypatch.setattr(dpscale.backward_pass, "total_squared_norm", lambda *a, **k: real(*a, **k) / 1e8)
+    real = dpscale.group_clipping.total_squared_norm
+    monkeypatch.setattr(dpscale.group_clipping, "total_squared_norm", lambda *a, **k: real(*a, **k) / 1e8)
     audit = train(job, tmp_path)["audit"]
     assert audit["accountant_epsilon"] <= 1.0
     assert audit["refutes_accountant"] and audit["epsilon_lower_bound"] > 2 * audit["accountant_epsilon"]
