@@ -272,6 +272,7 @@ _TRAIN_HELP = {
     "head_init": "zero or default: how a classification head starts (unset: zero for a private run, see "
                  "dpscale/heads.py)",
     "lp_steps": "LP-FT in one accounted run: the first K steps train the classification head alone",
+    "lp_lr": "with --lp-steps: the learning rate of the probing phase (default: --lr)",
     "label_words": "prompt-based classification with a causal LM: one word per label, comma-separated, in the "
                    "labels' order (SST-2: terrible,great)",
     "prompt_template": "with --label-words: where the text goes, e.g. '{text} It was' (the default)",

@@ -92,6 +92,17 @@ def test_lp_ft_is_one_run_and_resumes_across_the_phase_change(folders, tmp_path,
         assert torch.equal(both[name], value), name
 
 
+def test_lp_ft_probes_at_its_own_learning_rate(folders, tmp_path):
+    flags = ("--model", str(folders["bert"]), "--trainable", "all", "--lp-steps", "2", "--lp-lr", "0.05",
+             "--lr", "1e-3", "--max-steps", "3", "--checkpoint-every", "1")
+    train(folders, tmp_path, *flags, "--stop-after", "1")
+    probing = load_state(tmp_path / "checkpoint" / "state.pt", kind="train-state")["optimizer"]
+    assert [group["lr"] for group in probing["param_groups"]] == [0.05]
+    train(folders, tmp_path, *flags, "--stop-after", "2")  # steps 2 and 3: the hand-over, then fine-tuning
+    tuning = load_state(tmp_path / "checkpoint" / "state.pt", kind="train-state")
+    assert tuning["step"] == 3 and [group["lr"] for group in tuning["optimizer"]["param_groups"]] == [1e-3]
+
+
 def test_prompt_classification_through_the_label_words(folders, tmp_path):
     flags = ("--model", str(folders["llama"]), "--label-words", "bad,good", "--trainable", "all", "--max-steps", "2",
              "--max-length", "24")
@@ -114,6 +125,8 @@ def test_prompt_classification_through_the_label_words(folders, tmp_path):
     (("--lp-steps", "5", "--max-steps", "5"), "leaves no fine-tuning step"),
     (("--lp-steps", "2", "--label-words", "bad,good"), "has none"),
     (("--lp-steps", "2", "--clip-quantile", "0.5", "--clip-fn", "abadi"), "restart adaptive clipping"),
+    (("--lp-lr", "0.01"), "add --lp-steps K"),
+    (("--lp-steps", "2", "--lp-lr", "0"), "lp_lr must be a positive number"),
     (("--prompt-template", "{text} It was"), "only with label_words"),
     (("--label-words", "bad,good", "--prompt-template", "It was"), "exactly once"),
 ])

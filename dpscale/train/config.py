@@ -83,6 +83,9 @@ class TrainConfig:
     lp_steps: linear probing then fine-tuning in one accounted run (private classification with a
         head): the first lp_steps steps train the head alone, the rest the --trainable subset and
         the head; sigma is calibrated for the whole run. Why one run: dpscale/phases.py.
+    lp_lr: with lp_steps, the learning rate of the probing phase (unset: lr). A head alone takes a
+        far larger step than a whole backbone can under DP noise (each noised coordinate moves by
+        about the learning rate under Adam): probe fast, then fine-tune at lr.
     label_words: prompt-based classification with a causal LM (task classification): one word per
         label in the labels' order (sorted values; SST-2: terrible,great), each scored as the LM's
         next token " <word>" after the rendered prompt_template. No head is created.
@@ -149,6 +152,7 @@ class TrainConfig:
     clip_count_std: float | None = None
     head_init: str | None = None
     lp_steps: int | None = None
+    lp_lr: float | None = None
     label_words: list[str] | None = None
     prompt_template: str | None = None
     mixed_precision: str | None = None
@@ -298,6 +302,9 @@ class TrainConfig:
         if self.head_init == "zero" and not has_head:
             raise ConfigError("head_init zero zeroes a classification head, and this run has none (task causal-lm, or "
                               "label words through the LM head): drop --head-init zero.")
+        if self.lp_lr is not None and self.lp_steps is None:
+            raise ConfigError("lp_lr (--lp-lr) is the learning rate of LP-FT's probing phase, and this run has none: "
+                              "add --lp-steps K, or drop --lp-lr.")
         if self.lp_steps is not None:
             if isinstance(self.lp_steps, bool) or not isinstance(self.lp_steps, int) or self.lp_steps < 1:
                 raise ConfigError(f"lp_steps must be a positive integer, got {self.lp_steps!r}.")
@@ -311,6 +318,9 @@ class TrainConfig:
             if self.non_private:
                 raise ConfigError("lp_steps (--lp-steps) is for private runs (one accounted run in two phases); the "
                                   "non-private baseline trains one set: drop --lp-steps or --non-private.")
+            if self.lp_lr is not None and not (isinstance(self.lp_lr, (int, float)) and not isinstance(self.lp_lr, bool)
+                                               and math.isfinite(self.lp_lr) and self.lp_lr > 0):
+                raise ConfigError(f"lp_lr must be a positive number, got {self.lp_lr!r}.")
             if self.max_steps is not None and self.epochs is None and self.lp_steps >= self.max_steps:
                 raise ConfigError(f"lp_steps {self.lp_steps} leaves no fine-tuning step of max_steps "
                                   f"{self.max_steps}: lower --lp-steps or raise --max-steps.")

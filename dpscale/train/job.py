@@ -156,7 +156,7 @@ def run(config: TrainConfig) -> TrainResult:
 
     phases = plan_phases(model, config, state, accelerator)  # --lp-steps: the head alone first
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(config, trainable)
+    optimizer = build_optimizer(config, trainable, probing=phases is not None and phases.phase == 1)
     model, optimizer = accelerator.prepare(model, optimizer)
     if config.report_to:
         # trackers take scalars and strings only; the key file's path is not logged
