@@ -41,6 +41,21 @@ assert not [name for name in sys.modules if name.split(".")[0] == "dpscale"]
 """
 
 
+CARD_LOAD = """
+import json, re, sys, torch
+folder, ids, out = sys.argv[1:]
+code = re.search(r"```python\\n(.*?)```", open(folder + "/README.md").read(), re.S).group(1)
+scope = {}
+exec(code, scope)  # the model card's own lines
+model = scope["model"].eval()
+ids = torch.tensor(json.loads(ids))
+with torch.no_grad():
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+torch.save({"logits": logits, "id2label": model.config.id2label}, out)
+assert not [name for name in sys.modules if name.split(".")[0] == "dpscale"]
+"""
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     pytest.importorskip("peft")
@@ -107,6 +122,15 @@ def test_the_saved_model_loads_with_auto_peft_alone_and_gives_the_trained_output
         assert not (folder / "base").exists()
     got = load_in_fresh_process(folder, "causal" if kind != "classification" else "classification", tmp_path)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if kind == "classification":  # the card's lines give the trained outputs and the label names
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-c", CARD_LOAD, str(folder), json.dumps(IDS), str(tmp_path / "c.pt")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        card = torch.load(tmp_path / "c.pt")
+        assert card["id2label"] == {0: "0", 1: "1"}
+        torch.testing.assert_close(card["logits"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_model_card_carries_the_privacy_report_and_the_key_stays_out(inputs, tmp_path, monkeypatch, capsys):

@@ -160,11 +160,16 @@ def write_model_card(folder: str | os.PathLike, engine_or_report, *, base_model:
 
 
 def load_snippet(folder: str | os.PathLike, task: str | None, adapter: str | None, num_labels: int | None = None,
-                base_saved_in: str | None = None) -> str:
-    """The few lines that load ``folder`` with transformers and PEFT alone."""
+                base_saved_in: str | None = None, label_names: list[str] | None = None) -> str:
+    """The few lines that load ``folder`` with transformers and PEFT alone. A LoRA classifier's label
+    names are spelled out: PEFT builds the head from the base model's config, which has none."""
     folder = str(folder)
     head = "SequenceClassification" if task == "classification" else "CausalLM"
     labels = f", num_labels={num_labels}" if task == "classification" and num_labels not in (None, 2) else ""
+    if task == "classification" and label_names:
+        id2label = dict(enumerate(label_names))
+        label2id = {name: i for i, name in id2label.items()}
+        labels = f", num_labels={len(label_names)},\n    id2label={id2label!r}, label2id={label2id!r}"
     tokenizer = f"tokenizer = AutoTokenizer.from_pretrained({folder!r})"
     if adapter != "lora":
         return (f"from transformers import AutoModelFor{head}, AutoTokenizer\n\n"
@@ -194,7 +199,7 @@ def write_job_card(output: str | os.PathLike, *, base_name: str | None, metrics:
                 f"{metrics['after'][key]:.4g} after"
     task = record.get("task")
     load = load_snippet(folder.resolve(), task, record.get("adapter"), record.get("num_labels"),
-                       record.get("base_saved_in"))
+                       record.get("base_saved_in"), record.get("labels"))
     if base_name in _PACKAGED_HUB_IDS:
         results = {"base": f"dpscale's packaged {base_name}, the weights of {_PACKAGED_HUB_IDS[base_name]}"
                    + (" (a GGUF file, de-quantized to float32)" if record.get("gguf_file") else ""), **results}
