@@ -69,6 +69,10 @@ def test_a_half_written_copy_is_never_used(gguf, tmp_path):
     (root / "gguf" / gguf_cache.cache_key(gguf, torch.float32)).mkdir()
     _write_config(root / "gguf" / gguf_cache.cache_key(gguf, torch.float32))
     assert gguf_cache.cached_copy(gguf, torch.float32, root) is None
+    # and it does not block the next copy
+    folder = gguf_cache.publish(gguf, torch.float32, root, _write_config)
+    assert folder is not None and gguf_cache.cached_copy(gguf, torch.float32, root) == folder
+    assert [p.name for p in (root / "gguf").iterdir()] == [folder.name]
 
 
 def test_a_cache_that_cannot_be_written_is_a_warning(gguf, tmp_path, caplog):

@@ -120,8 +120,11 @@ def publish(
         try:
             os.replace(scratch, target)
         except OSError:
-            if not _complete(target):  # not a concurrent winner: a real failure
-                raise
+            if not _complete(target):  # not a concurrent winner's copy: an incomplete folder (by hand, an old
+                stale = root / "gguf" / f".partial-{uuid.uuid4().hex}"  # layout), never trusted: set aside
+                os.replace(target, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(scratch, target)
     except Exception as err:  # a full disk, a read-only home, a serializer error: the copy is only a shortcut
         logger.warning("could not keep the de-quantized copy of %s under %s (%s); it will be "
                        "de-quantized again next time (set %s to a writable folder, or 'off')",
