@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CACHE_ENV", "cache_root", "cache_key", "cached_copy", "publish"]
+__all__ = ["CACHE_ENV", "cache_root", "cache_key", "cached_copy", "copy_folder", "publish", "published"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,19 @@ def _complete(folder: Path) -> bool:
     return (folder / _MANIFEST).is_file() and (folder / "config.json").is_file()
 
 
+def copy_folder(gguf_path: str | os.PathLike, dtype: torch.dtype, root: Path) -> Path:
+    """Where the copy of `gguf_path` in `dtype` lives under `root`, made or not (hashes the file once)."""
+    return root / "gguf" / cache_key(gguf_path, dtype)
+
+
+def published(folder: Path) -> Path | None:
+    """`folder` if a whole copy was published there, else None."""
+    return folder if _complete(folder) else None
+
+
 def cached_copy(gguf_path: str | os.PathLike, dtype: torch.dtype, root: Path | None) -> Path | None:
     """The published copy of `gguf_path` in `dtype` under `root`, or None."""
-    if root is None:
-        return None
-    folder = root / "gguf" / cache_key(gguf_path, dtype)
-    return folder if _complete(folder) else None
+    return None if root is None else published(copy_folder(gguf_path, dtype, root))
 
 
 def publish(

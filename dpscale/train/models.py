@@ -235,13 +235,16 @@ def _kept_copy(path: Path, dtype: torch.dtype) -> Path | None:
     process that transient would stay in its peak. None when the cache is off or the copy could
     not be made: the file is then de-quantized in this process, as without a cache."""
     root = gguf_cache.cache_root()
-    kept = gguf_cache.cached_copy(path, dtype, root)
-    if kept is None and root is not None:
+    if root is None:
+        return None
+    folder = gguf_cache.copy_folder(path, dtype, root)  # the file hashed once for both looks
+    kept = gguf_cache.published(folder)
+    if kept is None:
         logger.info("de-quantizing %s once, in a child process; its float copy is kept under %s", path.name, root)
         dtype_name = str(dtype).removeprefix("torch.")
         child = subprocess.run([sys.executable, "-m", "dpscale.train.gguf_child", str(path), dtype_name],
                                capture_output=True, text=True, check=False)
-        kept = gguf_cache.cached_copy(path, dtype, root)
+        kept = gguf_cache.published(folder)
         if kept is None:
             said = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
             logger.warning("no de-quantized copy of %s could be kept (%s); de-quantizing it in this process",
